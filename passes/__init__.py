@@ -1,0 +1,29 @@
+"""Graph passes, one per module, and the registry of their kebab-case names."""
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass
+from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
+from qcompile.passes.canonicalize.eliminate_identity import EliminateIdentityPass
+from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
+from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
+from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
+from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
+from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
+
+ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
+    InferShapesPass,
+    FoldConstantsPass,
+    EliminateIdentityPass,
+    FoldBatchNormPass,
+    FuseMatMulAddPass,
+    EliminateDeadCodePass,
+    AssignWeightSpecsPass,
+    QuantizeWeightsPass,
+)
+REGISTRY: dict[str, type[ir.passes.PassBase]] = {p.name: p for p in ALL_PASSES}
+
+
+def summary(pass_type: type[ir.passes.PassBase]) -> str:
+    return (pass_type.__doc__ or "").strip().splitlines()[0]

@@ -1,0 +1,90 @@
+"""Decide how each constant weight of Conv / ConvTranspose / MatMul / Gemm is quantized."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.graph import constant_array, has_subgraph
+from qcompile.notes import add_note
+from qcompile.quant_spec import QUANT_SPEC_KEY, symmetric_weight_spec
+
+# Per-axis DequantizeLinear (the `axis` attribute) exists from opset 13.
+MIN_OPSET_PER_CHANNEL = 13
+
+
+def weight_axis(node: ir.Node) -> int | None:
+    """The output-channel axis of ``node``'s weight (input 1), or None if it is not a weighted op."""
+    if node.domain != "":
+        return None
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if weight is None or weight.shape is None:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    if node.op_type == "MatMul" and weight.shape.rank() >= 2:
+        return weight.shape.rank() - 1
+    return None
+
+
+@dataclass(frozen=True)
+class WeightSpecOptions:
+    per_channel: bool = True
+    # 127: full symmetric int8. 63 (7-bit) is what integer kernels without VNNI need; the weight-only
+    # path dequantizes to float before the op, so it never meets those kernels.
+    qmax: int = 127
+    exclude: tuple[str, ...] = ()
+
+
+class AssignWeightSpecsPass(ir.passes.InPlacePass):
+    """Attach a symmetric INT8 `QuantSpec` to every float weight initializer that only weighted ops read.
+
+    A weight that anything else also reads (a tied embedding's Gather, say) stays float; so do
+    weights inside control-flow subgraphs. Both are noted in the report.
+    """
+
+    name = "assign-weight-specs"
+
+    def __init__(self, options: WeightSpecOptions = WeightSpecOptions()):
+        super().__init__()
+        self.options = options
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        per_channel = self.options.per_channel and model.opset_imports.get("", 0) >= MIN_OPSET_PER_CHANNEL
+        modified = False
+        in_subgraphs = 0
+        for node in model.graph:
+            if has_subgraph(node):
+                in_subgraphs += 1
+            axis = weight_axis(node)
+            if axis is None or self._excluded(node):
+                continue
+            weight = node.inputs[1]
+            array = constant_array(weight)
+            if array is None or array.dtype != np.float32 or QUANT_SPEC_KEY in weight.meta:
+                continue
+            if not self._only_weight_uses(weight, axis):
+                add_note(model, f"{weight.name}: left float, read by other ops than weighted ops on the same axis")
+                continue
+            weight.meta[QUANT_SPEC_KEY] = symmetric_weight_spec(
+                array, axis if per_channel else None, ir.DataType.INT8, self.options.qmax
+            )
+            modified = True
+        if in_subgraphs:
+            add_note(model, f"{in_subgraphs} control-flow node(s): weights inside their subgraphs left float")
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _excluded(self, node: ir.Node) -> bool:
+        return any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in self.options.exclude)
+
+    def _only_weight_uses(self, weight: ir.Value, axis: int) -> bool:
+        return all(
+            index == 1 and user.graph is weight.graph and weight_axis(user) == axis and not self._excluded(user)
+            for user, index in weight.uses()
+        )

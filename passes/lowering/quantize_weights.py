@@ -1,0 +1,43 @@
+"""Store decided weights as integers behind a DequantizeLinear (weight-only quantization)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.quant_spec import QUANT_SPEC_KEY, QuantSpec
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name), type=None)
+    value.type = ir.TensorType(value.const_value.dtype)
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    """Replace each float weight that carries a `QuantSpec` with DequantizeLinear(w_q, scale, zero_point)."""
+
+    name = "quantize-weights"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        decided = [v for v in graph.initializers.values() if QUANT_SPEC_KEY in v.meta]
+        order = {node: i for i, node in enumerate(graph)}
+        for weight in decided:
+            spec: QuantSpec = weight.meta[QUANT_SPEC_KEY]
+            array = weight.const_value.numpy()
+            q = _initializer(graph, f"{weight.name}_quantized", spec.quantize(array))
+            scale = _initializer(graph, f"{weight.name}_scale", spec.scale.astype(np.float32))
+            zero_point = _initializer(graph, f"{weight.name}_zero_point", spec.zero_point)
+            attributes = {} if spec.axis is None else {"axis": spec.axis}
+            dq = ir.node("DequantizeLinear", [q, scale, zero_point], attributes, name=f"{weight.name}_dequantize")
+            dq.outputs[0].name = f"{weight.name}_dequantized"
+            dq.outputs[0].type = weight.type
+            dq.outputs[0].shape = weight.shape
+            first_user = min((user for user, _ in weight.uses()), key=order.__getitem__)
+            graph.insert_before(first_user, dq)
+            weight.replace_all_uses_with(dq.outputs[0])
+            graph.initializers.pop(weight.name)
+        return ir.passes.PassResult(model, modified=bool(decided))
+

@@ -1,0 +1,301 @@
+"""The `qcompile` command line (INTERFACE.md). Exit codes: 0 ok, 1 verification failed, 2 bad usage or input."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from qcompile import progress
+from qcompile.errors import UsageError, VerificationFailed
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qcompile", description="A quantization compiler for ONNX models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model with a recipe")
+    c.add_argument("input")
+    c.add_argument("-o", "--output", required=True)
+    group = c.add_mutually_exclusive_group()
+    group.add_argument("--recipe")
+    group.add_argument("--config", help="a TOML file with recipe, target, options, exclude")
+    c.add_argument("--target", help="ort-cpu (default), ort-cuda, tensorrt, portable")
+    c.add_argument("--calib", help="calibration data: .npz, a folder of .npz, or 'random'")
+    c.add_argument("--calib-size", type=int)
+    c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="recipe parameter")
+    c.add_argument("--exclude", action="append", default=[], metavar="NODE_OR_PATTERN")
+    budget = c.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=float, metavar="SIZE_MB")
+    budget.add_argument("--max-loss", type=float, metavar="DB")
+    c.add_argument("--report", help="write the JSON report here")
+    c.add_argument("--html", help="write an HTML report here")
+    c.add_argument("--verify", action="store_true", help="compare against the input model")
+    c.add_argument("--verify-data", default=None, help="data for --verify (default: --calib, else random)")
+    c.add_argument("--verify-size", type=int, default=None, help="samples used by --verify")
+    c.add_argument("--min-sqnr", type=float, help="with --verify: exit 1 if any output's SQNR is lower (dB)")
+    c.add_argument("--verify-each", action="store_true", help="run the ONNX checker and invariants after every pass")
+    c.add_argument("--dump-after", action="append", default=[], metavar="PASS")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true")
+
+    i = sub.add_parser("inspect", help="op histogram, precision per layer, size breakdown")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("diff", help="what changed between two models, and which pass did it")
+    d.add_argument("before")
+    d.add_argument("after")
+    d.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("eval", help="per-output SQNR / cosine / max-abs and latency of a candidate vs a reference")
+    e.add_argument("reference")
+    e.add_argument("candidate")
+    e.add_argument("--data", required=True)
+    e.add_argument("--size", type=int, default=None, help="samples to use")
+    e.add_argument("--json", action="store_true")
+
+    sub.add_parser("recipes", help="list recipes and their options")
+    sub.add_parser("passes", help="list passes")
+    return parser
+
+
+def _parse_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option {pair!r}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def _cmd_compile(args) -> int:
+    import qcompile
+
+    if args.budget is not None or args.max_loss is not None:
+        raise UsageError("--budget / --max-loss need the `auto` mixed-precision recipe, which is not built yet")
+    if args.html:
+        raise UsageError("--html reports are not built yet; use --report REPORT.json")
+    if args.min_sqnr is not None and not args.verify:
+        raise UsageError("--min-sqnr needs --verify")
+    output = Path(args.output)
+    if output.exists() and output.resolve() == Path(args.input).resolve():
+        raise UsageError(f"{output}: is the input model; qcompile never overwrites its input")
+    if args.report:
+        _check_writable(Path(args.report))
+    console = None if args.quiet else err
+    with progress.display(console) if console else _nothing():
+        result = qcompile.compile(
+            args.input, recipe=args.recipe, target=args.target, calib=args.calib,
+            options=_parse_options(args.option), exclude=tuple(args.exclude), config=args.config,
+            verify_each=args.verify_each, dump_after=tuple(args.dump_after), dump_dir=output.parent, seed=args.seed,
+        )
+        result.save(output)
+        if args.verify:
+            data = args.verify_data or args.calib or "random"
+            result.verify(data, limit=args.verify_size, seed=args.seed, min_sqnr=args.min_sqnr)
+    report = result.report
+    if args.report:
+        _write_json(Path(args.report), report)
+    if not args.quiet:
+        _print_compile_summary(report)
+    verification = report.get("verification")
+    if verification and not verification["passed"]:
+        worst = min(verification["outputs"], key=lambda o: o["sqnr_db"])
+        raise VerificationFailed(
+            f"output {worst['name']!r} has SQNR {worst['sqnr_db']:.1f} dB, below --min-sqnr {args.min_sqnr}"
+        )
+    return 0
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{path}: cannot write there (folder {parent} missing or not writable)")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _check_writable(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent or ".", delete=False, suffix=".tmp") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(f.name, path)
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _print_compile_summary(report: dict) -> None:
+    table = Table(title=f"qcompile {report['recipe']} -> {report['output']}", show_header=False)
+    size = report["size_bytes"]
+    table.add_row("size", f"{_mb(size['before'])} -> {_mb(size['after'])} "
+                          f"({size['after'] / size['before']:.2f}x)" if size["after"] else _mb(size["before"]))
+    table.add_row("passes", f"{sum(p['seconds'] for p in report['passes']):.2f} s, "
+                            f"{sum(p['modified'] for p in report['passes'])}/{len(report['passes'])} modified")
+    precisions: dict[str, int] = {}
+    for layer in report["layers"]:
+        precisions[layer["precision"]] = precisions.get(layer["precision"], 0) + 1
+    table.add_row("layers", ", ".join(f"{n} x {p}" for p, n in precisions.items()) or "none")
+    verification = report.get("verification")
+    if verification:
+        for o in verification["outputs"]:
+            table.add_row(f"output {o['name']}", f"SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.5f}, "
+                                                f"max |err| {o['max_abs']:.3g}")
+        if "latency_ms" in verification:
+            lat = verification["latency_ms"]
+            table.add_row("latency", f"{lat['reference']:.2f} ms -> {lat['candidate']:.2f} ms ({lat['ratio']:.2f}x)")
+    for note in report["notes"]:
+        table.add_row("note", note)
+    out.print(table)
+
+
+def _cmd_inspect(args) -> int:
+    from qcompile.inspection import describe
+    from qcompile.io import load_model
+
+    info = describe(load_model(args.model))
+    if args.json:
+        out.print_json(json.dumps(info))
+        return 0
+    out.print(f"[bold]{args.model}[/]  IR {info['ir_version']}, opsets "
+              + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()) + f", {info['nodes']} nodes")
+    io_table = Table("", "name", "type")
+    for kind in ("inputs", "outputs"):
+        for name, text in info[kind].items():
+            io_table.add_row(kind[:-1], name, text)
+    out.print(io_table)
+    ops = Table("op", "count")
+    for op, n in info["op_histogram"].items():
+        ops.add_row(op, str(n))
+    out.print(ops)
+    sizes = Table("initializer dtype", "bytes")
+    for dtype, n in info["initializer_bytes"].items():
+        sizes.add_row(dtype, f"{n:,}")
+    out.print(sizes)
+    precisions = Table("layer", "op", "precision")
+    for layer in info["layers"]:
+        precisions.add_row(layer["name"], layer["op_type"], layer["precision"])
+    out.print(precisions)
+    return 0
+
+
+def _cmd_diff(args) -> int:
+    from qcompile.inspection import diff
+    from qcompile.io import load_model
+
+    result = diff(load_model(args.before), load_model(args.after))
+    if args.json:
+        out.print_json(json.dumps(result))
+        return 0
+    out.print(f"{len(result['added'])} nodes added, {len(result['removed'])} removed, "
+              f"{len(result['changed'])} changed")
+    by_pass = Table("pass", "nodes added or changed")
+    for name, n in result["by_pass"].items():
+        by_pass.add_row(name, str(n))
+    out.print(by_pass)
+    table = Table("", "node", "op", "pass")
+    for r in result["removed"]:
+        table.add_row("[red]-[/]", r["name"], r["op_type"], "")
+    for r in result["added"]:
+        table.add_row("[green]+[/]", r["name"], r["op_type"], r["created_by"])
+    for r in result["changed"]:
+        op = r["op_type"] if r["was"] == r["op_type"] else f"{r['was']} -> {r['op_type']}"
+        table.add_row("[yellow]~[/]", r["name"], op, r["changed_by"])
+    out.print(table)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from qcompile.data import model_inputs
+    from qcompile.io import load_model
+    from qcompile.verify import compare_models
+
+    candidate = load_model(args.candidate)  # validates the file before a session is made
+    reference = load_model(args.reference)
+    del candidate
+    with progress.display(err):
+        result = compare_models(args.reference, args.candidate, args.data, model_inputs(reference), args.size)
+    if args.json:
+        out.print_json(json.dumps(result))
+        return 0
+    table = Table("output", "SQNR dB", "cosine", "max |err|")
+    for o in result["outputs"]:
+        table.add_row(o["name"], f"{o['sqnr_db']:.2f}", f"{o['cosine']:.5f}", f"{o['max_abs']:.4g}")
+    out.print(table)
+    if "latency_ms" in result:
+        lat = result["latency_ms"]
+        out.print(f"latency: reference {lat['reference']:.2f} ms, candidate {lat['candidate']:.2f} ms "
+                  f"({lat['ratio']:.2f}x), median over {result['samples']} samples")
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    from qcompile.recipes import RECIPES
+
+    table = Table("recipe", "what it does", "options (default)", "status")
+    for recipe in RECIPES.values():
+        options = ", ".join(f"{k}={str(p.default).lower()}" for k, p in recipe.parameters.items()) or "-"
+        table.add_row(recipe.name, recipe.summary, options, "ready" if recipe.build else "planned")
+    out.print(table)
+    return 0
+
+
+def _cmd_passes(args) -> int:
+    from qcompile.passes import REGISTRY, summary
+
+    table = Table("pass", "what it does", "module")
+    for name, pass_type in REGISTRY.items():
+        table.add_row(name, summary(pass_type), pass_type.__module__.removeprefix("qcompile.passes."))
+    out.print(table)
+    return 0
+
+
+COMMANDS = {"compile": _cmd_compile, "inspect": _cmd_inspect, "diff": _cmd_diff, "eval": _cmd_eval,
+            "recipes": _cmd_recipes, "passes": _cmd_passes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        err.print(f"qcompile: error: {exc}", markup=False, soft_wrap=True)
+        return 2
+    except VerificationFailed as exc:
+        err.print(f"qcompile: verification failed: {exc}", markup=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err.print("qcompile: interrupted; nothing was written")
+        return 130
+    except Exception as exc:  # a bug of ours: one line, the traceback behind --debug
+        if args.debug:
+            raise
+        err.print(f"qcompile: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)",
+                  markup=False, soft_wrap=True)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The public compile entry point: load, run a recipe's pipeline, report, save, verify."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+import qcompile
+from qcompile.config import CompileConfig
+from qcompile.data import model_inputs
+from qcompile.errors import UsageError
+from qcompile.io import load_model, save_model
+from qcompile.layers import layer_precisions
+from qcompile.notes import notes
+from qcompile.pipeline import Pipeline, PassRecord, dump_to_folder
+from qcompile.recipes import TARGETS, Settings, get_recipe
+from qcompile.verify import compare_models
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Size of a model file plus the external data files it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return total + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def versions() -> dict:
+    from qcompile.runtime import onnxruntime
+
+    return {"qcompile": qcompile.__version__, "onnx": onnx.__version__, "onnx_ir": ir.__version__,
+            "onnxruntime": onnxruntime().__version__, "python": platform.python_version()}
+
+
+@dataclass
+class CompileResult:
+    model: ir.Model
+    report: dict = field(default_factory=dict)
+    _input: Path | None = None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if self._input is not None and path.resolve() == self._input.resolve():
+            raise UsageError(f"{path}: is the input model; qcompile never overwrites its input")
+        save_model(self.model, path)
+        self.report["output"] = str(path)
+        self.report["size_bytes"]["after"] = file_bytes(path)
+        return path
+
+    def verify(self, data: str, limit: int | None = None, seed: int = 0, min_sqnr: float | None = None) -> dict:
+        """Compare against the input model on ``data``; saves to a temp folder if not saved yet."""
+        output = self.report.get("output")
+        with tempfile.TemporaryDirectory() as tmp:
+            if output is None:
+                output = save_model(self.model, Path(tmp) / "candidate.onnx")
+            input_model = load_model(self._input)
+            result = compare_models(self._input, output, data, model_inputs(input_model), limit, seed)
+        result["min_sqnr_db"] = min_sqnr
+        result["passed"] = min_sqnr is None or all(o["sqnr_db"] >= min_sqnr for o in result["outputs"])
+        self.report["verification"] = result
+        return result
+
+
+def compile(input: str | os.PathLike, recipe: str | None = None, target: str | None = None,
+            calib: str | None = None, options: dict[str, str] | None = None,
+            exclude: tuple[str, ...] = (), config: str | os.PathLike | None = None, verify_each: bool = False,
+            dump_after: tuple[str, ...] = (), dump_dir: str | os.PathLike | None = None,
+            seed: int = 0) -> CompileResult:
+    """Compile ``input`` with a recipe; nothing is written until `CompileResult.save`."""
+    settings = CompileConfig.load(config) if config else CompileConfig()
+    settings = settings.merged(recipe=recipe, target=target, options=options or {}, exclude=exclude)
+    if settings.target not in TARGETS:
+        raise UsageError(f"unknown target {settings.target!r} (one of {', '.join(TARGETS)})")
+    chosen = get_recipe(settings.recipe)
+    resolved = chosen.resolve_options(settings.options)
+    passes = chosen.build(Settings(settings.target, resolved, tuple(settings.exclude)))
+    names = {getattr(p, "name", "") for p in passes}
+    unknown = [d for d in dump_after if d not in names]
+    if unknown:
+        raise UsageError(f"--dump-after {unknown[0]}: recipe {chosen.name} has no such pass ({', '.join(sorted(names))})")
+
+    input_path = Path(input)
+    model = load_model(input_path)
+    dump = dump_to_folder(Path(dump_dir or "."), input_path.stem, set(dump_after)) if dump_after else None
+    records = Pipeline(passes, verify_each=verify_each, dump_after=dump).run(model)
+    report = {
+        "recipe": chosen.name,
+        "options": resolved,
+        "target": settings.target,
+        "input": str(input_path),
+        "output": None,
+        "passes": [asdict(r) for r in records],
+        "size_bytes": {"before": file_bytes(input_path), "after": None},
+        "layers": layer_precisions(model),
+        "notes": notes(model) + ([f"recipe {chosen.name} does not calibrate: --calib {calib} was not used"]
+                                 if calib else []),
+        "verification": None,
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+    }
+    return CompileResult(model, report, input_path)
+
+
+__all__ = ["compile", "CompileResult", "PassRecord"]

@@ -1,0 +1,23 @@
+"""Small IR helpers shared by passes and tools."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+
+def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node of the main graph and, recursively, of its control-flow subgraphs."""
+    return iter(ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy value of an initializer (not a graph input, which a user could override), else None."""
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def has_subgraph(node: ir.Node) -> bool:
+    return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values())

@@ -1,0 +1,33 @@
+"""What precision each layer of a model runs at, read off the graph itself."""
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from qcompile.graph import all_nodes
+
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "QLinearConv",
+                "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulBnb4"}
+DEQUANTIZE_OPS = {"DequantizeLinear"}
+
+
+def _operand_precision(value: ir.Value | None) -> str:
+    if value is None or value.dtype is None:
+        return "?"
+    producer = value.producer()
+    if producer is not None and producer.op_type in DEQUANTIZE_OPS and producer.inputs[0] is not None:
+        stored = producer.inputs[0].dtype
+        return stored.name.lower() if stored is not None else "?"
+    return {ir.DataType.FLOAT: "fp32", ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}.get(
+        value.dtype, value.dtype.name.lower())
+
+
+def layer_precisions(model: ir.Model) -> list[dict]:
+    """One row per weighted layer: name, op type, and the precision of its activation and weight."""
+    rows = []
+    for node in all_nodes(model):
+        if node.op_type not in WEIGHTED_OPS:
+            continue
+        activation = _operand_precision(node.inputs[0]) if node.inputs else "?"
+        weight = _operand_precision(node.inputs[1]) if len(node.inputs) > 1 else "?"
+        rows.append({"name": node.name, "op_type": node.op_type, "precision": f"w:{weight} a:{activation}"})
+    return rows

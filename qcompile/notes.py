@@ -1,0 +1,17 @@
+"""Notes that passes leave for the report: what they left alone and why.
+
+A pass calls `add_note(model, "...")`; the pipeline attributes each note to the pass that wrote it.
+"""
+from __future__ import annotations
+
+import onnx_ir as ir
+
+NOTES_KEY = "qcompile.notes"
+
+
+def add_note(model: ir.Model, message: str) -> None:
+    model.meta.setdefault(NOTES_KEY, []).append(message)
+
+
+def notes(model: ir.Model) -> list[str]:
+    return list(model.meta.get(NOTES_KEY, []))

@@ -1,0 +1,81 @@
+"""Quantization decisions: what analysis passes attach and lowering passes consume."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+# Key under which a `QuantSpec` is stored in `value.meta`.
+QUANT_SPEC_KEY = "qcompile.quant_spec"
+
+_RANGES = {
+    ir.DataType.INT8: (-128, 127),
+    ir.DataType.UINT8: (0, 255),
+    ir.DataType.INT16: (-32768, 32767),
+    ir.DataType.INT4: (-8, 7),
+    ir.DataType.UINT4: (0, 15),
+}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: q = clip(round(x / scale) + zero_point, qmin, qmax).
+
+    ``axis`` is None for per-tensor; ``scale`` and ``zero_point`` then are scalars, else 1-D along
+    ``axis``. ``qmin``/``qmax`` may be narrower than the dtype (e.g. 7-bit weights for AVX2).
+    """
+
+    dtype: ir.DataType
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None = None
+    symmetric: bool = True
+    method: str = "minmax"
+    qmin: int | None = None
+    qmax: int | None = None
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        lo, hi = _RANGES[self.dtype]
+        return (lo if self.qmin is None else self.qmin, hi if self.qmax is None else self.qmax)
+
+    def _broadcast(self, param: np.ndarray, rank: int) -> np.ndarray:
+        if self.axis is None:
+            return param
+        shape = [1] * rank
+        shape[self.axis] = -1
+        return param.reshape(shape)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        lo, hi = self.bounds
+        scale = self._broadcast(self.scale, x.ndim)
+        zero_point = self._broadcast(self.zero_point.astype(np.int32), x.ndim)
+        q = np.clip(np.rint(x / scale) + zero_point, lo, hi)
+        return q.astype(self.numpy_dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        scale = self._broadcast(self.scale, q.ndim)
+        zero_point = self._broadcast(self.zero_point.astype(np.int32), q.ndim)
+        return ((q.astype(np.int32) - zero_point) * scale).astype(np.float32)
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return {
+            ir.DataType.INT8: np.dtype(np.int8),
+            ir.DataType.UINT8: np.dtype(np.uint8),
+            ir.DataType.INT16: np.dtype(np.int16),
+            ir.DataType.INT4: np.dtype(ml_dtypes.int4),
+            ir.DataType.UINT4: np.dtype(ml_dtypes.uint4),
+        }[self.dtype]
+
+
+def symmetric_weight_spec(weight: np.ndarray, axis: int | None, dtype: ir.DataType, qmax: int) -> QuantSpec:
+    """Symmetric min/max spec for a weight, per channel along ``axis`` (or per tensor)."""
+    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis) if axis is not None else None
+    amax = np.abs(weight).max(axis=reduce_axes).astype(np.float32)
+    # An all-zero channel quantizes exactly with any positive scale.
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    zero_point = np.zeros(scale.shape, dtype=np.int8 if dtype == ir.DataType.INT8 else np.uint8)
+    return QuantSpec(dtype, scale, zero_point, axis=axis, symmetric=True, qmin=-qmax, qmax=qmax)

@@ -1,0 +1,119 @@
+"""Recipes: named, inspectable pass lists with typed parameters (`--option KEY=VALUE`)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from qcompile.errors import UsageError
+from qcompile.passes import (
+    AssignWeightSpecsPass,
+    EliminateDeadCodePass,
+    EliminateIdentityPass,
+    FoldBatchNormPass,
+    FoldConstantsPass,
+    FuseMatMulAddPass,
+    InferShapesPass,
+    QuantizeWeightsPass,
+)
+from qcompile.passes.analysis.assign_weight_specs import WeightSpecOptions
+
+TARGETS = ("ort-cpu", "ort-cuda", "tensorrt", "portable")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    default: bool | int | float | str
+    help: str
+
+    def parse(self, key: str, text: str) -> bool | int | float | str:
+        kind = type(self.default)
+        if kind is bool:
+            if text.lower() not in ("true", "false"):
+                raise UsageError(f"option {key}: expected true or false, got {text!r}")
+            return text.lower() == "true"
+        try:
+            return kind(text)
+        except ValueError:
+            raise UsageError(f"option {key}: expected {kind.__name__}, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a recipe's pass list depends on."""
+
+    target: str = "ort-cpu"
+    options: dict = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    parameters: dict[str, Parameter]
+    build: Callable[[Settings], list[ir.passes.PassBase]] | None  # None: planned, not built yet
+
+    def resolve_options(self, given: dict[str, str]) -> dict:
+        unknown = sorted(set(given) - set(self.parameters))
+        if unknown:
+            known = ", ".join(sorted(self.parameters)) or "none"
+            raise UsageError(f"recipe {self.name} has no option {unknown[0]!r} (its options: {known})")
+        return {key: p.parse(key, given[key]) if key in given else p.default for key, p in self.parameters.items()}
+
+
+def canonicalize() -> list[ir.passes.PassBase]:
+    """The passes every recipe starts with."""
+    return [
+        InferShapesPass(),
+        FoldConstantsPass(),
+        EliminateIdentityPass(),
+        FoldBatchNormPass(),
+        FuseMatMulAddPass(),
+        EliminateDeadCodePass(),
+        InferShapesPass(),
+    ]
+
+
+def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
+    options = WeightSpecOptions(per_channel=settings.options["per_channel"], exclude=settings.exclude)
+    return [*canonicalize(), AssignWeightSpecsPass(options), QuantizeWeightsPass(), EliminateDeadCodePass()]
+
+
+_PER_CHANNEL = Parameter(True, "one scale per output channel (false: one per tensor)")
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe("canonicalize", "shape inference, constant folding, BN folding, MatMul+Add->Gemm, DCE; no quantization",
+               {}, lambda settings: canonicalize()),
+        Recipe("w8a16", "INT8 weight-only: per-channel symmetric INT8 weights behind DequantizeLinear, float activations",
+               {"per_channel": _PER_CHANNEL}, _w8a16),
+        Recipe("w8a8", "static INT8: per-channel weights, per-tensor activations, calibrated", {}, None),
+        Recipe("w8a8-dynamic", "INT8 weights, activations quantized at run time", {}, None),
+        Recipe("w8a8-smoothquant", "w8a8 after SmoothQuant scale migration (LLMs)", {}, None),
+        Recipe("w4a16-rtn", "INT4 block-wise weight-only, round to nearest", {}, None),
+        Recipe("w4a16-gptq", "INT4 block-wise weight-only, GPTQ", {}, None),
+        Recipe("w4a16-awq", "INT4 block-wise weight-only, AWQ", {}, None),
+        Recipe("w4a16-hqq", "INT4 block-wise weight-only, HQQ", {}, None),
+        Recipe("nf4", "NF4 block-wise weight-only with double-quantized scales", {}, None),
+        Recipe("fp8", "FP8 E4M3 weights and activations (Q/DQ)", {}, None),
+        Recipe("llm-int8", "LLM.int8(): outlier input channels kept in float, the rest INT8", {}, None),
+        Recipe("auto", "per-layer mixed precision chosen by measured sensitivity", {}, None),
+    ]
+}
+DEFAULT_RECIPE = "w8a16"
+
+
+def get_recipe(name: str) -> Recipe:
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        raise UsageError(f"unknown recipe {name!r}; `qcompile recipes` lists them")
+    if recipe.build is None:
+        raise UsageError(f"recipe {name!r} is planned but not built yet; available: {', '.join(available())}")
+    return recipe
+
+
+def available() -> list[str]:
+    return [name for name, r in RECIPES.items() if r.build is not None]

@@ -1,0 +1,32 @@
+"""ONNX Runtime sessions for qcompile's output models."""
+from __future__ import annotations
+
+import os
+
+from qcompile.errors import UsageError
+from qcompile.runtime import onnxruntime
+
+
+def session(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
+    """An `onnxruntime.InferenceSession` for ``path`` (external data is read from beside it)."""
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures reach the user as exceptions, not as ORT's log lines
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for files it cannot load
+        raise UsageError(f"{path}: ONNX Runtime cannot load it: {_first_line(exc)}") from None
+
+
+def run(sess, names: list[str] | None, feed: dict, what: str) -> list:
+    """``sess.run``, with ORT's failures (bad data, a kernel that refuses) as one-line usage errors."""
+    try:
+        return sess.run(names, feed)
+    except Exception as exc:
+        raise UsageError(f"running {what} failed: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

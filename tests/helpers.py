@@ -1,0 +1,46 @@
+"""Shared test helpers: parse models from text, run them in ONNX Runtime, apply passes with verification."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qcompile.pipeline import Pipeline
+
+
+def parse(text: str) -> ir.Model:
+    return ir.serde.deserialize_model(onnx.parser.parse_model(text))
+
+
+def clone(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def run(model: ir.Model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    proto = ir.serde.serialize_model(model)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+def apply(model: ir.Model, *passes: ir.passes.PassBase) -> bool:
+    """Run passes through the pipeline (checker + invariants after each); True if any modified the model."""
+    return any(r.modified for r in Pipeline(list(passes), verify_each=True).run(model))
+
+
+def op_types(model: ir.Model) -> list[str]:
+    return [node.op_type for node in model.graph]
+
+
+def random_feed(model: ir.Model, batch: int = 2, seq: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for value in model.graph.inputs:
+        dims = [batch if i == 0 and not isinstance(d, int) else (d if isinstance(d, int) else seq)
+                for i, d in enumerate(value.shape)]
+        dtype = value.dtype.numpy()
+        if np.issubdtype(dtype, np.integer):
+            feed[value.name] = np.ones(dims, dtype=dtype)
+        else:
+            feed[value.name] = rng.standard_normal(dims).astype(dtype)
+    return feed
