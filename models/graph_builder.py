@@ -74,4 +74,7 @@ class GraphBuilder:
         # The tape records no types; ONNX shape inference fills them in (initializers are set aside,
         # so this works for models of any size).
         ir.passes.common.ShapeInferencePass()(model)
+        untyped = [v.name for v in graph.outputs if v.type is None]
+        if untyped:  # onnx_ir logs inference failures and carries on; a builder must not
+            raise ValueError(f"{self.name}: shape inference failed, outputs {untyped} have no type")
         return model

@@ -48,6 +48,12 @@ def _node_text(node: ir.Node) -> tuple:
     return (node.op_type, node.domain, inputs, attrs)
 
 
+def _passes_that_touched(node: ir.Node) -> str:
+    # A layer a pass rebuilt under its old name is "created" by that pass, then maybe changed by others.
+    passes = [node.metadata_props.get(CREATED_BY, ""), node.metadata_props.get(CHANGED_BY, "")]
+    return ",".join(p for p in passes if p) or "?"
+
+
 def diff(before: ir.Model, after: ir.Model) -> dict:
     old = {_node_key(n): n for n in all_nodes(before)}
     new = {_node_key(n): n for n in all_nodes(after)}
@@ -58,7 +64,7 @@ def diff(before: ir.Model, after: ir.Model) -> dict:
     added = [row(n, created_by=n.metadata_props.get(CREATED_BY, "?")) for k, n in new.items() if k not in old]
     removed = [row(n) for k, n in old.items() if k not in new]
     changed = [
-        row(n, was=old[k].op_type, changed_by=n.metadata_props.get(CHANGED_BY, n.metadata_props.get(CREATED_BY, "?")))
+        row(n, was=old[k].op_type, changed_by=_passes_that_touched(n))
         for k, n in new.items()
         if k in old and _node_text(old[k]) != _node_text(n)
     ]

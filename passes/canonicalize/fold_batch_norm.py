@@ -3,17 +3,37 @@ from __future__ import annotations
 
 import onnx_ir as ir
 from onnxscript.rewriter import RewriteRuleSet
-from onnxscript.rewriter.rules.common import (
-    fuse_batchnorm_into_conv_rule,
-    fuse_batchnorm_into_conv_transpose_rule,
-    fuse_batchnorm_into_gemm_rule,
+from onnxscript.rewriter.rules.common._fuse_batchnorm import (
+    FuseBatchNormIntoConv,
+    FuseBatchNormIntoConvTranspose,
+    FuseBatchNormIntoGemm,
 )
 
-# onnxscript's rules: they refuse unless weights, bias and BN statistics are constant initializers
-# that nothing outside the pattern shares.
-rules = RewriteRuleSet(
-    [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
-)
+
+class _KeepLayerName:
+    """onnxscript's rules, except that the fused node keeps the name of the layer it replaces
+    (reports and `qcompile diff` follow layers by name). Their `check` refuses unless weights, bias
+    and statistics are constant initializers that nothing outside the pattern shares."""
+
+    def rewrite(self, op, x, inbound_out, batchnorm_out):
+        fused = super().rewrite(op, x, inbound_out, batchnorm_out)
+        fused.producer().name = inbound_out.producer().name
+        return fused
+
+
+class _Conv(_KeepLayerName, FuseBatchNormIntoConv):
+    pass
+
+
+class _ConvTranspose(_KeepLayerName, FuseBatchNormIntoConvTranspose):
+    pass
+
+
+class _Gemm(_KeepLayerName, FuseBatchNormIntoGemm):
+    pass
+
+
+rules = RewriteRuleSet([_Conv.rule(), _ConvTranspose.rule(), _Gemm.rule()])
 
 
 class FoldBatchNormPass(ir.passes.InPlacePass):

@@ -13,9 +13,9 @@ class MatMulAddToGemm(RewriteRuleClassBase):
     """Add(MatMul(a, b), c) -> Gemm(a, b, c) for rank-2 a and b and a bias c that broadcasts to (M, N)."""
 
     def pattern(self, op, a, b, c):
-        return op.Add(op.MatMul(a, b), c)
+        return op.Add(op.MatMul(a, b, _outputs=["product"]), c)
 
-    def check(self, context, a: ir.Value, b: ir.Value, c: ir.Value, **_) -> MatchResult:
+    def check(self, context, a: ir.Value, b: ir.Value, c: ir.Value, product: ir.Value) -> MatchResult:
         result = MatchResult()
         a_dims, b_dims, c_dims = _dims(a), _dims(b), _dims(c)
         if a_dims is None or b_dims is None or c_dims is None:
@@ -32,8 +32,10 @@ class MatMulAddToGemm(RewriteRuleClassBase):
             return result.fail("Gemm is floating point only")
         return result
 
-    def rewrite(self, op, a, b, c, **_):
-        return op.Gemm(a, b, c)
+    def rewrite(self, op, a, b, c, product):
+        gemm = op.Gemm(a, b, c)
+        gemm.producer().name = product.producer().name  # the layer keeps its name
+        return gemm
 
 
 rules = RewriteRuleSet([MatMulAddToGemm.rule()], commute=True)

@@ -1,0 +1,123 @@
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from qcompile.cli import main
+from qcompile.io import save_model
+from qcompile.models import synthetic
+
+
+@pytest.fixture
+def cnn_file(tmp_path):
+    path = tmp_path / "cnn.onnx"
+    save_model(synthetic.cnn(), path)
+    return path
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_compile_writes_model_and_report_and_verifies(cnn_file, tmp_path, capsys):
+    digest = _digest(cnn_file)
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+
+    code = main(["compile", str(cnn_file), "-o", str(out), "--verify", "--report", str(report_path), "--quiet"])
+
+    assert code == 0
+    assert _digest(cnn_file) == digest
+    report = json.loads(report_path.read_text())
+    assert report["recipe"] == "w8a16" and report["target"] == "ort-cpu"
+    assert [p["name"] for p in report["passes"]][:2] == ["infer-shapes", "fold-constants"]
+    assert 0 < report["size_bytes"]["after"] < report["size_bytes"]["before"]
+    assert {layer["precision"] for layer in report["layers"]} == {"w:int8 a:fp32"}
+    (logits,) = report["verification"]["outputs"]
+    assert logits["sqnr_db"] > 30 and logits["cosine"] > 0.999
+    assert set(report["versions"]) >= {"qcompile", "onnx", "onnxruntime"}
+
+
+def test_verify_below_min_sqnr_exits_1_and_names_the_output(cnn_file, tmp_path, capsys):
+    code = main(["compile", str(cnn_file), "-o", str(tmp_path / "o.onnx"), "--verify", "--min-sqnr", "200", "--quiet"])
+    assert code == 1
+    assert "'logits'" in _error_line(capsys)
+
+
+def test_diff_names_the_pass_behind_each_change(cnn_file, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    assert main(["compile", str(cnn_file), "-o", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+
+    assert main(["diff", str(cnn_file), str(out), "--json"]) == 0
+
+    result = json.loads(capsys.readouterr().out)
+    assert {r["op_type"] for r in result["removed"]} == {"BatchNormalization"}
+    assert {(r["op_type"], r["created_by"]) for r in result["added"]} == {("DequantizeLinear", "quantize-weights")}
+    changed = {r["name"]: r["changed_by"] for r in result["changed"]}
+    assert changed["stem"] == "fold-batch-norm,quantize-weights"
+
+
+def test_inspect_reports_ops_sizes_and_precisions(cnn_file, capsys):
+    assert main(["inspect", str(cnn_file), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["opsets"] == {"ai.onnx": 18}
+    assert info["inputs"] == {"pixel_values": "float[batch, 3, 32, 32]"}
+    assert info["op_histogram"]["BatchNormalization"] == 3
+    assert info["initializer_bytes"]["float"] == sum(
+        v.const_value.nbytes for v in synthetic.cnn().graph.initializers.values())
+    assert len(info["layers"]) == 4
+
+
+def test_dump_after_writes_the_intermediate_model(cnn_file, tmp_path):
+    assert main(["compile", str(cnn_file), "-o", str(tmp_path / "o.onnx"), "--dump-after", "fold-batch-norm",
+                 "--quiet"]) == 0
+    assert (tmp_path / "cnn.after-fold-batch-norm.onnx").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compile", "{missing}", "-o", "{out}"], "no such file"),
+    (["compile", "{garbage}", "-o", "{out}"], "not an ONNX model"),
+    (["compile", "{cnn}", "-o", "{out}", "--recipe", "nope"], "unknown recipe 'nope'"),
+    (["compile", "{cnn}", "-o", "{out}", "--recipe", "w8a8"], "planned but not built yet"),
+    (["compile", "{cnn}", "-o", "{out}", "--option", "alpha=0.5"], "has no option 'alpha'"),
+    (["compile", "{cnn}", "-o", "{out}", "--option", "per_channel=maybe"], "expected true or false"),
+    (["compile", "{cnn}", "-o", "{tmp}/no/such/dir/o.onnx"], "does not exist"),
+    (["compile", "{cnn}", "-o", "{cnn}"], "never overwrites its input"),
+    (["compile", "{cnn}", "-o", "{out}", "--dump-after", "no-such-pass"], "has no such pass"),
+    (["compile", "{cnn}", "-o", "{out}", "--target", "fpga"], "unknown target"),
+    (["compile", "{cnn}", "-o", "{out}", "--verify", "--verify-data", "{wrong_shape}"],
+     "input 'pixel_values' has shape \\(4, 3, 16, 16\\), the model expects \\(N, 3, 32, 32\\)"),
+    (["compile", "{cnn}", "-o", "{out}", "--verify", "--verify-data", "{wrong_name}"], "no array for model input"),
+    (["inspect", "{garbage}"], "not an ONNX model"),
+    (["diff", "{cnn}", "{missing}"], "no such file"),
+])
+def test_bad_input_is_one_line_and_exit_2(cnn_file, tmp_path, capsys, args, message):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_text("not a model")
+    np.savez(tmp_path / "wrong_shape.npz", pixel_values=np.zeros((4, 3, 16, 16), np.float32))
+    np.savez(tmp_path / "wrong_name.npz", image=np.zeros((4, 3, 32, 32), np.float32))
+    paths = {"missing": tmp_path / "missing.onnx", "garbage": garbage, "cnn": cnn_file, "out": tmp_path / "o.onnx",
+             "tmp": tmp_path, "wrong_shape": tmp_path / "wrong_shape.npz", "wrong_name": tmp_path / "wrong_name.npz"}
+    digest = _digest(cnn_file)
+
+    code = main([a.format(**paths) for a in args])
+
+    assert code == 2
+    line = _error_line(capsys)
+    assert line.startswith("qcompile: error: ")
+    assert __import__("re").search(message, line), line
+    assert _digest(cnn_file) == digest
+
+
+def test_recipes_and_passes_list(capsys):
+    assert main(["recipes"]) == 0
+    assert "w8a16" in capsys.readouterr().out
+    assert main(["passes"]) == 0
+    assert "fold-batch-norm" in capsys.readouterr().out
