@@ -22,8 +22,9 @@ from qcompile.errors import UsageError
 # The newest IR version the oldest supported ONNX Runtime (1.20) loads; onnx 1.23 writes IR 11+ by default.
 MAX_IR_VERSION = 10
 MAX_OPSET_FOR_IR_10 = 21
-# Above this many bytes of tensors a model is saved with external data (protobuf's hard limit is 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Above this many bytes of tensors a model is saved with external data (protobuf's hard limit is 2 GiB,
+# and a large inline protobuf costs several copies of itself in memory to write).
+EXTERNAL_DATA_THRESHOLD = 256 << 20
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -73,7 +74,7 @@ def tensor_bytes(model: ir.Model) -> int:
 def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write ``model`` to ``path`` atomically; with external data in ``<name>.data`` beside it.
 
-    ``external_data=None`` chooses: external when the tensors exceed 1 GiB.
+    ``external_data=None`` chooses: external when the tensors exceed 256 MiB or came from external data.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -84,7 +85,8 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     if path.is_dir():
         raise UsageError(f"{path}: is a folder, not a file name")
     if external_data is None:
-        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
+            isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     _cap_ir_version(model)
     data_name = f"{path.name}.data"
     tmp_dir = Path(tempfile.mkdtemp(prefix=".qcompile-", dir=parent))
