@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from qcompile.passes.analysis.assign_bias_specs import AssignBiasSpecsPass
 from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass
+from qcompile.passes.analysis.calibrate_activations import CalibrateActivationsPass
+from qcompile.passes.analysis.select_quantized_ops import SelectQuantizedOpsPass
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.canonicalize.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
 from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
 from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
+from qcompile.passes.fusion.fuse_dynamic_matmul import FuseDynamicMatMulPass
+from qcompile.passes.lowering.insert_qdq import InsertQDQPass
 from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
 
 ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
@@ -19,8 +24,13 @@ ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
     FoldBatchNormPass,
     FuseMatMulAddPass,
     EliminateDeadCodePass,
+    SelectQuantizedOpsPass,
+    CalibrateActivationsPass,
     AssignWeightSpecsPass,
+    AssignBiasSpecsPass,
     QuantizeWeightsPass,
+    InsertQDQPass,
+    FuseDynamicMatMulPass,
 )
 REGISTRY: dict[str, type[ir.passes.PassBase]] = {p.name: p for p in ALL_PASSES}
 

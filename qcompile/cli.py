@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qcompile import progress
@@ -97,7 +98,7 @@ def _cmd_compile(args) -> int:
     console = None if args.quiet else err
     with progress.display(console) if console else _nothing():
         result = qcompile.compile(
-            args.input, recipe=args.recipe, target=args.target, calib=args.calib,
+            args.input, recipe=args.recipe, target=args.target, calib=args.calib, calib_size=args.calib_size,
             options=_parse_options(args.option), exclude=tuple(args.exclude), config=args.config,
             verify_each=args.verify_each, dump_after=tuple(args.dump_after), dump_dir=output.parent, seed=args.seed,
         )
@@ -164,7 +165,7 @@ def _print_compile_summary(report: dict) -> None:
             lat = verification["latency_ms"]
             table.add_row("latency", f"{lat['reference']:.2f} ms -> {lat['candidate']:.2f} ms ({lat['ratio']:.2f}x)")
     for note in report["notes"]:
-        table.add_row("note", note)
+        table.add_row("note", escape(note))
     out.print(table)
 
 
@@ -176,12 +177,12 @@ def _cmd_inspect(args) -> int:
     if args.json:
         out.print_json(json.dumps(info))
         return 0
-    out.print(f"[bold]{args.model}[/]  IR {info['ir_version']}, opsets "
+    out.print(f"[bold]{escape(args.model)}[/]  IR {info['ir_version']}, opsets "
               + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()) + f", {info['nodes']} nodes")
     io_table = Table("", "name", "type")
     for kind in ("inputs", "outputs"):
         for name, text in info[kind].items():
-            io_table.add_row(kind[:-1], name, text)
+            io_table.add_row(kind[:-1], escape(name), escape(text))
     out.print(io_table)
     ops = Table("op", "count")
     for op, n in info["op_histogram"].items():
@@ -193,7 +194,7 @@ def _cmd_inspect(args) -> int:
     out.print(sizes)
     precisions = Table("layer", "op", "precision")
     for layer in info["layers"]:
-        precisions.add_row(layer["name"], layer["op_type"], layer["precision"])
+        precisions.add_row(escape(layer["name"]), layer["op_type"], layer["precision"])
     out.print(precisions)
     return 0
 
@@ -214,12 +215,12 @@ def _cmd_diff(args) -> int:
     out.print(by_pass)
     table = Table("", "node", "op", "pass")
     for r in result["removed"]:
-        table.add_row("[red]-[/]", r["name"], r["op_type"], "")
+        table.add_row("[red]-[/]", escape(r["name"]), r["op_type"], "")
     for r in result["added"]:
-        table.add_row("[green]+[/]", r["name"], r["op_type"], r["created_by"])
+        table.add_row("[green]+[/]", escape(r["name"]), r["op_type"], r["created_by"])
     for r in result["changed"]:
         op = r["op_type"] if r["was"] == r["op_type"] else f"{r['was']} -> {r['op_type']}"
-        table.add_row("[yellow]~[/]", r["name"], op, r["changed_by"])
+        table.add_row("[yellow]~[/]", escape(r["name"]), op, r["changed_by"])
     out.print(table)
     return 0
 
@@ -239,7 +240,7 @@ def _cmd_eval(args) -> int:
         return 0
     table = Table("output", "SQNR dB", "cosine", "max |err|")
     for o in result["outputs"]:
-        table.add_row(o["name"], f"{o['sqnr_db']:.2f}", f"{o['cosine']:.5f}", f"{o['max_abs']:.4g}")
+        table.add_row(escape(o["name"]), f"{o['sqnr_db']:.2f}", f"{o['cosine']:.5f}", f"{o['max_abs']:.4g}")
     out.print(table)
     if "latency_ms" in result:
         lat = result["latency_ms"]

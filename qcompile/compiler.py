@@ -20,6 +20,7 @@ from qcompile.layers import layer_precisions
 from qcompile.notes import notes
 from qcompile.pipeline import Pipeline, PassRecord, dump_to_folder
 from qcompile.recipes import TARGETS, Settings, get_recipe
+from qcompile.targets import cpu_profile
 from qcompile.verify import compare_models
 
 
@@ -74,7 +75,7 @@ class CompileResult:
 
 
 def compile(input: str | os.PathLike, recipe: str | None = None, target: str | None = None,
-            calib: str | None = None, options: dict[str, str] | None = None,
+            calib: str | None = None, calib_size: int | None = None, options: dict[str, str] | None = None,
             exclude: tuple[str, ...] = (), config: str | os.PathLike | None = None, verify_each: bool = False,
             dump_after: tuple[str, ...] = (), dump_dir: str | os.PathLike | None = None,
             seed: int = 0) -> CompileResult:
@@ -85,7 +86,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         raise UsageError(f"unknown target {settings.target!r} (one of {', '.join(TARGETS)})")
     chosen = get_recipe(settings.recipe)
     resolved = chosen.resolve_options(settings.options)
-    passes = chosen.build(Settings(settings.target, resolved, tuple(settings.exclude)))
+    passes = chosen.build(Settings(settings.target, resolved, tuple(settings.exclude), calib, calib_size, seed))
     names = {getattr(p, "name", "") for p in passes}
     unknown = [d for d in dump_after if d not in names]
     if unknown:
@@ -105,7 +106,8 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         "size_bytes": {"before": file_bytes(input_path), "after": None},
         "layers": layer_precisions(model),
         "notes": notes(model) + ([f"recipe {chosen.name} does not calibrate: --calib {calib} was not used"]
-                                 if calib else []),
+                                 if calib and "calibrate-activations" not in names else []),
+        "cpu": asdict(cpu_profile(resolved["cpu"])) if settings.target == "ort-cpu" and "cpu" in resolved else None,
         "verification": None,
         "versions": versions(),
         "command": " ".join(sys.argv),

@@ -6,17 +6,26 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from qcompile.calibration import CalibrationOptions, Method
 from qcompile.errors import UsageError
 from qcompile.passes import (
+    AssignBiasSpecsPass,
     AssignWeightSpecsPass,
+    CalibrateActivationsPass,
     EliminateDeadCodePass,
     EliminateIdentityPass,
     FoldBatchNormPass,
+    FuseDynamicMatMulPass,
     FoldConstantsPass,
     FuseMatMulAddPass,
     InferShapesPass,
+    InsertQDQPass,
     QuantizeWeightsPass,
+    SelectQuantizedOpsPass,
 )
+from qcompile.passes.analysis.calibrate_activations import CalibrateOptions
+from qcompile.passes.analysis.select_quantized_ops import SelectOptions
+from qcompile.targets import cpu_profile
 from qcompile.passes.analysis.assign_weight_specs import WeightSpecOptions
 
 TARGETS = ("ort-cpu", "ort-cuda", "tensorrt", "portable")
@@ -46,6 +55,14 @@ class Settings:
     target: str = "ort-cpu"
     options: dict = field(default_factory=dict)
     exclude: tuple[str, ...] = ()
+    calib: str | None = None
+    calib_size: int | None = None
+    seed: int = 0
+
+    def require_calib(self, recipe: str) -> str:
+        if self.calib is None:
+            raise UsageError(f"recipe {recipe} calibrates: give --calib DATA (or --calib random for a smoke test)")
+        return self.calib
 
 
 @dataclass(frozen=True)
@@ -81,7 +98,57 @@ def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
     return [*canonicalize(), AssignWeightSpecsPass(options), QuantizeWeightsPass(), EliminateDeadCodePass()]
 
 
+def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
+    """Weight specs for integer kernels: on ort-cpu, as the deployment CPU needs (`qcompile.targets`)."""
+    dtype, qmax = ir.DataType.INT8, 127
+    if settings.target == "ort-cpu":
+        profile = cpu_profile(settings.options["cpu"])
+        dtype, qmax = ir.DataType.UINT8 if profile.weight_dtype == "uint8" else ir.DataType.INT8, profile.weight_qmax
+    return WeightSpecOptions(per_channel=settings.options["per_channel"], exclude=settings.exclude, dtype=dtype,
+                             qmax=qmax, **options)
+
+
+def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
+    calibration = CalibrationOptions(
+        method=Method(settings.options["calib_method"]), percentile=settings.options["percentile"],
+        limit=settings.calib_size, seed=settings.seed,
+    )
+    activation_dtype = ir.DataType.INT8 if settings.target == "tensorrt" else ir.DataType.UINT8
+    weights = integer_weights(settings)
+    return [
+        *canonicalize(),
+        SelectQuantizedOpsPass(SelectOptions(exclude=settings.exclude)),
+        CalibrateActivationsPass(CalibrateOptions(settings.require_calib("w8a8"), activation_dtype, calibration)),
+        AssignWeightSpecsPass(weights),
+        *([] if settings.target == "tensorrt" else [AssignBiasSpecsPass()]),
+        QuantizeWeightsPass(),
+        InsertQDQPass(),
+        EliminateDeadCodePass(),
+    ]
+
+
+def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
+    if settings.target == "tensorrt":
+        raise UsageError("recipe w8a8-dynamic: TensorRT has no run-time activation quantization; use w8a8")
+    weights = integer_weights(settings, op_types=("MatMul", "Gemm"))
+    return [
+        *canonicalize(),
+        AssignWeightSpecsPass(weights),
+        QuantizeWeightsPass(),
+        FuseDynamicMatMulPass(contrib=settings.target in ("ort-cpu", "ort-cuda")),
+        EliminateDeadCodePass(),
+    ]
+
+
 _PER_CHANNEL = Parameter(True, "one scale per output channel (false: one per tensor)")
+_CPU = Parameter("any", "ort-cpu deployment CPU: any (u8 x u8 kernels, exact on every x86), vnni (s8 weights), "
+                        "7bit, native (detect this machine)")
+_W8A8_PARAMETERS = {
+    "per_channel": _PER_CHANNEL,
+    "calib_method": Parameter("minmax", "activation ranges: minmax, percentile, entropy, mse"),
+    "percentile": Parameter(99.999, "with calib_method=percentile: the percentile of |x| kept"),
+    "cpu": _CPU,
+}
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -90,8 +157,9 @@ RECIPES: dict[str, Recipe] = {
                {}, lambda settings: canonicalize()),
         Recipe("w8a16", "INT8 weight-only: per-channel symmetric INT8 weights behind DequantizeLinear, float activations",
                {"per_channel": _PER_CHANNEL}, _w8a16),
-        Recipe("w8a8", "static INT8: per-channel weights, per-tensor activations, calibrated", {}, None),
-        Recipe("w8a8-dynamic", "INT8 weights, activations quantized at run time", {}, None),
+        Recipe("w8a8", "static INT8: per-channel weights, per-tensor activations, calibrated", _W8A8_PARAMETERS, _w8a8),
+        Recipe("w8a8-dynamic", "INT8 MatMul/Gemm weights, activations quantized at run time",
+               {"per_channel": _PER_CHANNEL, "cpu": _CPU}, _w8a8_dynamic),
         Recipe("w8a8-smoothquant", "w8a8 after SmoothQuant scale migration (LLMs)", {}, None),
         Recipe("w4a16-rtn", "INT4 block-wise weight-only, round to nearest", {}, None),
         Recipe("w4a16-gptq", "INT4 block-wise weight-only, GPTQ", {}, None),

@@ -36,14 +36,16 @@ def weight_axis(node: ir.Node) -> int | None:
 @dataclass(frozen=True)
 class WeightSpecOptions:
     per_channel: bool = True
-    # 127: full symmetric int8. 63 (7-bit) is what integer kernels without VNNI need; the weight-only
-    # path dequantizes to float before the op, so it never meets those kernels.
+    # The stored type and grid (see `qcompile.targets`); the weight-only path dequantizes to float
+    # before the op, so it never meets integer kernels and takes the defaults.
+    dtype: ir.DataType = ir.DataType.INT8
     qmax: int = 127
     exclude: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 class AssignWeightSpecsPass(ir.passes.InPlacePass):
-    """Attach a symmetric INT8 `QuantSpec` to every float weight initializer that only weighted ops read.
+    """Attach a symmetric 8-bit `QuantSpec` to every float weight initializer that only weighted ops read.
 
     A weight that anything else also reads (a tied embedding's Gather, say) stays float; so do
     weights inside control-flow subgraphs. Both are noted in the report.
@@ -63,7 +65,7 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
             if has_subgraph(node):
                 in_subgraphs += 1
             axis = weight_axis(node)
-            if axis is None or self._excluded(node):
+            if axis is None or self._excluded(node) or node.op_type not in self.options.op_types:
                 continue
             weight = node.inputs[1]
             array = constant_array(weight)
@@ -73,7 +75,7 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
                 add_note(model, f"{weight.name}: left float, read by other ops than weighted ops on the same axis")
                 continue
             weight.meta[QUANT_SPEC_KEY] = symmetric_weight_spec(
-                array, axis if per_channel else None, ir.DataType.INT8, self.options.qmax
+                array, axis if per_channel else None, self.options.dtype, self.options.qmax
             )
             modified = True
         if in_subgraphs:
@@ -86,5 +88,6 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
     def _only_weight_uses(self, weight: ir.Value, axis: int) -> bool:
         return all(
             index == 1 and user.graph is weight.graph and weight_axis(user) == axis and not self._excluded(user)
+            and user.op_type in self.options.op_types
             for user, index in weight.uses()
         )

@@ -7,7 +7,12 @@ import onnx_ir as ir
 from qcompile.quant_spec import QUANT_SPEC_KEY, QuantSpec
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding ``array``, typed and shaped."""
+    array = np.asarray(array)
+    base, i = name, 1
+    while name in graph.initializers:
+        name, i = f"{base}_{i}", i + 1
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name), type=None)
     value.type = ir.TensorType(value.const_value.dtype)
     value.shape = ir.Shape(array.shape)
@@ -27,9 +32,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         for weight in decided:
             spec: QuantSpec = weight.meta[QUANT_SPEC_KEY]
             array = weight.const_value.numpy()
-            q = _initializer(graph, f"{weight.name}_quantized", spec.quantize(array))
-            scale = _initializer(graph, f"{weight.name}_scale", spec.scale.astype(np.float32))
-            zero_point = _initializer(graph, f"{weight.name}_zero_point", spec.zero_point)
+            q = register_constant(graph, f"{weight.name}_quantized", spec.quantize(array))
+            scale = register_constant(graph, f"{weight.name}_scale", spec.scale.astype(np.float32))
+            zero_point = register_constant(graph, f"{weight.name}_zero_point", spec.zero_point)
             attributes = {} if spec.axis is None else {"axis": spec.axis}
             dq = ir.node("DequantizeLinear", [q, scale, zero_point], attributes, name=f"{weight.name}_dequantize")
             dq.outputs[0].name = f"{weight.name}_dequantized"

@@ -85,7 +85,7 @@ def test_dump_after_writes_the_intermediate_model(cnn_file, tmp_path):
     (["compile", "{missing}", "-o", "{out}"], "no such file"),
     (["compile", "{garbage}", "-o", "{out}"], "not an ONNX model"),
     (["compile", "{cnn}", "-o", "{out}", "--recipe", "nope"], "unknown recipe 'nope'"),
-    (["compile", "{cnn}", "-o", "{out}", "--recipe", "w8a8"], "planned but not built yet"),
+    (["compile", "{cnn}", "-o", "{out}", "--recipe", "nf4"], "planned but not built yet"),
     (["compile", "{cnn}", "-o", "{out}", "--option", "alpha=0.5"], "has no option 'alpha'"),
     (["compile", "{cnn}", "-o", "{out}", "--option", "per_channel=maybe"], "expected true or false"),
     (["compile", "{cnn}", "-o", "{tmp}/no/such/dir/o.onnx"], "does not exist"),

@@ -1,0 +1,42 @@
+"""Decide INT32 bias quantization for Conv / Gemm whose input and weight are both quantized."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.graph import constant_array
+from qcompile.quant_spec import QUANT_SPEC_KEY, QuantSpec
+
+
+class AssignBiasSpecsPass(ir.passes.InPlacePass):
+    """bias_q = round(bias / (scale_x * scale_w)) in INT32, zero point 0, per output channel.
+
+    That is the scale an integer Conv/Gemm accumulates in, so ONNX Runtime can fuse the
+    DequantizeLinear -> Conv -> QuantizeLinear group into one QLinearConv with its bias.
+    """
+
+    name = "assign-bias-specs"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in model.graph:
+            if node.op_type not in ("Conv", "Gemm") or node.domain != "" or len(node.inputs) < 3:
+                continue
+            x, weight, bias = node.inputs[0], node.inputs[1], node.inputs[2]
+            x_spec, w_spec = x.meta.get(QUANT_SPEC_KEY), weight.meta.get(QUANT_SPEC_KEY)
+            array = constant_array(bias)
+            if x_spec is None or w_spec is None or array is None or array.ndim != 1:
+                continue
+            if QUANT_SPEC_KEY in bias.meta or any(user is not node for user, _ in bias.uses()):
+                continue
+            if node.op_type == "Gemm" and (node.attributes.get_float("beta", 1.0) != 1.0
+                                           or node.attributes.get_int("transA", 0)):
+                continue
+            scale = (x_spec.scale * w_spec.scale).astype(np.float32)
+            per_channel = scale.ndim == 1
+            bias.meta[QUANT_SPEC_KEY] = QuantSpec(
+                ir.DataType.INT32, scale, np.zeros(scale.shape, np.int32), axis=0 if per_channel else None,
+                method="bias",
+            )
+            modified = True
+        return ir.passes.PassResult(model, modified=modified)

@@ -1,0 +1,68 @@
+"""Decide which op inputs carry quantized activations (the op rules in `qcompile.op_rules`)."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from qcompile.op_rules import COMPUTE_OPS, ELEMENTWISE_OPS, candidate_inputs
+
+# node.meta: the input indexes whose activation the node reads quantized.
+QUANTIZED_INPUTS_KEY = "qcompile.quantized_inputs"
+# value.meta: this activation needs a calibrated range.
+NEEDS_RANGE_KEY = "qcompile.needs_range"
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    exclude: tuple[str, ...] = ()
+
+
+def _is_activation(value: ir.Value | None) -> bool:
+    if value is None or value.dtype not in FLOAT_TYPES or value.const_value is not None:
+        return False
+    producer = value.producer()
+    # Already behind a DequantizeLinear (a second run) or a Constant: not an activation to quantize.
+    return producer is None or producer.op_type not in ("DequantizeLinear", "Constant")
+
+
+class SelectQuantizedOpsPass(ir.passes.InPlacePass):
+    """Mark the activation inputs of compute ops, and of the ops between them, for quantization.
+
+    Walks the graph backwards: a non-compute op (Reshape, residual Add, Relu, ...) is quantized only
+    if its output feeds an op that is. Main graph only; control-flow subgraphs stay float.
+    """
+
+    name = "select-quantized-ops"
+
+    def __init__(self, options: SelectOptions = SelectOptions()):
+        super().__init__()
+        self.options = options
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        wanted: set[ir.Value] = set()
+        modified = False
+        for node in reversed(list(model.graph)):
+            if node.domain != "" or self._excluded(node):
+                continue
+            slots = [i for i in candidate_inputs(node.op_type, len(node.inputs)) if _is_activation(node.inputs[i])]
+            if not slots:
+                continue
+            if node.op_type not in COMPUTE_OPS and not any(out in wanted for out in node.outputs):
+                continue
+            if node.op_type in ELEMENTWISE_OPS and len(slots) < 2:
+                continue  # Add/Mul with a constant: a bias or scale, not a residual join
+            wanted.update(node.inputs[i] for i in slots)
+            if node.meta.get(QUANTIZED_INPUTS_KEY) != tuple(slots):
+                node.meta[QUANTIZED_INPUTS_KEY] = tuple(slots)
+                modified = True
+        for value in wanted:
+            value.meta[NEEDS_RANGE_KEY] = True
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _excluded(self, node: ir.Node) -> bool:
+        return any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in self.options.exclude)
+
+

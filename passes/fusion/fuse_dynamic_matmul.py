@@ -1,0 +1,125 @@
+"""MatMul / Gemm on an INT8 weight -> activations quantized at run time (w8a8-dynamic).
+
+Matches ``MatMul(x, DequantizeLinear(w_q, scale, zero_point))`` (plus a following bias ``Add``, or
+a Gemm's bias) whose weight is a constant INT8 tensor quantized per tensor or per output column, and
+rewrites it to
+
+* ONNX Runtime's ``com.microsoft.DynamicQuantizeMatMul`` (``contrib=True``, the ort-cpu lowering), or
+* standard ops: ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul`` (portable).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+
+from qcompile.graph import constant_array
+
+
+def _check_weight(weight_q: ir.Value, scale: ir.Value, dequantize: ir.Value, column_axis: int) -> MatchResult:
+    result = MatchResult()
+    q = constant_array(weight_q)
+    if q is None or q.dtype not in (np.int8, np.uint8) or q.ndim != 2:
+        return result.fail("the weight is not a constant 2-D 8-bit tensor")
+    s = constant_array(scale)
+    axis = dequantize.producer().attributes.get_int("axis", 1)
+    if s is None or (s.ndim == 1 and axis != column_axis):
+        return result.fail("the weight is not quantized per tensor or per output column")
+    return result
+
+
+def _check_bias(bias: ir.Value | None, columns: int) -> MatchResult:
+    result = MatchResult()
+    b = constant_array(bias) if bias is not None else None
+    if bias is not None and (b is None or b.shape != (columns,)):
+        return result.fail("the bias is not a constant vector over the output columns")
+    return result
+
+
+class _Lowering(RewriteRuleClassBase):
+    """Emits the run-time quantized matmul, in ONNX Runtime's contrib op or in standard ops."""
+
+    def __init__(self, contrib: bool):
+        super().__init__(name=f"{type(self).__name__}({'contrib' if contrib else 'standard ops'})")
+        self.contrib = contrib
+
+    def emit(self, op, x, weight_q, scale, zero_point, bias, name):
+        if self.contrib:
+            inputs = [x, weight_q, scale, zero_point] + ([bias] if bias is not None else [])
+            out = op.DynamicQuantizeMatMul(*inputs, _domain="com.microsoft")
+        else:
+            x_q, x_scale, x_zero_point = op.DynamicQuantizeLinear(x, _outputs=3)
+            product = op.MatMulInteger(x_q, weight_q, x_zero_point, zero_point)
+            out = op.Mul(op.Cast(product, to=ir.DataType.FLOAT), op.Mul(x_scale, scale))
+            if bias is not None:
+                out = op.Add(out, bias)
+        out.producer().name = name
+        return out
+
+
+class MatMulDequantizedWeight(_Lowering):
+    def pattern(self, op, x, weight_q, scale, zero_point):
+        w = op.DequantizeLinear(weight_q, scale, zero_point, _outputs=["weight"])
+        return op.MatMul(x, w, _outputs=["product"])
+
+    def check(self, context, x, weight_q, scale, zero_point, weight, product) -> MatchResult:
+        return _check_weight(weight_q, scale, weight, column_axis=1)
+
+    def rewrite(self, op, x, weight_q, scale, zero_point, weight, product):
+        return self.emit(op, x, weight_q, scale, zero_point, None, product.producer().name)
+
+
+class MatMulAddDequantizedWeight(MatMulDequantizedWeight):
+    def pattern(self, op, x, weight_q, scale, zero_point, bias):
+        return op.Add(super().pattern(op, x, weight_q, scale, zero_point), bias)
+
+    def check(self, context, x, weight_q, scale, zero_point, weight, product, bias) -> MatchResult:
+        result = super().check(context, x, weight_q, scale, zero_point, weight, product)
+        return result if not result else _check_bias(bias, weight_q.shape[1])
+
+    def rewrite(self, op, x, weight_q, scale, zero_point, weight, product, bias):
+        return self.emit(op, x, weight_q, scale, zero_point, bias, product.producer().name)
+
+
+class GemmDequantizedWeight(_Lowering):
+    """Gemm(x, DQ(w), c) with alpha = beta = 1 and no transA; transB is undone on the INT8 weight."""
+
+    def pattern(self, op, x, weight_q, scale, zero_point, bias):
+        w = op.DequantizeLinear(weight_q, scale, zero_point, _outputs=["weight"])
+        return op.Gemm(x, w, bias, _outputs=["product"])
+
+    def check(self, context, x, weight_q, scale, zero_point, weight, product, bias) -> MatchResult:
+        gemm = product.producer()
+        if gemm.attributes.get_int("transA", 0) or gemm.attributes.get_float("alpha", 1.0) != 1.0 \
+                or gemm.attributes.get_float("beta", 1.0) != 1.0:
+            return MatchResult().fail("Gemm with transA, alpha or beta")
+        trans_b = gemm.attributes.get_int("transB", 0)
+        result = _check_weight(weight_q, scale, weight, column_axis=0 if trans_b else 1)
+        return result if not result else _check_bias(bias, weight_q.shape[0 if trans_b else 1])
+
+    def rewrite(self, op, x, weight_q, scale, zero_point, weight, product, bias):
+        gemm = product.producer()
+        if gemm.attributes.get_int("transB", 0):
+            transposed = np.ascontiguousarray(constant_array(weight_q).T)
+            weight_q = op.initializer(ir.tensor(transposed), name=f"{weight_q.name}_transposed")
+        return self.emit(op, x, weight_q, scale, zero_point, bias, gemm.name)
+
+
+def rules(contrib: bool) -> RewriteRuleSet:
+    return RewriteRuleSet([
+        MatMulAddDequantizedWeight.rule(contrib), MatMulDequantizedWeight.rule(contrib),
+        GemmDequantizedWeight.rule(contrib),
+    ], commute=True)
+
+
+class FuseDynamicMatMulPass(ir.passes.InPlacePass):
+    """Rewrite MatMul/Gemm on dequantized INT8 weights to quantize their activations at run time."""
+
+    name = "fuse-dynamic-matmul"
+
+    def __init__(self, contrib: bool = True):
+        super().__init__()
+        self.rules = rules(contrib)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, modified=bool(self.rules.apply_to_model(model)))

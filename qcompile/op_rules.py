@@ -1,0 +1,48 @@
+"""Which inputs of which ops are quantized, as data (DESIGN.md: shared constraints are explicit specs).
+
+* COMPUTE ops are what quantization is for: their activation inputs and constant weight are always
+  quantized (unless excluded).
+* SHARED ops move values without computing new ones (Reshape, Transpose, MaxPool, Concat, ...): their
+  data inputs and output share one quantization spec, so a runtime can run them on integers.
+* ELEMENTWISE ops (Add, Mul of two activations: residual adds) have their own specs.
+* Relu and Clip are not quantized on their input: Q/DQ goes on their output only, so a
+  Conv -> Clip -> next op chain has no quantization step between the Conv and the Clip. With the
+  output's zero point at the clip minimum, QuantizeLinear's saturation is the clip, and ONNX Runtime
+  removes the Clip and fuses the Conv into a QLinearConv.
+
+Non-compute ops are quantized only where their output feeds a quantized op: a Reshape in front of a
+LayerNormalization stays float, so quantization error is added only where it buys integer compute.
+"""
+from __future__ import annotations
+
+# op type -> indexes of the activation inputs that get Q/DQ
+COMPUTE_OPS: dict[str, tuple[int, ...]] = {
+    "Conv": (0,),
+    "ConvTranspose": (0,),
+    "Gemm": (0, 1),
+    "MatMul": (0, 1),
+}
+SHARED_OPS: dict[str, tuple[int, ...]] = {
+    "Reshape": (0,),
+    "Transpose": (0,),
+    "Flatten": (0,),
+    "Squeeze": (0,),
+    "Unsqueeze": (0,),
+    "MaxPool": (0,),
+    "Slice": (0,),
+    "Resize": (0,),
+    "GlobalAveragePool": (0,),
+    "AveragePool": (0,),
+    "Concat": (),  # every input: filled in by `quantized_inputs`
+}
+ELEMENTWISE_OPS: dict[str, tuple[int, ...]] = {"Add": (0, 1), "Mul": (0, 1)}
+
+
+def candidate_inputs(op_type: str, num_inputs: int) -> tuple[int, ...]:
+    """Input slots of a standard-domain op that may carry quantized activations."""
+    if op_type == "Concat":
+        return tuple(range(num_inputs))
+    for table in (COMPUTE_OPS, SHARED_OPS, ELEMENTWISE_OPS):
+        if op_type in table:
+            return tuple(i for i in table[op_type] if i < num_inputs)
+    return ()

@@ -1,0 +1,122 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+from helpers import op_types, parse, random_feed, run
+
+import qcompile
+from qcompile.io import save_model
+from qcompile.models import synthetic
+
+
+def _sqnr(expected, actual):
+    return 10 * np.log10(np.sum(expected**2) / np.sum((expected - actual) ** 2))
+
+
+def _calibration(tmp_path, model, samples=16, seed=1):
+    feed = random_feed(model, batch=samples, seq=6, seed=seed)
+    path = tmp_path / "calib.npz"
+    np.savez(path, **feed)
+    return str(path)
+
+
+def _compile(tmp_path, build, **kwargs):
+    source = tmp_path / "in.onnx"
+    save_model(build(), source)
+    result = qcompile.compile(source, recipe="w8a8", calib=_calibration(tmp_path, build()), **kwargs)
+    out = result.save(tmp_path / "out.onnx")
+    return result, out
+
+
+def _ort_optimized_ops(path, tmp_path):
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    import onnx
+
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_cnn_gets_qdq_int32_bias_and_ort_fuses_it_into_integer_convs(tmp_path):
+    result, out = _compile(tmp_path, synthetic.cnn)
+    model = result.model
+
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    for conv in convs:
+        x, w, b = conv.inputs
+        assert x.producer().op_type == "DequantizeLinear"
+        assert x.producer().inputs[0].producer().op_type == "QuantizeLinear"
+        assert b.producer().inputs[0].const_value.dtype.name == "INT32"
+        # ort-cpu's default profile: the symmetric 8-bit grid stored as UINT8 around 128, which
+        # ONNX Runtime runs on u8 x u8 kernels, exact on CPUs without VNNI too.
+        weight_q, _, zero_point = (v.const_value.numpy() for v in w.producer().inputs)
+        assert weight_q.dtype == np.uint8 and np.all(zero_point == 128)
+        assert np.abs(weight_q.astype(int) - 128).max() == 127
+    assert result.report["cpu"]["weight_dtype"] == "uint8"
+    fused = _ort_optimized_ops(out, tmp_path)
+    assert fused.count("QLinearConv") == 3
+    feed = random_feed(model, batch=4, seed=7)
+    assert _sqnr(run(synthetic.cnn(), feed)[0], run(model, feed)[0]) > 20
+
+
+def test_second_run_changes_nothing(tmp_path):
+    result, out = _compile(tmp_path, synthetic.cnn)
+    again = qcompile.compile(out, recipe="w8a8", calib=_calibration(tmp_path, synthetic.cnn()))
+    assert op_types(again.model) == op_types(result.model)
+
+
+def test_transformer_mask_path_stays_float_and_block_stays_accurate(tmp_path):
+    result, _ = _compile(tmp_path, synthetic.transformer_block)
+    model = result.model
+    mask_add = next(n for n in model.graph if n.name == "scores.mask")
+    assert [v.producer().op_type for v in mask_add.inputs] == ["Div", "Mul"]  # feeds Softmax: stays float
+    layer_norms = [n for n in model.graph if n.op_type == "LayerNormalization"]
+    assert all(n.inputs[0].producer() is None or n.inputs[0].producer().op_type != "DequantizeLinear"
+               for n in layer_norms)
+    matmul_inputs = [n.inputs[0].producer().op_type for n in model.graph if n.op_type == "MatMul"]
+    assert matmul_inputs.count("DequantizeLinear") >= 6
+    feed = random_feed(model, batch=2, seq=6, seed=3)
+    assert _sqnr(run(synthetic.transformer_block(), feed)[0], run(model, feed)[0]) > 20
+
+
+def test_tensorrt_target_is_symmetric_int8_with_float_bias(tmp_path):
+    result, _ = _compile(tmp_path, synthetic.cnn, target="tensorrt")
+    quantizers = [n for n in result.model.graph if n.op_type == "QuantizeLinear"]
+    assert quantizers
+    for q in quantizers:
+        zero_point = q.inputs[2].const_value.numpy()
+        assert zero_point.dtype == np.int8 and np.all(zero_point == 0)
+    conv = next(n for n in result.model.graph if n.op_type == "Conv")
+    assert conv.inputs[2].const_value is not None  # float bias: TensorRT fuses it itself
+
+
+def test_w8a8_without_calibration_data_is_a_usage_error(tmp_path):
+    source = tmp_path / "in.onnx"
+    save_model(synthetic.cnn(), source)
+    with pytest.raises(qcompile.errors.UsageError, match="give --calib"):
+        qcompile.compile(source, recipe="w8a8")
+
+
+def test_vnni_profile_uses_signed_weights(tmp_path):
+    result, _ = _compile(tmp_path, synthetic.cnn, options={"cpu": "vnni"})
+    weights = [n.inputs[0].const_value.numpy() for n in result.model.graph
+               if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+               and n.inputs[0].const_value.numpy().dtype == np.int8]
+    assert max(np.abs(w).max() for w in weights) == 127
+
+
+HUGE_ACTIVATION = """
+<ir_version: 10, opset_import: ["" : 18]>
+g (float[N, 4] x) => (float[N, 2] y) <float[4] big = {1e30, 1, 1, 1}, float[4, 2] w = {1, 2, 3, 4, 5, 6, 7, 8}> {
+    h = Mul(x, big)
+    y = MatMul(h, w)
+}
+"""
+
+
+def test_activation_with_an_absurd_range_stays_float_with_a_note(tmp_path):
+    source = tmp_path / "in.onnx"
+    save_model(parse(HUGE_ACTIVATION), source)
+    np.savez(tmp_path / "calib.npz", x=np.ones((4, 4), np.float32))
+    result = qcompile.compile(source, recipe="w8a8", calib=str(tmp_path / "calib.npz"))
+    assert any("h: range [1, 1e+30] is too wide for 8 bits; left float" in note for note in result.report["notes"])
+    assert "QuantizeLinear" not in op_types(result.model)
