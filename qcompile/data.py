@@ -49,9 +49,10 @@ def iterate_batches(data: str, inputs: list[InputInfo], limit: int | None = None
                     seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Yield feeds for ONNX Runtime, at most ``limit`` samples in all."""
     remaining = limit if limit is not None else float("inf")
-    batch = MAX_BATCH if all(i.batched for i in inputs) else 1
     for arrays, source in _sources(data, inputs, seed, limit):
         count = _check_arrays(arrays, inputs, source)
+        # Batches only where every input has a free batch axis that the arrays' sample axis maps onto.
+        batch = MAX_BATCH if all(i.batched and arrays[i.name].ndim == len(i.dims) for i in inputs) else 1
         for start in range(0, count, batch):
             take = int(min(batch, count - start, remaining))
             if take <= 0:
@@ -66,11 +67,20 @@ def count_samples(data: str, inputs: list[InputInfo], limit: int | None = None) 
         return limit or MAX_BATCH
     path = Path(data)
     files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
-    total = 0
-    for file in files:
-        with np.load(file) as npz:
-            total += npz[inputs[0].name].shape[0] if inputs and inputs[0].name in npz else 0
+    total = sum(_npz_samples(file, inputs[0].name) for file in files) if inputs else 0
     return min(total, limit) if limit else total
+
+
+def _npz_samples(file: Path, key: str) -> int:
+    """The leading dimension of one array of a .npz, read from its header without loading the data."""
+    try:
+        with zipfile.ZipFile(file) as archive, archive.open(f"{key}.npy") as member:
+            major, _ = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape = read_header(member)[0]
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        return 0  # reported properly when the file is read
+    return shape[0] if shape else 0
 
 
 def _sample(array: np.ndarray, info: InputInfo, start: int, take: int) -> np.ndarray:

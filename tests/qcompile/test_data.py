@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from qcompile.data import InputInfo, count_samples, iterate_batches
+from qcompile.errors import UsageError
+
+TOKENS = [InputInfo("ids", np.dtype(np.int64), ("batch", "seq"))]
+
+
+def _fed(data, inputs, limit=None):
+    return np.concatenate([b["ids"] for b in iterate_batches(data, inputs, limit)])
+
+
+def test_every_sample_is_fed_once_in_order_with_or_without_a_sample_batch_axis(tmp_path):
+    ids = np.arange(20 * 5).reshape(20, 5)
+    np.savez(tmp_path / "flat.npz", ids=ids)
+    np.savez(tmp_path / "nested.npz", ids=ids.reshape(20, 1, 5))
+    for name in ("flat.npz", "nested.npz"):
+        path = str(tmp_path / name)
+        assert count_samples(path, TOKENS) == 20
+        np.testing.assert_array_equal(_fed(path, TOKENS), ids)
+    assert count_samples(str(tmp_path / "flat.npz"), TOKENS, limit=7) == 7
+    np.testing.assert_array_equal(_fed(str(tmp_path / "flat.npz"), TOKENS, limit=7), ids[:7])
+
+
+def test_a_folder_streams_its_files_in_sorted_order(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    np.savez(folder / "b.npz", ids=np.full((3, 5), 2))
+    np.savez(folder / "a.npz", ids=np.full((2, 5), 1))
+    assert count_samples(str(folder), TOKENS) == 5
+    assert _fed(str(folder), TOKENS)[:, 0].tolist() == [1, 1, 2, 2, 2]
+
+
+def test_dtype_and_count_mismatches_name_the_input(tmp_path):
+    np.savez(tmp_path / "f.npz", ids=np.zeros((4, 5), np.int32))
+    with pytest.raises(UsageError, match="input 'ids' has dtype int32, the model expects int64"):
+        list(iterate_batches(str(tmp_path / "f.npz"), TOKENS))
+    two = TOKENS + [InputInfo("mask", np.dtype(np.int64), ("batch", "seq"))]
+    np.savez(tmp_path / "g.npz", ids=np.zeros((4, 5), np.int64), mask=np.zeros((3, 5), np.int64))
+    with pytest.raises(UsageError, match="different sample counts"):
+        list(iterate_batches(str(tmp_path / "g.npz"), two))
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(UsageError, match="not a readable .npz"):
+        list(iterate_batches(str(tmp_path / "bad.npz"), TOKENS))
+
+
+def test_random_data_follows_declared_shapes():
+    inputs = [InputInfo("x", np.dtype(np.float32), (1, 3, 8, 8)), InputInfo("mask", np.dtype(np.int64), (1, 4))]
+    batches = list(iterate_batches("random", inputs, limit=3))
+    assert len(batches) == 3
+    assert batches[0]["x"].shape == (1, 3, 8, 8) and np.all(batches[0]["mask"] == 1)
