@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("candidate")
     e.add_argument("--data", required=True)
     e.add_argument("--size", type=int, default=None, help="samples to use")
+    e.add_argument("--layers", type=int, default=10, help="how many of the worst quantized tensors to list")
     e.add_argument("--json", action="store_true")
 
     sub.add_parser("recipes", help="list recipes and their options")
@@ -114,8 +115,11 @@ def _cmd_compile(args) -> int:
     verification = report.get("verification")
     if verification and not verification["passed"]:
         worst = min(verification["outputs"], key=lambda o: o["sqnr_db"])
+        culprit = verification.get("blame")
+        hint = (f"; the layer adding the most error is {culprit['layer']} ({culprit['op_type']}, "
+                f"-{culprit['sqnr_drop_db']:.1f} dB): try --exclude '{culprit['layer']}'") if culprit else ""
         raise VerificationFailed(
-            f"output {worst['name']!r} has SQNR {worst['sqnr_db']:.1f} dB, below --min-sqnr {args.min_sqnr}"
+            f"output {worst['name']!r} has SQNR {worst['sqnr_db']:.1f} dB, below --min-sqnr {args.min_sqnr}{hint}"
         )
     return 0
 
@@ -228,13 +232,13 @@ def _cmd_diff(args) -> int:
 def _cmd_eval(args) -> int:
     from qcompile.data import model_inputs
     from qcompile.io import load_model
-    from qcompile.verify import compare_models
+    from qcompile.verify import blame, compare_models, layer_errors
 
-    candidate = load_model(args.candidate)  # validates the file before a session is made
-    reference = load_model(args.reference)
-    del candidate
+    load_model(args.candidate)  # one clear line for a bad file, before ONNX Runtime sees it
+    inputs = model_inputs(load_model(args.reference))
     with progress.display(err):
-        result = compare_models(args.reference, args.candidate, args.data, model_inputs(reference), args.size)
+        result = compare_models(args.reference, args.candidate, args.data, inputs, args.size)
+        result["layers"] = layer_errors(args.reference, args.candidate, args.data, inputs, args.size)
     if args.json:
         out.print_json(json.dumps(result))
         return 0
@@ -246,6 +250,16 @@ def _cmd_eval(args) -> int:
         lat = result["latency_ms"]
         out.print(f"latency: reference {lat['reference']:.2f} ms, candidate {lat['candidate']:.2f} ms "
                   f"({lat['ratio']:.2f}x), median over {result['samples']} samples")
+    if result["layers"]:
+        layers = Table("quantized tensor", "producer", "SQNR dB", "added by this layer dB", "cosine",
+                       title=f"worst {min(args.layers, len(result['layers']))} of {len(result['layers'])} quantized tensors")
+        for row in result["layers"][: args.layers]:
+            layers.add_row(escape(row["name"]), escape(f"{row['layer']} ({row['op_type']})"), f"{row['sqnr_db']:.2f}",
+                           f"{row['sqnr_drop_db']:.2f}", f"{row['cosine']:.5f}")
+        out.print(layers)
+        worst = blame(result["layers"])
+        out.print(f"the layer that adds the most error: {escape(worst['layer'])} ({worst['op_type']}, "
+                  f"-{worst['sqnr_drop_db']:.1f} dB); try --exclude '{escape(worst['layer'])}'")
     return 0
 
 

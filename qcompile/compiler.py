@@ -21,7 +21,7 @@ from qcompile.notes import notes
 from qcompile.pipeline import Pipeline, PassRecord, dump_to_folder
 from qcompile.recipes import TARGETS, Settings, get_recipe
 from qcompile.targets import cpu_profile
-from qcompile.verify import compare_models
+from qcompile.verify import blame, compare_models, layer_errors
 
 
 def file_bytes(path: str | os.PathLike) -> int:
@@ -66,10 +66,13 @@ class CompileResult:
         with tempfile.TemporaryDirectory() as tmp:
             if output is None:
                 output = save_model(self.model, Path(tmp) / "candidate.onnx")
-            input_model = load_model(self._input)
-            result = compare_models(self._input, output, data, model_inputs(input_model), limit, seed)
-        result["min_sqnr_db"] = min_sqnr
-        result["passed"] = min_sqnr is None or all(o["sqnr_db"] >= min_sqnr for o in result["outputs"])
+            inputs = model_inputs(load_model(self._input))
+            result = compare_models(self._input, output, data, inputs, limit, seed)
+            result["min_sqnr_db"] = min_sqnr
+            result["passed"] = min_sqnr is None or all(o["sqnr_db"] >= min_sqnr for o in result["outputs"])
+            if not result["passed"]:  # say which layer is to blame
+                result["layers"] = layer_errors(self._input, output, data, inputs, limit, seed)
+                result["blame"] = blame(result["layers"])
         self.report["verification"] = result
         return result
 

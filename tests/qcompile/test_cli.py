@@ -121,3 +121,24 @@ def test_recipes_and_passes_list(capsys):
     assert "w8a16" in capsys.readouterr().out
     assert main(["passes"]) == 0
     assert "fold-batch-norm" in capsys.readouterr().out
+
+
+def test_eval_lists_per_layer_error_worst_first_and_failed_verify_names_a_layer(cnn_file, tmp_path, capsys):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, pixel_values=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    assert main(["compile", str(cnn_file), "-o", str(out), "--recipe", "w8a8", "--calib", str(calib), "--quiet"]) == 0
+    capsys.readouterr()
+
+    assert main(["eval", str(cnn_file), str(out), "--data", str(calib), "--json"]) == 0
+
+    result = json.loads(capsys.readouterr().out)
+    layers = result["layers"]
+    assert {row["op_type"] for row in layers} >= {"Clip", "Add"}
+    assert [row["sqnr_db"] for row in layers] == sorted(row["sqnr_db"] for row in layers)
+    assert all(0 < row["cosine"] <= 1 + 1e-9 and row["sqnr_db"] > 10 for row in layers)
+
+    code = main(["compile", str(cnn_file), "-o", str(out), "--recipe", "w8a8", "--calib", str(calib), "--verify",
+                 "--min-sqnr", "90", "--quiet"])
+    assert code == 1
+    assert "the layer adding the most error is" in _error_line(capsys)
