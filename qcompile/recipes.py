@@ -171,7 +171,6 @@ RECIPES: dict[str, Recipe] = {
         Recipe("auto", "per-layer mixed precision chosen by measured sensitivity", {}, None),
     ]
 }
-DEFAULT_RECIPE = "w8a16"
 
 
 def get_recipe(name: str) -> Recipe:
