@@ -110,7 +110,8 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         "layers": layer_precisions(model),
         "notes": notes(model) + ([f"recipe {chosen.name} does not calibrate: --calib {calib} was not used"]
                                  if calib and "calibrate-activations" not in names else []),
-        "cpu": asdict(cpu_profile(resolved["cpu"])) if settings.target == "ort-cpu" and "cpu" in resolved else None,
+        "cpu": asdict(cpu_profile(resolved["cpu"])) if settings.target in ("ort-cpu", "portable") and "cpu" in resolved
+        else None,
         "verification": None,
         "versions": versions(),
         "command": " ".join(sys.argv),

@@ -28,6 +28,9 @@ def layer_precisions(model: ir.Model) -> list[dict]:
         if node.op_type not in WEIGHTED_OPS:
             continue
         activation = _operand_precision(node.inputs[0]) if node.inputs else "?"
+        if node.op_type == "DynamicQuantizeMatMul" or (node.op_type == "MatMulInteger" and node.inputs[0].producer()
+                                                       and node.inputs[0].producer().op_type == "DynamicQuantizeLinear"):
+            activation = "uint8-dynamic"
         weight = _operand_precision(node.inputs[1]) if len(node.inputs) > 1 else "?"
         rows.append({"name": node.name, "op_type": node.op_type, "precision": f"w:{weight} a:{activation}"})
     return rows

@@ -99,9 +99,10 @@ def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
 
 
 def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
-    """Weight specs for integer kernels: on ort-cpu, as the deployment CPU needs (`qcompile.targets`)."""
+    """Weight specs for integer kernels: on ort-cpu and portable ONNX (which ONNX Runtime's CPU kernels
+    may run), as the deployment CPU needs (`qcompile.targets`)."""
     dtype, qmax = ir.DataType.INT8, 127
-    if settings.target == "ort-cpu":
+    if settings.target in ("ort-cpu", "portable"):
         profile = cpu_profile(settings.options["cpu"])
         dtype, qmax = ir.DataType.UINT8 if profile.weight_dtype == "uint8" else ir.DataType.INT8, profile.weight_qmax
     return WeightSpecOptions(per_channel=settings.options["per_channel"], exclude=settings.exclude, dtype=dtype,
@@ -141,7 +142,7 @@ def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
 
 
 _PER_CHANNEL = Parameter(True, "one scale per output channel (false: one per tensor)")
-_CPU = Parameter("any", "ort-cpu deployment CPU: any (u8 x u8 kernels, exact on every x86), vnni (s8 weights), "
+_CPU = Parameter("any", "CPU the model deploys on (ort-cpu, portable): any (u8 x u8 kernels, exact on every x86), vnni (s8 weights), "
                         "7bit, native (detect this machine)")
 _W8A8_PARAMETERS = {
     "per_channel": _PER_CHANNEL,

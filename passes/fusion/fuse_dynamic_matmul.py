@@ -47,14 +47,13 @@ class _Lowering(RewriteRuleClassBase):
         if self.contrib:
             inputs = [x, weight_q, scale, zero_point] + ([bias] if bias is not None else [])
             out = op.DynamicQuantizeMatMul(*inputs, _domain="com.microsoft")
-        else:
-            x_q, x_scale, x_zero_point = op.DynamicQuantizeLinear(x, _outputs=3)
-            product = op.MatMulInteger(x_q, weight_q, x_zero_point, zero_point)
-            out = op.Mul(op.Cast(product, to=ir.DataType.FLOAT), op.Mul(x_scale, scale))
-            if bias is not None:
-                out = op.Add(out, bias)
-        out.producer().name = name
-        return out
+            out.producer().name = name
+            return out
+        x_q, x_scale, x_zero_point = op.DynamicQuantizeLinear(x, _outputs=3)
+        product = op.MatMulInteger(x_q, weight_q, x_zero_point, zero_point)
+        product.producer().name = name  # the layer keeps its name on the op that does its work
+        out = op.Mul(op.Cast(product, to=ir.DataType.FLOAT), op.Mul(x_scale, scale))
+        return op.Add(out, bias) if bias is not None else out
 
 
 class MatMulDequantizedWeight(_Lowering):

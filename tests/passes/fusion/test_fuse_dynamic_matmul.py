@@ -43,6 +43,8 @@ def test_standard_op_lowering_is_portable_and_accurate(build):
 
     assert all(n.domain == "" for n in model.graph)
     assert "MatMulInteger" in op_types(model) and "DynamicQuantizeLinear" in op_types(model)
+    layers = {n.name for n in model.graph if n.op_type == "MatMulInteger"}
+    assert layers and all(not name.startswith("node_") for name in layers)
     feed = random_feed(model, batch=2)
     assert _sqnr(run(reference, feed)[0], run(model, feed)[0]) > 25
 
