@@ -6,6 +6,7 @@ import onnx_ir as ir
 from qcompile.passes.analysis.assign_bias_specs import AssignBiasSpecsPass
 from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass
 from qcompile.passes.analysis.calibrate_activations import CalibrateActivationsPass
+from qcompile.passes.analysis.correct_bias import CorrectBiasPass
 from qcompile.passes.analysis.select_quantized_ops import SelectQuantizedOpsPass
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.canonicalize.eliminate_identity import EliminateIdentityPass
@@ -14,6 +15,7 @@ from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
 from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
 from qcompile.passes.fusion.fuse_dynamic_matmul import FuseDynamicMatMulPass
+from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeDepthwiseInputsPass
 from qcompile.passes.lowering.insert_qdq import InsertQDQPass
 from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
 
@@ -24,9 +26,11 @@ ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
     FoldBatchNormPass,
     FuseMatMulAddPass,
     EliminateDeadCodePass,
+    EqualizeDepthwiseInputsPass,
     SelectQuantizedOpsPass,
     CalibrateActivationsPass,
     AssignWeightSpecsPass,
+    CorrectBiasPass,
     AssignBiasSpecsPass,
     QuantizeWeightsPass,
     InsertQDQPass,

@@ -116,10 +116,7 @@ def calibrate(model_path: str | os.PathLike, tensors: Sequence[str], data: str, 
     constants = _expose(model, names, fed)
     fetch = [n for n in names if n not in constants and n not in fed]
 
-    try:
-        total = count_samples(data, inputs, options.limit)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        total = None  # iterate_batches reports bad data as a UsageError
+    total = _sample_count(data, inputs, options)
     two_pass = options.method != Method.MINMAX
     logger.info("calibrating %d tensors on %s (%s, %s samples)", len(names), data, options.method.value, total)
 
@@ -150,6 +147,29 @@ def calibrate(model_path: str | os.PathLike, tensors: Sequence[str], data: str, 
         logger.debug("%s: [%g, %g] (observed [%g, %g])", name, lo, hi, ranges[name].observed_min,
                      ranges[name].observed_max)
     return ranges
+
+
+def reduce_outputs(model_path: str | os.PathLike, inputs: list[InputInfo], outputs: Sequence[str], data: str,
+                   options: CalibrationOptions, description: str, how: str = "mean") -> dict[str, np.ndarray]:
+    """Per-batch reduced graph outputs, combined over ``data``: their sample-weighted mean, or their maximum.
+
+    Each output must already be reduced over the batch axis by the model (a ReduceMean or ReduceMax),
+    so memory stays bounded by one batch whatever the number of samples.
+    """
+    sess = session(model_path)
+    total = _sample_count(data, inputs, options)
+    combined, seen = {}, 0
+    for arrays, count in _batches(sess, list(outputs), {}, data, inputs, options, progress.task(description, total)):
+        for name in outputs:
+            array = arrays[name].astype(np.float64)
+            if how == "mean":
+                combined[name] = combined.get(name, 0.0) + count * array
+            else:
+                combined[name] = np.maximum(combined[name], array) if name in combined else array
+        seen += count
+    if how == "mean":
+        combined = {name: value / max(seen, 1) for name, value in combined.items()}
+    return combined
 
 
 def _expose(model: ir.Model, names: list[str], fed: set[str]) -> dict[str, np.ndarray]:
@@ -194,6 +214,14 @@ def _batches(sess, fetch: list[str], constants: dict[str, np.ndarray], data: str
             count = _batch_samples(feed, inputs)
             yield {**feed, **constants, **dict(zip(fetch, outputs))}, count
             advance(count)
+
+
+def _sample_count(data: str, inputs: list[InputInfo], options: CalibrationOptions) -> int | None:
+    """Samples the progress bar expects, if the data tell without reading them all."""
+    try:
+        return count_samples(data, inputs, options.limit)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # iterate_batches reports bad data as a UsageError
 
 
 def _batch_samples(feed: dict[str, np.ndarray], inputs: list[InputInfo]) -> int:

@@ -21,3 +21,16 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 def has_subgraph(node: ir.Node) -> bool:
     return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values())
+
+
+def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding ``array``, typed and shaped."""
+    array = np.asarray(array)
+    base, i = name, 1
+    while name in graph.initializers:
+        name, i = f"{base}_{i}", i + 1
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name), type=None)
+    value.type = ir.TensorType(value.const_value.dtype)
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value

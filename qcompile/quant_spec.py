@@ -9,6 +9,9 @@ import onnx_ir as ir
 
 # Key under which a `QuantSpec` is stored in `value.meta`.
 QUANT_SPEC_KEY = "qcompile.quant_spec"
+# Metadata (saved with the model) on a tensor the compiler rescaled per channel along axis 1: the JSON
+# list of factors, so that comparisons with the original model can undo them.
+CHANNEL_SCALE_KEY = "qcompile.channel_scale"
 
 _RANGES = {
     ir.DataType.INT8: (-128, 127),

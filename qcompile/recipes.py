@@ -12,6 +12,8 @@ from qcompile.passes import (
     AssignBiasSpecsPass,
     AssignWeightSpecsPass,
     CalibrateActivationsPass,
+    CorrectBiasPass,
+    EqualizeDepthwiseInputsPass,
     EliminateDeadCodePass,
     EliminateIdentityPass,
     FoldBatchNormPass,
@@ -24,6 +26,8 @@ from qcompile.passes import (
     SelectQuantizedOpsPass,
 )
 from qcompile.passes.analysis.calibrate_activations import CalibrateOptions
+from qcompile.passes.analysis.correct_bias import CorrectBiasOptions
+from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeOptions
 from qcompile.passes.analysis.select_quantized_ops import SelectOptions
 from qcompile.targets import cpu_profile
 from qcompile.passes.analysis.assign_weight_specs import WeightSpecOptions
@@ -93,9 +97,24 @@ def canonicalize() -> list[ir.passes.PassBase]:
     ]
 
 
+def _calibration(settings: Settings) -> CalibrationOptions:
+    return CalibrationOptions(method=Method(settings.options.get("calib_method", "minmax")),
+                              percentile=settings.options.get("percentile", 99.999), limit=settings.calib_size,
+                              seed=settings.seed)
+
+
+def _bias_correction(settings: Settings) -> list[ir.passes.PassBase]:
+    """Bias correction where it is asked for and there is data to measure it on (weight-only and
+    dynamic recipes take --calib only for this)."""
+    if not settings.options["bias_correction"] or settings.calib is None:
+        return []
+    return [CorrectBiasPass(CorrectBiasOptions(settings.calib, _calibration(settings)))]
+
+
 def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
     options = WeightSpecOptions(per_channel=settings.options["per_channel"], exclude=settings.exclude)
-    return [*canonicalize(), AssignWeightSpecsPass(options), QuantizeWeightsPass(), EliminateDeadCodePass()]
+    return [*canonicalize(), AssignWeightSpecsPass(options), *_bias_correction(settings), QuantizeWeightsPass(),
+            EliminateDeadCodePass()]
 
 
 def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
@@ -110,17 +129,17 @@ def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
 
 
 def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
-    calibration = CalibrationOptions(
-        method=Method(settings.options["calib_method"]), percentile=settings.options["percentile"],
-        limit=settings.calib_size, seed=settings.seed,
-    )
+    calibration = _calibration(settings)
     activation_dtype = ir.DataType.INT8 if settings.target == "tensorrt" else ir.DataType.UINT8
     weights = integer_weights(settings)
+    equalize = [EqualizeDepthwiseInputsPass(EqualizeOptions(settings.require_calib("w8a8"), calibration))]
     return [
         *canonicalize(),
+        *(equalize if settings.options["equalize"] else []),
         SelectQuantizedOpsPass(SelectOptions(exclude=settings.exclude)),
         CalibrateActivationsPass(CalibrateOptions(settings.require_calib("w8a8"), activation_dtype, calibration)),
         AssignWeightSpecsPass(weights),
+        *_bias_correction(settings),
         *([] if settings.target == "tensorrt" else [AssignBiasSpecsPass()]),
         QuantizeWeightsPass(),
         InsertQDQPass(),
@@ -135,6 +154,7 @@ def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
     return [
         *canonicalize(),
         AssignWeightSpecsPass(weights),
+        *_bias_correction(settings),
         QuantizeWeightsPass(),
         FuseDynamicMatMulPass(contrib=settings.target in ("ort-cpu", "ort-cuda")),
         EliminateDeadCodePass(),
@@ -142,6 +162,8 @@ def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
 
 
 _PER_CHANNEL = Parameter(True, "one scale per output channel (false: one per tensor)")
+_BIAS_CORRECTION = Parameter(True, "subtract the mean output shift of weight rounding from each bias, "
+                                   "measured on the calibration data (needs --calib)")
 _CPU = Parameter("any", "CPU the model deploys on (ort-cpu, portable): any (u8 x u8 kernels, exact on every x86), vnni (s8 weights), "
                         "7bit, native (detect this machine)")
 _W8A8_PARAMETERS = {
@@ -149,6 +171,9 @@ _W8A8_PARAMETERS = {
     "calib_method": Parameter("minmax", "activation ranges: minmax, percentile, entropy, mse"),
     "percentile": Parameter(99.999, "with calib_method=percentile: the percentile of |x| kept"),
     "cpu": _CPU,
+    "bias_correction": _BIAS_CORRECTION,
+    "equalize": Parameter(True, "rescale Conv -> Relu/Clip -> depthwise Conv chains so that every channel of the "
+                                "activation spans its 8-bit grid"),
 }
 
 RECIPES: dict[str, Recipe] = {
@@ -157,10 +182,10 @@ RECIPES: dict[str, Recipe] = {
         Recipe("canonicalize", "shape inference, constant folding, BN folding, MatMul+Add->Gemm, DCE; no quantization",
                {}, lambda settings: canonicalize()),
         Recipe("w8a16", "INT8 weight-only: per-channel symmetric INT8 weights behind DequantizeLinear, float activations",
-               {"per_channel": _PER_CHANNEL}, _w8a16),
+               {"per_channel": _PER_CHANNEL, "bias_correction": _BIAS_CORRECTION}, _w8a16),
         Recipe("w8a8", "static INT8: per-channel weights, per-tensor activations, calibrated", _W8A8_PARAMETERS, _w8a8),
         Recipe("w8a8-dynamic", "INT8 MatMul/Gemm weights, activations quantized at run time",
-               {"per_channel": _PER_CHANNEL, "cpu": _CPU}, _w8a8_dynamic),
+               {"per_channel": _PER_CHANNEL, "cpu": _CPU, "bias_correction": _BIAS_CORRECTION}, _w8a8_dynamic),
         Recipe("w8a8-smoothquant", "w8a8 after SmoothQuant scale migration (LLMs)", {}, None),
         Recipe("w4a16-rtn", "INT4 block-wise weight-only, round to nearest", {}, None),
         Recipe("w4a16-gptq", "INT4 block-wise weight-only, GPTQ", {}, None),

@@ -1,6 +1,7 @@
 """Numerical comparison of a compiled model against its reference, streamed over the data."""
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import tempfile
@@ -14,6 +15,7 @@ import onnx_ir as ir
 from qcompile import progress
 from qcompile.data import InputInfo, count_samples, iterate_batches
 from qcompile.io import load_model, save_model
+from qcompile.quant_spec import CHANNEL_SCALE_KEY
 from qcompile.session import run, session
 
 
@@ -90,6 +92,13 @@ def _quantized_tensors(candidate: ir.Model, reference: ir.Model) -> list[str]:
     return names
 
 
+def _channel_scales(candidate: ir.Model, names: list[str]) -> dict[str, np.ndarray]:
+    """Per-channel factors (axis 1) by which the compiler rescaled tensors (`CHANNEL_SCALE_KEY`)."""
+    values = {v.name: v for node in candidate.graph for v in node.outputs if v.name in names}
+    return {name: np.array(json.loads(v.metadata_props[CHANNEL_SCALE_KEY]), np.float64)
+            for name, v in values.items() if CHANNEL_SCALE_KEY in v.metadata_props}
+
+
 def _with_outputs(path: str | os.PathLike, names: list[str], folder: str) -> str:
     """A copy of the model in ``folder`` whose named node outputs are also graph outputs."""
     model = load_model(path)
@@ -107,10 +116,12 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
     measured input, and ``added_noise`` the noise-to-signal ratio it adds (10^(-SQNR/10) out minus in):
     the layer that adds the error, not just one that inherits it.
     """
-    reference_model = load_model(reference)
-    names = _quantized_tensors(load_model(candidate), reference_model)
+    reference_model, candidate_model = load_model(reference), load_model(candidate)
+    names = _quantized_tensors(candidate_model, reference_model)
     if not names:
         return []
+    rescaled = _channel_scales(candidate_model, names)
+    del candidate_model
     accumulators = {name: _Accumulator() for name in names}
     with tempfile.TemporaryDirectory(prefix="qcompile-eval-") as tmp:
         (Path(tmp) / "reference").mkdir()
@@ -121,6 +132,8 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
             refs = run(ref_session, names, feed, f"{reference} on {data}")
             cands = run(cand_session, names, feed, f"{candidate} on {data}")
             for name, ref, cand in zip(names, refs, cands):
+                if name in rescaled:  # back to the reference's units
+                    cand = cand / rescaled[name].reshape((1, -1) + (1,) * (cand.ndim - 2))
                 accumulators[name].add(ref, cand)
     sqnr = {name: acc.result(name).sqnr_db for name, acc in accumulators.items()}
     producers = {v.name: node for node in reference_model.graph for v in node.outputs}

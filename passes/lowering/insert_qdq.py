@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qcompile.passes.analysis.select_quantized_ops import QUANTIZED_INPUTS_KEY
-from qcompile.passes.lowering.quantize_weights import register_constant
+from qcompile.graph import register_constant
 from qcompile.quant_spec import QUANT_SPEC_KEY
 
 

@@ -4,20 +4,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.graph import register_constant
 from qcompile.quant_spec import QUANT_SPEC_KEY, QuantSpec
-
-
-def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """A new initializer holding ``array``, typed and shaped."""
-    array = np.asarray(array)
-    base, i = name, 1
-    while name in graph.initializers:
-        name, i = f"{base}_{i}", i + 1
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name), type=None)
-    value.type = ir.TensorType(value.const_value.dtype)
-    value.shape = ir.Shape(array.shape)
-    graph.register_initializer(value)
-    return value
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):

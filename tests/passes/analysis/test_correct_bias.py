@@ -1,0 +1,87 @@
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from helpers import apply, clone, run
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile.calibration import CalibrationOptions
+from qcompile.passes import AssignWeightSpecsPass, CorrectBiasPass, QuantizeWeightsPass
+from qcompile.passes.analysis.correct_bias import CorrectBiasOptions
+
+
+def _model(with_bias=True, shared_bias=False) -> ir.Model:
+    """A depthwise 3x3 conv (small kernels: their rounding errors do not average out) and a Gemm."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 1, 3, 3)).astype(np.float32), "w_conv"),
+             numpy_helper.from_array(rng.standard_normal((5, 6 * 4 * 4)).astype(np.float32) * 0.1, "w_fc"),
+             numpy_helper.from_array(np.zeros(6, np.float32), "b_conv"),
+             numpy_helper.from_array(np.zeros(5, np.float32), "b_fc"),
+             numpy_helper.from_array(np.array([0, -1], np.int64), "flat")]
+    conv_inputs = ["x", "w_conv", "b_conv"] if with_bias else ["x", "w_conv"]
+    nodes = [helper.make_node("Conv", conv_inputs, ["h"], name="conv", group=6, pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["h", "flat"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w_fc", "b_fc"], ["y"], name="fc", transB=1)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5]),
+               helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 6, 4, 4])]
+    if shared_bias:
+        nodes.append(helper.make_node("Reshape", ["b_conv", "shape_4d"], ["b_conv_4d"], name="bias_4d"))
+        nodes.append(helper.make_node("Add", ["h", "b_conv_4d"], ["z"], name="uses_bias"))
+        inits.append(numpy_helper.from_array(np.array([1, 6, 1, 1], np.int64), "shape_4d"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 6, 4, 4]))
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 4, 4])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model))
+
+
+def _data(tmp_path, n=32, seed=1):
+    # Positive inputs with a large mean, as images after a ReLU: the case bias correction is for.
+    x = (np.random.default_rng(seed).random((n, 6, 4, 4)) * 4 + 2).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    return str(tmp_path / "calib.npz"), x
+
+
+def _quantize(model, data=None):
+    correct = [CorrectBiasPass(CorrectBiasOptions(data, CalibrationOptions()))] if data else []
+    apply(model, AssignWeightSpecsPass(), *correct, QuantizeWeightsPass())
+    return model
+
+
+def test_the_mean_error_of_each_channel_is_removed(tmp_path):
+    data, x = _data(tmp_path)
+    reference = run(_model(), {"x": x})
+    plain = run(_quantize(_model()), {"x": x})
+    corrected = run(_quantize(_model(), data), {"x": x})
+
+    def conv_shift(outputs):  # per channel, over batch and positions, of the conv output
+        return np.abs((outputs[1] - reference[1]).mean(axis=(0, 2, 3))).max()
+
+    assert conv_shift(corrected) < 1e-4 < 1e-2 < conv_shift(plain)
+    for output in range(2):
+        assert np.sum((corrected[output] - reference[output]) ** 2) < np.sum((plain[output] - reference[output]) ** 2)
+
+
+def test_a_conv_without_bias_gets_one(tmp_path):
+    data, x = _data(tmp_path)
+    model = _model(with_bias=False)
+    before = clone(model)
+    apply(model, AssignWeightSpecsPass(), CorrectBiasPass(CorrectBiasOptions(data)))
+    conv = next(n for n in model.graph if n.name == "conv")
+    assert len(conv.inputs) == 3 and np.abs(conv.inputs[2].const_value.numpy()).max() > 0
+    # The weights are not rounded yet: the new bias is the only change, one constant per channel.
+    change = run(model, {"x": x})[1] - run(before, {"x": x})[1]
+    np.testing.assert_allclose(change, change[:1, :, :1, :1] + np.zeros_like(change), atol=1e-5)
+
+
+def test_a_bias_other_nodes_read_is_left_alone(tmp_path):
+    data, _ = _data(tmp_path)
+    model = _model(shared_bias=True)
+    apply(model, AssignWeightSpecsPass(), CorrectBiasPass(CorrectBiasOptions(data)))
+    assert not np.any(model.graph.initializers["b_conv"].const_value.numpy())
+    assert np.any(model.graph.initializers["b_fc"].const_value.numpy())
+
+
+def test_nothing_to_correct_without_quantized_weights(tmp_path):
+    data, _ = _data(tmp_path)
+    assert not apply(_model(), CorrectBiasPass(CorrectBiasOptions(data)))
