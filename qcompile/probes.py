@@ -17,8 +17,8 @@ import onnx_ir.passes.common
 
 from qcompile.calibration import CalibrationOptions, reduce_outputs
 from qcompile.data import model_inputs
-from qcompile.io import load_model, save_model
 from qcompile.graph import register_constant
+from qcompile.io import load_model, save_model
 
 # ReduceMean / ReduceMax take their axes as an input from opset 18, as an attribute before.
 _AXES_AS_INPUT_OPSET = 18
