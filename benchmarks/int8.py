@@ -106,9 +106,9 @@ def configurations() -> list[Config]:
                               {"recipe": "w8a8", "options": {"calib_method": method}, "calib": True},
                               quick=method in ("minmax", "entropy")))
     configs.append(Config("qc-w8a8-dynamic", "qcompile", "qcompile w8a8-dynamic",
-                          {"recipe": "w8a8-dynamic", "options": {}, "calib": False}, quick=True))
+                          {"recipe": "w8a8-dynamic", "options": {}, "calib": True}, quick=True))
     configs.append(Config("qc-w8a16", "qcompile", "qcompile w8a16 (weight-only)",
-                          {"recipe": "w8a16", "options": {}, "calib": False}, quick=True))
+                          {"recipe": "w8a16", "options": {}, "calib": True}, quick=True))
     # ORT static, QDQ, U8S8 (QUInt8 activations, QInt8 weights: what quantize_static's docstring advises for
     # x86 CPUs). MinMax is run first: its peak memory predicts Entropy/Percentile's.
     for per_channel in (True, False):

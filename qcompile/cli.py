@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="op histogram, precision per layer, size breakdown")
     i.add_argument("model")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--target", help="also check what ort-cpu, ort-cuda, tensorrt or portable would reject "
+                                    "(exit 1 if anything)")
 
     d = sub.add_parser("diff", help="what changed between two models, and which pass did it")
     d.add_argument("before")
@@ -176,11 +178,19 @@ def _print_compile_summary(report: dict) -> None:
 def _cmd_inspect(args) -> int:
     from qcompile.inspection import describe
     from qcompile.io import load_model
+    from qcompile.recipes import TARGETS
+    from qcompile.target_check import target_problems
 
-    info = describe(load_model(args.model))
+    if args.target is not None and args.target not in TARGETS:
+        raise UsageError(f"unknown target {args.target!r} (one of {', '.join(TARGETS)})")
+    model = load_model(args.model)
+    info = describe(model)
+    problems = target_problems(model, args.target) if args.target else []
+    if args.target:
+        info["target"] = {"name": args.target, "problems": problems}
     if args.json:
         out.print_json(json.dumps(info))
-        return 0
+        return 1 if problems else 0
     out.print(f"[bold]{escape(args.model)}[/]  IR {info['ir_version']}, opsets "
               + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()) + f", {info['nodes']} nodes")
     io_table = Table("", "name", "type")
@@ -200,7 +210,11 @@ def _cmd_inspect(args) -> int:
     for layer in info["layers"]:
         precisions.add_row(escape(layer["name"]), layer["op_type"], layer["precision"])
     out.print(precisions)
-    return 0
+    if args.target:
+        out.print(f"target {args.target}: " + (f"{len(problems)} problem(s)" if problems else "no problems found"))
+        for problem in problems:
+            out.print(f"  {escape(problem)}", soft_wrap=True)
+    return 1 if problems else 0
 
 
 def _cmd_diff(args) -> int:

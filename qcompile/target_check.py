@@ -1,0 +1,119 @@
+"""Static checks: what in a model a deployment target would reject, or run wrongly.
+
+* every target: ops of domains the target's runtime does not know (ONNX Runtime knows
+  com.microsoft; `tensorrt` and `portable` take standard ONNX only);
+* `tensorrt`: integer ops (QLinearConv, MatMulInteger, ...) where it expects Q/DQ, Q/DQ that are
+  not symmetric INT8 with zero point 0, per-channel weight scales on another axis than the output
+  channels;
+* `ort-cpu` (and `portable`, which ONNX Runtime's CPU kernels may run): u8 x s8 products with
+  weights beyond +-64, which saturate in the int16 pair sums of the AVX2 kernels of CPUs without
+  VNNI (KERNELS.md); u8 x u8 and 7-bit weights are exact everywhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.graph import all_nodes, constant_array
+from qcompile.passes.analysis.assign_weight_specs import weight_axis
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+ORT_DOMAINS = (*STANDARD_DOMAINS, "com.microsoft")
+# Integer-arithmetic ops: the input indices of their (constant) weight and its zero point.
+INTEGER_OPS = {"ConvInteger": (1, 3), "MatMulInteger": (1, 3), "QLinearConv": (3, 5), "QLinearMatMul": (3, 5),
+               "QGemm": (3, 5), "DynamicQuantizeMatMul": (1, 3), "MatMulIntegerToFloat": (1, 5)}
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# The largest |weight - zero point| whose u8 x s8 pair sums fit in int16: 2 * 255 * 64 = 32640.
+AVX2_SAFE_WEIGHT = 64
+
+
+def target_problems(model: ir.Model, target: str) -> list[str]:
+    """One line per problem, naming the node; empty if the target takes the model as it is."""
+    domains = ORT_DOMAINS if target in ("ort-cpu", "ort-cuda") else STANDARD_DOMAINS
+    problems = []
+    for node in all_nodes(model):
+        where = f"{node.name or '(unnamed)'} ({_op(node)})"
+        if node.domain not in domains:
+            problems.append(f"{where}: not an op {target} runs ({node.domain or 'ai.onnx'} domain)")
+        if target == "tensorrt":
+            problems.extend(f"{where}: {p}" for p in _tensorrt(node))
+        if target in ("ort-cpu", "portable"):
+            problems.extend(f"{where}: {p}" for p in _avx2_saturation(node))
+    return problems
+
+
+def _op(node: ir.Node) -> str:
+    return node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}::{node.op_type}"
+
+
+def _tensorrt(node: ir.Node) -> list[str]:
+    if node.op_type in INTEGER_OPS:
+        return ["TensorRT takes quantization as QuantizeLinear/DequantizeLinear, not integer ops"]
+    if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in STANDARD_DOMAINS:
+        return []
+    problems = []
+    dtype = _quantized_dtype(node) if node.op_type == "DequantizeLinear" else _quantize_dtype(node)
+    array = constant_array(_input(node, 2))
+    if dtype == ir.DataType.INT32:
+        problems.append("TensorRT takes float biases, not INT32 ones behind a DequantizeLinear")
+    elif dtype != ir.DataType.INT8 or (array is not None and np.any(array != 0)):
+        problems.append(f"TensorRT needs symmetric INT8 (zero point 0), got {dtype.name}"
+                        + (" with a non-zero zero point" if array is not None and np.any(array != 0) else ""))
+    if node.op_type == "DequantizeLinear" and constant_array(node.inputs[0]) is not None:
+        axis = node.attributes.get_int("axis", 1)
+        per_channel = node.inputs[1].shape is not None and node.inputs[1].shape.rank() == 1
+        for user, index in node.outputs[0].uses():
+            expected = weight_axis(user) if index == 1 else None
+            if per_channel and expected is not None and axis % node.inputs[0].shape.rank() != expected:
+                problems.append(f"per-channel weight scales on axis {axis}; TensorRT wants the output "
+                                f"channels of {user.name} (axis {expected})")
+    return problems
+
+
+def _avx2_saturation(node: ir.Node) -> list[str]:
+    """u8 x s8 with weights beyond +-64, in integer ops or in a DequantizeLinear -> Conv/MatMul/Gemm group."""
+    if node.op_type in INTEGER_OPS:
+        weight_index, zero_point_index = INTEGER_OPS[node.op_type]
+        weight, zero_point = _input(node, weight_index), _input(node, zero_point_index)
+        # DynamicQuantizeMatMul quantizes its float input to UINT8 itself.
+        activation = ir.DataType.UINT8 if node.op_type == "DynamicQuantizeMatMul" else node.inputs[0].dtype
+    elif (node.op_type in WEIGHTED_OPS and node.domain in STANDARD_DOMAINS and len(node.inputs) > 1
+          and _dequantized(node.inputs[0]) and _dequantized(node.inputs[1])):
+        weight_dq = _dequantized(node.inputs[1])
+        weight, zero_point = weight_dq.inputs[0], _input(weight_dq, 2)
+        activation = _quantized_dtype(_dequantized(node.inputs[0]))
+    else:
+        return []
+    weight, zero_point = constant_array(weight), constant_array(zero_point)
+    if weight is None or weight.dtype != np.int8 or activation != ir.DataType.UINT8:
+        return []
+    if zero_point is not None and np.any(zero_point != zero_point.flat[0]):
+        return []  # distinct per-channel zero points: not a layout qcompile or ONNX Runtime's quantizer writes
+    center = 0 if zero_point is None else int(zero_point.flat[0])
+    largest = int(np.abs(weight.astype(np.int32) - center).max()) if weight.size else 0
+    if largest <= AVX2_SAFE_WEIGHT:
+        return []
+    return [f"u8 x s8 with INT8 weights up to {largest}: saturates on x86 CPUs without VNNI (AVX2); "
+            f"compile with --option cpu=any (u8 x u8) or cpu=7bit"]
+
+
+def _quantized_dtype(dequantize: ir.Node) -> ir.DataType:
+    """The integer type a DequantizeLinear reads (a file may not record it on intermediate values)."""
+    zero_point = _input(dequantize, 2)
+    return (dequantize.inputs[0].dtype or (zero_point.dtype if zero_point is not None else None)
+            or ir.DataType.UINT8)
+
+
+def _quantize_dtype(quantize: ir.Node) -> ir.DataType:
+    zero_point = _input(quantize, 2)
+    return zero_point.dtype if zero_point is not None and zero_point.dtype else ir.DataType.UINT8
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def _dequantized(value: ir.Value | None) -> ir.Node | None:
+    """The DequantizeLinear producing ``value``, if one does."""
+    producer = value.producer() if value is not None else None
+    return producer if producer is not None and producer.op_type == "DequantizeLinear" else None

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+import qcompile
+from qcompile.cli import main
+from qcompile.io import save_model
+from qcompile.models import synthetic
+from qcompile.target_check import target_problems
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    source = save_model(synthetic.cnn(), tmp_path / "cnn.onnx")
+    x = np.random.default_rng(0).standard_normal((4, *synthetic.cnn().graph.inputs[0].shape[1:])).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", **{synthetic.cnn().graph.inputs[0].name: x})
+    return source, str(tmp_path / "calib.npz")
+
+
+def _compile(cnn, recipe="w8a8", target=None, **options):
+    source, calib = cnn
+    return qcompile.compile(source, recipe=recipe, target=target, calib=calib,
+                            options={k: str(v) for k, v in options.items()}).model
+
+
+def test_a_tensorrt_build_passes_its_check_and_an_ort_cpu_build_does_not(cnn):
+    assert target_problems(_compile(cnn, target="tensorrt"), "tensorrt") == []
+    problems = target_problems(_compile(cnn), "tensorrt")
+    assert any("zero point 0" in p for p in problems)
+    assert any("float biases" in p for p in problems)
+
+
+def test_full_range_int8_weights_are_flagged_for_cpus_without_vnni(cnn):
+    problems = target_problems(_compile(cnn, cpu="vnni"), "ort-cpu")
+    assert problems and all("saturates" in p for p in problems)
+    assert target_problems(_compile(cnn, cpu="any"), "ort-cpu") == []
+    assert target_problems(_compile(cnn, cpu="7bit"), "ort-cpu") == []
+
+
+def test_contrib_ops_are_flagged_for_portable_onnx(tmp_path):
+    source = save_model(synthetic.mlp(), tmp_path / "mlp.onnx")
+    ort_build = qcompile.compile(source, recipe="w8a8-dynamic").model
+    assert any("com.microsoft" in p for p in target_problems(ort_build, "portable"))
+    assert target_problems(ort_build, "ort-cpu") == []
+    assert target_problems(qcompile.compile(source, recipe="w8a8-dynamic", target="portable").model, "portable") == []
+
+
+def test_inspect_target_exit_codes(cnn, tmp_path, capsys):
+    qcompile.compile(cnn[0], recipe="w8a8", calib=cnn[1], target="tensorrt").save(tmp_path / "trt.onnx")
+    qcompile.compile(cnn[0], recipe="w8a8", calib=cnn[1]).save(tmp_path / "cpu.onnx")
+    assert main(["inspect", str(tmp_path / "trt.onnx"), "--target", "tensorrt"]) == 0
+    assert main(["inspect", str(tmp_path / "cpu.onnx"), "--target", "tensorrt"]) == 1
+    assert "problem(s)" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "cpu.onnx"), "--target", "tpu"]) == 2
+    assert "unknown target 'tpu'" in capsys.readouterr().err
