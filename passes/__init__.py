@@ -18,6 +18,7 @@ from qcompile.passes.fusion.fuse_dynamic_matmul import FuseDynamicMatMulPass
 from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeDepthwiseInputsPass
 from qcompile.passes.lowering.insert_qdq import InsertQDQPass
 from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
+from qcompile.passes.lowering.smooth_activations import SmoothActivationsPass
 
 ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
     InferShapesPass,
@@ -27,6 +28,7 @@ ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
     FuseMatMulAddPass,
     EliminateDeadCodePass,
     EqualizeDepthwiseInputsPass,
+    SmoothActivationsPass,
     SelectQuantizedOpsPass,
     CalibrateActivationsPass,
     AssignWeightSpecsPass,

@@ -9,8 +9,8 @@ import onnx_ir as ir
 
 # Key under which a `QuantSpec` is stored in `value.meta`.
 QUANT_SPEC_KEY = "qcompile.quant_spec"
-# Metadata (saved with the model) on a tensor the compiler rescaled per channel along axis 1: the JSON
-# list of factors, so that comparisons with the original model can undo them.
+# Metadata (saved with the model) on a tensor the compiler rescaled per channel: JSON
+# {"axis": A, "factors": [...]}, so that comparisons with the original model can undo it.
 CHANNEL_SCALE_KEY = "qcompile.channel_scale"
 
 _RANGES = {

@@ -14,6 +14,7 @@ from qcompile.passes import (
     CalibrateActivationsPass,
     CorrectBiasPass,
     EqualizeDepthwiseInputsPass,
+    SmoothActivationsPass,
     EliminateDeadCodePass,
     EliminateIdentityPass,
     FoldBatchNormPass,
@@ -28,6 +29,7 @@ from qcompile.passes import (
 from qcompile.passes.analysis.calibrate_activations import CalibrateOptions
 from qcompile.passes.analysis.correct_bias import CorrectBiasOptions
 from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeOptions
+from qcompile.passes.lowering.smooth_activations import SmoothOptions
 from qcompile.passes.analysis.select_quantized_ops import SelectOptions
 from qcompile.targets import cpu_profile
 from qcompile.passes.analysis.assign_weight_specs import WeightSpecOptions
@@ -128,16 +130,32 @@ def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
                              qmax=qmax, **options)
 
 
+def _alpha(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        alpha = float(text)
+    except ValueError:
+        alpha = -1.0
+    if not 0 < alpha <= 1:
+        raise UsageError(f"option smoothquant: expected auto, off or a number in (0, 1], got {text!r}")
+    return alpha
+
+
 def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
     calibration = _calibration(settings)
     activation_dtype = ir.DataType.INT8 if settings.target == "tensorrt" else ir.DataType.UINT8
     weights = integer_weights(settings)
-    equalize = [EqualizeDepthwiseInputsPass(EqualizeOptions(settings.require_calib("w8a8"), calibration))]
+    data = settings.require_calib("w8a8")
+    equalize = [EqualizeDepthwiseInputsPass(EqualizeOptions(data, calibration))] if settings.options["equalize"] else []
+    smooth = [] if settings.options["smoothquant"] == "off" else [SmoothActivationsPass(
+        SmoothOptions(data, _alpha(settings.options["smoothquant"]), settings.exclude, calibration))]
     return [
         *canonicalize(),
-        *(equalize if settings.options["equalize"] else []),
+        *equalize,
+        *smooth,
         SelectQuantizedOpsPass(SelectOptions(exclude=settings.exclude)),
-        CalibrateActivationsPass(CalibrateOptions(settings.require_calib("w8a8"), activation_dtype, calibration)),
+        CalibrateActivationsPass(CalibrateOptions(data, activation_dtype, calibration)),
         AssignWeightSpecsPass(weights),
         *_bias_correction(settings),
         *([] if settings.target == "tensorrt" else [AssignBiasSpecsPass()]),
@@ -174,6 +192,8 @@ _W8A8_PARAMETERS = {
     "bias_correction": _BIAS_CORRECTION,
     "equalize": Parameter(True, "rescale Conv -> Relu/Clip -> depthwise Conv chains so that every channel of the "
                                 "activation spans its 8-bit grid"),
+    "smoothquant": Parameter("auto", "SmoothQuant for MatMul inputs: auto (alpha per tensor by estimated "
+                                     "noise, or none), off, or a fixed alpha in (0, 1]"),
 }
 
 RECIPES: dict[str, Recipe] = {

@@ -92,11 +92,15 @@ def _quantized_tensors(candidate: ir.Model, reference: ir.Model) -> list[str]:
     return names
 
 
-def _channel_scales(candidate: ir.Model, names: list[str]) -> dict[str, np.ndarray]:
-    """Per-channel factors (axis 1) by which the compiler rescaled tensors (`CHANNEL_SCALE_KEY`)."""
+def _channel_scales(candidate: ir.Model, names: list[str]) -> dict[str, tuple[int, np.ndarray]]:
+    """(axis, factors) by which the compiler rescaled tensors per channel (`CHANNEL_SCALE_KEY`)."""
     values = {v.name: v for node in candidate.graph for v in node.outputs if v.name in names}
-    return {name: np.array(json.loads(v.metadata_props[CHANNEL_SCALE_KEY]), np.float64)
-            for name, v in values.items() if CHANNEL_SCALE_KEY in v.metadata_props}
+    scales = {}
+    for name, value in values.items():
+        if CHANNEL_SCALE_KEY in value.metadata_props:
+            recorded = json.loads(value.metadata_props[CHANNEL_SCALE_KEY])
+            scales[name] = (recorded["axis"], np.array(recorded["factors"], np.float64))
+    return scales
 
 
 def _with_outputs(path: str | os.PathLike, names: list[str], folder: str) -> str:
@@ -133,7 +137,10 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
             cands = run(cand_session, names, feed, f"{candidate} on {data}")
             for name, ref, cand in zip(names, refs, cands):
                 if name in rescaled:  # back to the reference's units
-                    cand = cand / rescaled[name].reshape((1, -1) + (1,) * (cand.ndim - 2))
+                    axis, factors = rescaled[name]
+                    shape = [1] * cand.ndim
+                    shape[axis] = -1
+                    cand = cand / factors.reshape(shape)
                 accumulators[name].add(ref, cand)
     sqnr = {name: acc.result(name).sqnr_db for name, acc in accumulators.items()}
     producers = {v.name: node for node in reference_model.graph for v in node.outputs}

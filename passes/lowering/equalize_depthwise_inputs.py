@@ -124,6 +124,7 @@ class EqualizeDepthwiseInputsPass(ir.passes.InPlacePass):
             for depthwise in chain.depthwise:
                 _scale_constant(depthwise.inputs[1], 1.0 / scale)
             for value in (chain.conv.outputs[0], chain.activation.outputs[0]):
-                value.metadata_props[CHANNEL_SCALE_KEY] = json.dumps([float(f"{f:.7g}") for f in scale])
+                value.metadata_props[CHANNEL_SCALE_KEY] = json.dumps(
+                    {"axis": 1, "factors": [float(f"{f:.7g}") for f in scale]})
         add_note(model, f"equalized {len(chains)} activations feeding depthwise convolutions")
         return ir.passes.PassResult(model, modified=True)

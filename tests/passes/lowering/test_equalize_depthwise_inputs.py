@@ -65,7 +65,7 @@ def test_channels_span_one_range_and_the_function_is_unchanged(tmp_path, activat
     model.graph.outputs.append(activation_value)
     channel_max = run(model, {"x": x})[1].max(axis=(0, 2, 3))
     np.testing.assert_allclose(channel_max, channel_max.max(), rtol=1e-4)
-    scales = json.loads(activation_value.metadata_props[CHANNEL_SCALE_KEY])
+    scales = json.loads(activation_value.metadata_props[CHANNEL_SCALE_KEY])["factors"]
     assert len(scales) == 8 and min(scales) == pytest.approx(1.0) and max(scales) > 10
 
 

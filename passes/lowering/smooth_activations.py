@@ -1,0 +1,205 @@
+"""SmoothQuant: move the outlier channels of MatMul inputs into the weights.
+
+A transformer's linear-layer inputs have a few channels far larger than the rest (MiniLM's GELU
+outputs, LLMs' attention inputs); one per-tensor 8-bit grid sized for them leaves the other
+channels a handful of levels. For X @ W, dividing input channel j by s_j and multiplying row j of
+W by s_j leaves the product unchanged and, with s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+(max|X_j| measured on the calibration data), balances the ranges between the activation, quantized
+per tensor, and the weight, quantized per output channel (Xiao et al. 2023, "SmoothQuant").
+
+alpha is chosen per activation from `ALPHAS`, or no smoothing, by the output noise that uniform
+8-bit grids would add: (step_x^2 / 12) * sum_jn (s_j W_jn)^2 + sum_n (step_wn^2 / 12) * sum_j
+E[X_j^2] / s_j^2, from max|X_j| and E[X_j^2] measured on the calibration data. That keeps it off
+where channels are balanced (a CNN's classifier input) and strong where outliers dominate (0.8 to
+0.9 on MiniLM and SmolLM2, where a fixed 0.5 is worse than none on MiniLM).
+
+The 1/s is folded into the producer of X where that is exact and X feeds nothing else: a Mul by a
+constant (the last Mul of a decomposed GELU) or a LayerNormalization's scale and bias. Otherwise a
+Mul by 1/s is inserted in front of the MatMuls, one per smoothed tensor.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.calibration import CalibrationOptions
+from qcompile.graph import constant_array, register_constant
+from qcompile.notes import add_note
+from qcompile.probes import add_reduced_output, measure
+from qcompile.quant_spec import CHANNEL_SCALE_KEY
+
+logger = logging.getLogger(__name__)
+
+# Bounds of s: a dead channel (max 0) is left alone, and no channel is scaled absurdly.
+MIN_SCALE, MAX_SCALE = 1e-4, 1e4
+ALPHAS = (0.5, 0.65, 0.8, 0.9)
+_STEPS = 255  # levels of the 8-bit grids the noise estimate assumes
+
+
+@dataclass(frozen=True)
+class SmoothOptions:
+    data: str
+    alpha: float | None = None  # None: chosen per activation from ALPHAS (or none) by estimated noise
+    exclude: tuple[str, ...] = ()
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+
+
+def _smoothable(node: ir.Node) -> bool:
+    """A MatMul by a constant 2-D weight (in, out) that nothing else reads."""
+    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    return (node.op_type == "MatMul" and node.domain == "" and node.inputs[0] is not None and weight is not None
+            and weight.ndim == 2 and len(node.inputs[1].uses()) == 1)
+
+
+def _groups(model: ir.Model, exclude: tuple[str, ...]) -> dict[ir.Value, list[ir.Node]]:
+    """Token activations (rank >= 3) read by MatMuls with constant weights, and those MatMuls.
+
+    Rank 2 (a CNN's pooled features, one vector per sample) is left alone: smoothing evens out the
+    per-channel maxima, and from a few hundred calibration vectors those are estimated too poorly
+    (MobileNetV2's classifier input then exceeds its smoothed range 4x on other photos); a token
+    sequence gives each channel batch x seq observations.
+    """
+    groups: dict[ir.Value, list[ir.Node]] = {}
+    for node in model.graph:
+        if not _smoothable(node):
+            continue
+        if any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in exclude):
+            continue
+        x = node.inputs[0]
+        if x.shape is None or x.shape.rank() < 3 or not isinstance(x.shape[-1], int) or x.const_value is not None:
+            continue
+        groups.setdefault(x, []).append(node)
+    return groups
+
+
+def _scale_rows(node: ir.Node, factor: np.ndarray) -> None:
+    weight = node.inputs[1]
+    array = weight.const_value.numpy()
+    weight.const_value = ir.tensor((array * factor[:, None]).astype(array.dtype), name=weight.name)
+
+
+def _fold_into_producer(graph: ir.Graph, x: ir.Value, inverse: np.ndarray) -> bool:
+    """Divide X by s in its producer, where that is exact and costs nothing; False if it cannot."""
+    producer = x.producer()
+    if producer is None or producer.domain != "" or x.is_graph_output():
+        return False
+    if producer.op_type == "Mul":
+        for index, operand in enumerate(producer.inputs):
+            array = constant_array(operand)
+            if array is not None and (array.size == 1 or array.shape[-1:] == inverse.shape == (array.size,)):
+                scaled = (array.reshape(-1) * inverse).astype(array.dtype)
+                producer.replace_input_with(index, register_constant(graph, f"{x.name}_smoothing", scaled))
+                return True
+        return False
+    if producer.op_type == "LayerNormalization" and producer.attributes.get_int("axis", -1) == -1:
+        params = [constant_array(v) for v in producer.inputs[1:3]]  # scale and bias
+        if len(params) < 2 or any(p is None for p in params):
+            return False
+        for index, array in zip((1, 2), params):
+            scaled = (array * inverse).astype(array.dtype)
+            producer.replace_input_with(index, register_constant(graph, f"{producer.inputs[index].name}_smoothed",
+                                                                 scaled))
+        return True
+    return False
+
+
+def _insert_mul(graph: ir.Graph, x: ir.Value, layers: list[ir.Node], inverse: np.ndarray) -> ir.Value:
+    factor = register_constant(graph, f"{x.name}_smoothing", inverse.astype(np.float32))
+    mul = ir.node("Mul", [x, factor], name=f"{x.name}_smooth")
+    mul.outputs[0].name = f"{x.name}_smoothed"
+    mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
+    graph.insert_before(min(layers, key=list(graph).index), mul)
+    for layer in layers:
+        layer.replace_input_with(0, mul.outputs[0])
+    return mul.outputs[0]
+
+
+def _smoothing(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    usable = (x_max > 0) & (w_max > 0)
+    scale = np.where(usable, x_max**alpha / np.where(usable, w_max, 1.0) ** (1 - alpha), 1.0)
+    return np.clip(scale, MIN_SCALE, MAX_SCALE)
+
+
+def _noise(scale: np.ndarray, x_max: np.ndarray, x_energy: np.ndarray, weights: list[np.ndarray]) -> float:
+    """Estimated output noise of 8-bit X/s (per tensor) times sW (per output channel), W as (in, out)."""
+    step_x = 2 * np.max(x_max / scale) / _STEPS
+    noise = 0.0
+    for w in weights:
+        scaled = w * scale[:, None]
+        step_w = 2 * np.abs(scaled).max(axis=0) / _STEPS
+        noise += step_x**2 / 12 * np.sum(scaled**2) + np.sum(step_w**2) / 12 * np.sum(x_energy / scale**2)
+    return float(noise)
+
+
+def _choose(x_max: np.ndarray, x_energy: np.ndarray, weights: list[np.ndarray], alpha: float | None):
+    """(alpha, s) with the least estimated noise, or None where no smoothing is best."""
+    w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    candidates = [(a, _smoothing(x_max, w_max, a)) for a in ((alpha,) if alpha is not None else ALPHAS)]
+    best = min(candidates, key=lambda c: _noise(c[1], x_max, x_energy, weights))
+    if alpha is None and _noise(best[1], x_max, x_energy, weights) >= _noise(np.ones_like(x_max), x_max, x_energy, weights):
+        return None
+    return best
+
+
+class SmoothActivationsPass(ir.passes.InPlacePass):
+    """Divide MatMul input channels by s_j and multiply the weight rows by s_j (SmoothQuant)."""
+
+    name = "smooth-activations"
+
+    def __init__(self, options: SmoothOptions):
+        super().__init__()
+        self.options = options
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        groups = _groups(model, self.options.exclude)
+        if not groups:
+            return ir.passes.PassResult(model, modified=False)
+        activations = list(groups)
+        names = {x: x.name for x in activations}
+
+        def probes(reduce: str):
+            def add_probes(probe: ir.Model) -> list[str]:
+                values = {v.name: v for node in probe.graph for v in node.outputs}
+                values.update((v.name, v) for v in probe.graph.inputs)
+                outputs = []
+                for x in activations:
+                    value = values[names[x]]
+                    statistic = ir.node("Abs", [value]) if reduce == "ReduceMax" else ir.node("Mul", [value, value])
+                    probe.graph.append(statistic)
+                    outputs.append(add_reduced_output(probe.graph, statistic.outputs[0], -1, x.shape.rank(), reduce,
+                                                      f"{names[x]}_channel_{reduce}", probe.opset_imports.get("", 1)))
+                return outputs
+            return add_probes
+
+        data, calibration = self.options.data, self.options.calibration
+        maxima = measure(model, probes("ReduceMax"), data, calibration, "smoothing activations (1/2)", "max")
+        energies = measure(model, probes("ReduceMean"), data, calibration, "smoothing activations (2/2)", "mean")
+        chosen = []
+        for x, x_max, x_energy in zip(activations, maxima, energies):
+            layers = groups[x]
+            choice = _choose(x_max, x_energy, [layer.inputs[1].const_value.numpy().astype(np.float64) for layer in layers], self.options.alpha)
+            logger.debug("%s: channel max/median %.1f, alpha %s", x.name, x_max.max() / max(np.median(x_max), 1e-30),
+                         choice and choice[0])
+            if choice is None:
+                continue
+            alpha, scale = choice
+            chosen.append(alpha)
+            for layer in layers:
+                _scale_rows(layer, scale)
+            inverse = (1.0 / scale).astype(np.float32)
+            only_smoothed = {user for user, _ in x.uses()} <= set(layers)
+            smoothed = x if only_smoothed and _fold_into_producer(model.graph, x, inverse) else \
+                _insert_mul(model.graph, x, layers, inverse)
+            smoothed.metadata_props[CHANNEL_SCALE_KEY] = json.dumps(
+                {"axis": -1, "factors": [float(f"{f:.7g}") for f in inverse]})
+        alphas = ", ".join(f"{a} x{chosen.count(a)}" for a in sorted(set(chosen)))
+        add_note(model, f"SmoothQuant: {len(chosen)} of {len(activations)} MatMul inputs smoothed"
+                 + (f" (alpha {alphas})" if chosen else ""))
+        if not chosen:
+            return ir.passes.PassResult(model, modified=False)
+        return ir.passes.PassResult(model, modified=True)

@@ -1,0 +1,78 @@
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from helpers import apply, clone, op_types, random_feed, run
+
+import qcompile
+from qcompile.calibration import CalibrationOptions
+from qcompile.errors import UsageError
+from qcompile.io import save_model
+from qcompile.models import synthetic
+from qcompile.passes import SmoothActivationsPass
+from qcompile.passes.lowering.smooth_activations import SmoothOptions
+from qcompile.quant_spec import CHANNEL_SCALE_KEY
+
+
+def _with_outliers() -> ir.Model:
+    """The synthetic transformer block with a few LayerNorm channels 30x the others, as real ones have."""
+    model = synthetic.transformer_block()
+    for name in ("ln1.weight", "ln2.weight"):
+        value = model.graph.initializers[name]
+        gamma = value.const_value.numpy().copy()
+        gamma[[3, 17]] = 30.0
+        value.const_value = ir.tensor(gamma, name=name)
+    return model
+
+
+def _data(tmp_path, model, samples=16):
+    feed = random_feed(model, batch=samples, seq=6, seed=1)
+    np.savez(tmp_path / "calib.npz", **feed)
+    return str(tmp_path / "calib.npz"), feed
+
+
+def _smooth(model, data, alpha=0.8):
+    return apply(model, SmoothActivationsPass(SmoothOptions(data, alpha, calibration=CalibrationOptions())))
+
+
+def test_the_function_is_unchanged_and_the_scales_are_folded_where_free(tmp_path):
+    model = _with_outliers()
+    data, feed = _data(tmp_path, model)
+    before = clone(model)
+    assert _smooth(model, data)
+
+    np.testing.assert_allclose(run(model, feed)[0], run(before, feed)[0], rtol=1e-4, atol=1e-4)
+    # LayerNorm outputs feed only the projections: 1/s goes into gamma and beta. The attention context
+    # (behind a Reshape) and the GELU output (a Mul of two tensors) get a Mul each.
+    assert op_types(model).count("Mul") == op_types(before).count("Mul") + 2
+    gamma = next(n for n in model.graph if n.name == "ln1").inputs[1].const_value.numpy()
+    assert gamma[3] / gamma[0] < 30 / 2
+    ln_out = next(n for n in model.graph if n.name == "ln1").outputs[0]
+    assert len(json.loads(ln_out.metadata_props[CHANNEL_SCALE_KEY])["factors"]) == 32
+
+
+def test_w8a8_is_more_accurate_with_smoothquant(tmp_path):
+    source = save_model(_with_outliers(), tmp_path / "in.onnx")
+    data, feed = _data(tmp_path, _with_outliers(), samples=32)
+    reference = run(_with_outliers(), feed)[0]
+
+    def sqnr(smoothquant: str) -> float:
+        y = run(qcompile.compile(source, recipe="w8a8", calib=data, options={"smoothquant": smoothquant}).model,
+                feed)[0]
+        return 10 * np.log10(np.sum(reference**2) / np.sum((reference - y) ** 2))
+
+    assert sqnr("auto") > sqnr("off") + 3
+
+
+def test_per_sample_vectors_are_left_alone(tmp_path):
+    model = synthetic.mlp()  # rank-2 activations: too few observations per channel to even them out
+    data, _ = _data(tmp_path, model)
+    assert not _smooth(model, data)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "strong"])
+def test_a_bad_alpha_is_a_usage_error(tmp_path, value):
+    source = save_model(synthetic.transformer_block(), tmp_path / "in.onnx")
+    with pytest.raises(UsageError, match="option smoothquant"):
+        qcompile.compile(source, recipe="w8a8", calib="random", options={"smoothquant": value})
