@@ -149,9 +149,10 @@ def calibrate(model_path: str | os.PathLike, tensors: Sequence[str], data: str, 
     return ranges
 
 
-def reduce_outputs(model_path: str | os.PathLike, inputs: list[InputInfo], outputs: Sequence[str], data: str,
-                   options: CalibrationOptions, description: str, how: str = "mean") -> dict[str, np.ndarray]:
-    """Per-batch reduced graph outputs, combined over ``data``: their sample-weighted mean, or their maximum.
+def reduce_outputs(model_path: str | os.PathLike, inputs: list[InputInfo], outputs: Mapping[str, str], data: str,
+                   options: CalibrationOptions, description: str) -> dict[str, np.ndarray]:
+    """Per-batch reduced graph outputs, combined over ``data``: ``outputs`` maps each name to "mean"
+    (sample-weighted) or "max".
 
     Each output must already be reduced over the batch axis by the model (a ReduceMean or ReduceMax),
     so memory stays bounded by one batch whatever the number of samples.
@@ -160,16 +161,14 @@ def reduce_outputs(model_path: str | os.PathLike, inputs: list[InputInfo], outpu
     total = _sample_count(data, inputs, options)
     combined, seen = {}, 0
     for arrays, count in _batches(sess, list(outputs), {}, data, inputs, options, progress.task(description, total)):
-        for name in outputs:
+        for name, how in outputs.items():
             array = arrays[name].astype(np.float64)
             if how == "mean":
                 combined[name] = combined.get(name, 0.0) + count * array
             else:
                 combined[name] = np.maximum(combined[name], array) if name in combined else array
         seen += count
-    if how == "mean":
-        combined = {name: value / max(seen, 1) for name, value in combined.items()}
-    return combined
+    return {name: value / max(seen, 1) if outputs[name] == "mean" else value for name, value in combined.items()}
 
 
 def _expose(model: ir.Model, names: list[str], fed: set[str]) -> dict[str, np.ndarray]:

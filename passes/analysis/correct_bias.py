@@ -52,7 +52,7 @@ def _rounding_error(weight: ir.Value) -> np.ndarray:
     return (spec.dequantize(spec.quantize(array)) - array).astype(np.float32)
 
 
-def _add_probe(probe: ir.Model, layer: ir.Node, error: np.ndarray) -> str:
+def _add_probe(probe: ir.Model, layer: ir.Node, error: np.ndarray) -> tuple[str, str]:
     """Add the mean of op(x, W_q - W) over all axes but the channel axis as an output of ``probe``."""
     original = node_by_name(probe, layer.name)
     delta = register_constant(probe.graph, f"{original.name}_rounding_error", error)
@@ -93,10 +93,10 @@ class CorrectBiasPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         errors = [_rounding_error(layer.inputs[1]) for layer in layers]
 
-        def add_probes(probe: ir.Model) -> list[str]:
+        def add_probes(probe: ir.Model) -> list[tuple[str, str]]:
             return [_add_probe(probe, layer, error) for layer, error in zip(layers, errors)]
 
-        shifts = measure(model, add_probes, self.options.data, self.options.calibration, "bias correction", "mean")
+        shifts = measure(model, add_probes, self.options.data, self.options.calibration, "bias correction")
         for layer, shift in zip(layers, shifts):
             _subtract(model.graph, layer, shift)
         add_note(model, f"bias correction: {len(layers)} layers, mean output shift of weight rounding removed")

@@ -104,7 +104,7 @@ class EqualizeDepthwiseInputsPass(ir.passes.InPlacePass):
         if not chains:
             return ir.passes.PassResult(model, modified=False)
 
-        def add_probes(probe: ir.Model) -> list[str]:
+        def add_probes(probe: ir.Model) -> list[tuple[str, str]]:
             opset = probe.opset_imports.get("", 1)
             names = []
             for chain in chains:
@@ -113,8 +113,7 @@ class EqualizeDepthwiseInputsPass(ir.passes.InPlacePass):
                                                 f"{chain.activation.name}_channel_max", opset))
             return names
 
-        maxima = measure(model, add_probes, self.options.data, self.options.calibration,
-                         "equalizing depthwise inputs", "max")
+        maxima = measure(model, add_probes, self.options.data, self.options.calibration, "equalizing depthwise inputs")
         for chain, channel_max in zip(chains, maxima):
             top = float(channel_max.max())
             scale = np.where(channel_max > 0, top / np.maximum(channel_max, top / MAX_SCALE), 1.0)

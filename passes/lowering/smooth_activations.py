@@ -162,23 +162,22 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
         activations = list(groups)
         names = {x: x.name for x in activations}
 
-        def probes(reduce: str):
-            def add_probes(probe: ir.Model) -> list[str]:
-                values = {v.name: v for node in probe.graph for v in node.outputs}
-                values.update((v.name, v) for v in probe.graph.inputs)
-                outputs = []
-                for x in activations:
-                    value = values[names[x]]
-                    statistic = ir.node("Abs", [value]) if reduce == "ReduceMax" else ir.node("Mul", [value, value])
+        def add_probes(probe: ir.Model) -> list[tuple[str, str]]:
+            """max |X_j| and E[X_j^2] of each activation, in that order."""
+            values = {v.name: v for node in probe.graph for v in node.outputs}
+            values.update((v.name, v) for v in probe.graph.inputs)
+            outputs = []
+            for x in activations:
+                value, rank, opset = values[names[x]], x.shape.rank(), probe.opset_imports.get("", 1)
+                for statistic, reduce in ((ir.node("Abs", [value]), "ReduceMax"),
+                                          (ir.node("Mul", [value, value]), "ReduceMean")):
                     probe.graph.append(statistic)
-                    outputs.append(add_reduced_output(probe.graph, statistic.outputs[0], -1, x.shape.rank(), reduce,
-                                                      f"{names[x]}_channel_{reduce}", probe.opset_imports.get("", 1)))
-                return outputs
-            return add_probes
+                    outputs.append(add_reduced_output(probe.graph, statistic.outputs[0], -1, rank, reduce,
+                                                      f"{names[x]}_channel_{reduce}", opset))
+            return outputs
 
-        data, calibration = self.options.data, self.options.calibration
-        maxima = measure(model, probes("ReduceMax"), data, calibration, "smoothing activations (1/2)", "max")
-        energies = measure(model, probes("ReduceMean"), data, calibration, "smoothing activations (2/2)", "mean")
+        statistics = measure(model, add_probes, self.options.data, self.options.calibration, "smoothing activations")
+        maxima, energies = statistics[0::2], statistics[1::2]
         chosen = []
         for x, x_max, x_energy in zip(activations, maxima, energies):
             layers = groups[x]
