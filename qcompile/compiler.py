@@ -77,6 +77,10 @@ class CompileResult:
         return result
 
 
+# Passes that run the model on the calibration data.
+DATA_PASSES = {"calibrate-activations", "correct-bias", "smooth-activations", "equalize-depthwise-inputs"}
+
+
 def compile(input: str | os.PathLike, recipe: str | None = None, target: str | None = None,
             calib: str | None = None, calib_size: int | None = None, options: dict[str, str] | None = None,
             exclude: tuple[str, ...] = (), config: str | os.PathLike | None = None, verify_each: bool = False,
@@ -108,8 +112,8 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         "passes": [asdict(r) for r in records],
         "size_bytes": {"before": file_bytes(input_path), "after": None},
         "layers": layer_precisions(model),
-        "notes": notes(model) + ([f"recipe {chosen.name} does not calibrate: --calib {calib} was not used"]
-                                 if calib and "calibrate-activations" not in names else []),
+        "notes": notes(model) + ([f"recipe {chosen.name} with these options reads no data: --calib {calib} was not used"]
+                                 if calib and not DATA_PASSES & set(names) else []),
         "cpu": asdict(cpu_profile(resolved["cpu"])) if settings.target in ("ort-cpu", "portable") and "cpu" in resolved
         else None,
         "verification": None,

@@ -142,18 +142,25 @@ def _alpha(text: str) -> float | None:
     return alpha
 
 
+def _smoothing(settings: Settings) -> list[ir.passes.PassBase]:
+    """SmoothQuant where it is asked for and there is data to measure it on (w8a8-dynamic takes --calib
+    for this and bias correction only)."""
+    if settings.options["smoothquant"] == "off" or settings.calib is None:
+        return []
+    alpha = _alpha(settings.options["smoothquant"])
+    return [SmoothActivationsPass(SmoothOptions(settings.calib, alpha, settings.exclude, _calibration(settings)))]
+
+
 def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
     calibration = _calibration(settings)
     activation_dtype = ir.DataType.INT8 if settings.target == "tensorrt" else ir.DataType.UINT8
     weights = integer_weights(settings)
     data = settings.require_calib("w8a8")
     equalize = [EqualizeDepthwiseInputsPass(EqualizeOptions(data, calibration))] if settings.options["equalize"] else []
-    smooth = [] if settings.options["smoothquant"] == "off" else [SmoothActivationsPass(
-        SmoothOptions(data, _alpha(settings.options["smoothquant"]), settings.exclude, calibration))]
     return [
         *canonicalize(),
         *equalize,
-        *smooth,
+        *_smoothing(settings),
         SelectQuantizedOpsPass(SelectOptions(exclude=settings.exclude)),
         CalibrateActivationsPass(CalibrateOptions(data, activation_dtype, calibration)),
         AssignWeightSpecsPass(weights),
@@ -171,6 +178,7 @@ def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
     weights = integer_weights(settings, op_types=("MatMul", "Gemm"))
     return [
         *canonicalize(),
+        *_smoothing(settings),
         AssignWeightSpecsPass(weights),
         *_bias_correction(settings),
         QuantizeWeightsPass(),
@@ -184,6 +192,8 @@ _BIAS_CORRECTION = Parameter(True, "subtract the mean output shift of weight rou
                                    "measured on the calibration data (needs --calib)")
 _CPU = Parameter("any", "CPU the model deploys on (ort-cpu, portable): any (u8 x u8 kernels, exact on every x86), vnni (s8 weights), "
                         "7bit, native (detect this machine)")
+_SMOOTHQUANT = Parameter("auto", "SmoothQuant for MatMul inputs: auto (alpha per tensor by estimated noise, "
+                                 "or none), off, or a fixed alpha in (0, 1]; needs --calib")
 _W8A8_PARAMETERS = {
     "per_channel": _PER_CHANNEL,
     "calib_method": Parameter("minmax", "activation ranges: minmax, percentile, entropy, mse"),
@@ -192,8 +202,7 @@ _W8A8_PARAMETERS = {
     "bias_correction": _BIAS_CORRECTION,
     "equalize": Parameter(True, "rescale Conv -> Relu/Clip -> depthwise Conv chains so that every channel of the "
                                 "activation spans its 8-bit grid"),
-    "smoothquant": Parameter("auto", "SmoothQuant for MatMul inputs: auto (alpha per tensor by estimated "
-                                     "noise, or none), off, or a fixed alpha in (0, 1]"),
+    "smoothquant": _SMOOTHQUANT,
 }
 
 RECIPES: dict[str, Recipe] = {
@@ -205,7 +214,8 @@ RECIPES: dict[str, Recipe] = {
                {"per_channel": _PER_CHANNEL, "bias_correction": _BIAS_CORRECTION}, _w8a16),
         Recipe("w8a8", "static INT8: per-channel weights, per-tensor activations, calibrated", _W8A8_PARAMETERS, _w8a8),
         Recipe("w8a8-dynamic", "INT8 MatMul/Gemm weights, activations quantized at run time",
-               {"per_channel": _PER_CHANNEL, "cpu": _CPU, "bias_correction": _BIAS_CORRECTION}, _w8a8_dynamic),
+               {"per_channel": _PER_CHANNEL, "cpu": _CPU, "bias_correction": _BIAS_CORRECTION,
+                "smoothquant": _SMOOTHQUANT}, _w8a8_dynamic),
         Recipe("w8a8-smoothquant", "w8a8 after SmoothQuant scale migration (LLMs)", {}, None),
         Recipe("w4a16-rtn", "INT4 block-wise weight-only, round to nearest", {}, None),
         Recipe("w4a16-gptq", "INT4 block-wise weight-only, GPTQ", {}, None),

@@ -76,3 +76,19 @@ def test_a_bad_alpha_is_a_usage_error(tmp_path, value):
     source = save_model(synthetic.transformer_block(), tmp_path / "in.onnx")
     with pytest.raises(UsageError, match="option smoothquant"):
         qcompile.compile(source, recipe="w8a8", calib="random", options={"smoothquant": value})
+
+
+def test_w8a8_dynamic_smooths_when_given_data(tmp_path):
+    source = save_model(_with_outliers(), tmp_path / "in.onnx")
+    data, feed = _data(tmp_path, _with_outliers(), samples=32)
+    reference = run(_with_outliers(), feed)[0]
+
+    def compiled(**kwargs):
+        result = qcompile.compile(source, recipe="w8a8-dynamic", **kwargs)
+        y = run(result.model, feed)[0]
+        return 10 * np.log10(np.sum(reference**2) / np.sum((reference - y) ** 2)), " ".join(result.report["notes"])
+
+    smoothed, notes = compiled(calib=data)
+    plain, plain_notes = compiled()
+    assert "SmoothQuant" in notes and "SmoothQuant" not in plain_notes
+    assert smoothed > plain + 3
