@@ -112,8 +112,8 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         "passes": [asdict(r) for r in records],
         "size_bytes": {"before": file_bytes(input_path), "after": None},
         "layers": layer_precisions(model),
-        "notes": notes(model) + ([f"recipe {chosen.name} with these options reads no data: --calib {calib} was not used"]
-                                 if calib and not DATA_PASSES & set(names) else []),
+        "notes": notes(model) + ([f"recipe {chosen.name} as set up reads no data: --calib {calib} was not used"]
+                                 if calib and not DATA_PASSES & names else []),
         "cpu": asdict(cpu_profile(resolved["cpu"])) if settings.target in ("ort-cpu", "portable") and "cpu" in resolved
         else None,
         "verification": None,

@@ -141,7 +141,8 @@ def _choose(x_max: np.ndarray, x_energy: np.ndarray, weights: list[np.ndarray], 
     w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
     candidates = [(a, _smoothing(x_max, w_max, a)) for a in ((alpha,) if alpha is not None else ALPHAS)]
     best = min(candidates, key=lambda c: _noise(c[1], x_max, x_energy, weights))
-    if alpha is None and _noise(best[1], x_max, x_energy, weights) >= _noise(np.ones_like(x_max), x_max, x_energy, weights):
+    unsmoothed = _noise(np.ones_like(x_max), x_max, x_energy, weights)
+    if alpha is None and _noise(best[1], x_max, x_energy, weights) >= unsmoothed:
         return None
     return best
 
@@ -160,7 +161,6 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
         if not groups:
             return ir.passes.PassResult(model, modified=False)
         activations = list(groups)
-        names = {x: x.name for x in activations}
 
         def add_probes(probe: ir.Model) -> list[tuple[str, str]]:
             """max |X_j| and E[X_j^2] of each activation, in that order."""
@@ -168,12 +168,12 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
             values.update((v.name, v) for v in probe.graph.inputs)
             outputs = []
             for x in activations:
-                value, rank, opset = values[names[x]], x.shape.rank(), probe.opset_imports.get("", 1)
+                value, rank, opset = values[x.name], x.shape.rank(), probe.opset_imports.get("", 1)
                 for statistic, reduce in ((ir.node("Abs", [value]), "ReduceMax"),
                                           (ir.node("Mul", [value, value]), "ReduceMean")):
                     probe.graph.append(statistic)
                     outputs.append(add_reduced_output(probe.graph, statistic.outputs[0], -1, rank, reduce,
-                                                      f"{names[x]}_channel_{reduce}", opset))
+                                                      f"{x.name}_channel_{reduce}", opset))
             return outputs
 
         statistics = measure(model, add_probes, self.options.data, self.options.calibration, "smoothing activations")
@@ -181,7 +181,8 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
         chosen = []
         for x, x_max, x_energy in zip(activations, maxima, energies):
             layers = groups[x]
-            choice = _choose(x_max, x_energy, [layer.inputs[1].const_value.numpy().astype(np.float64) for layer in layers], self.options.alpha)
+            weights = [layer.inputs[1].const_value.numpy().astype(np.float64) for layer in layers]
+            choice = _choose(x_max, x_energy, weights, self.options.alpha)
             logger.debug("%s: channel max/median %.1f, alpha %s", x.name, x_max.max() / max(np.median(x_max), 1e-30),
                          choice and choice[0])
             if choice is None:
