@@ -915,10 +915,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"  work folder {work_root}; results → {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path}")
 
     doc = {"date": date, "machine": machine, "models": {}}
-    if json_path.is_file():  # same day and machine: keep the models not run now
+    if json_path.is_file():  # same day and machine: a model's old result stays until its new one is in
         try:
-            previous = json.loads(json_path.read_text())
-            doc["models"] = {k: v for k, v in previous.get("models", {}).items() if k not in names}
+            doc["models"] = json.loads(json_path.read_text()).get("models", {})
         except json.JSONDecodeError:
             pass
     doc["settings"] = {"quick": args.quick, "mem_cap_gb": args.mem_cap / GiB, "compile_timeout_s": args.compile_timeout,
