@@ -14,6 +14,7 @@ from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
 from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
 from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
+from qcompile.passes.fusion.fold_qdq import FoldQDQPass
 from qcompile.passes.fusion.fuse_dynamic_matmul import FuseDynamicMatMulPass
 from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeDepthwiseInputsPass
 from qcompile.passes.lowering.insert_qdq import InsertQDQPass
@@ -36,6 +37,7 @@ ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
     AssignBiasSpecsPass,
     QuantizeWeightsPass,
     InsertQDQPass,
+    FoldQDQPass,
     FuseDynamicMatMulPass,
 )
 REGISTRY: dict[str, type[ir.passes.PassBase]] = {p.name: p for p in ALL_PASSES}

@@ -18,6 +18,7 @@ from qcompile.passes import (
     EliminateDeadCodePass,
     EliminateIdentityPass,
     FoldBatchNormPass,
+    FoldQDQPass,
     FuseDynamicMatMulPass,
     FoldConstantsPass,
     FuseMatMulAddPass,
@@ -28,6 +29,7 @@ from qcompile.passes import (
 )
 from qcompile.passes.analysis.calibrate_activations import CalibrateOptions
 from qcompile.passes.analysis.correct_bias import CorrectBiasOptions
+from qcompile.passes.fusion.fold_qdq import FoldQDQOptions
 from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeOptions
 from qcompile.passes.lowering.smooth_activations import SmoothOptions
 from qcompile.passes.analysis.select_quantized_ops import SelectOptions
@@ -168,6 +170,7 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
         *([] if settings.target == "tensorrt" else [AssignBiasSpecsPass()]),
         QuantizeWeightsPass(),
         InsertQDQPass(),
+        FoldQDQPass(FoldQDQOptions(merge_duplicates=settings.target != "tensorrt")),
         EliminateDeadCodePass(),
     ]
 

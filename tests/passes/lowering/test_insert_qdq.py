@@ -74,6 +74,10 @@ def test_transformer_mask_path_stays_float_and_block_stays_accurate(tmp_path):
                for n in layer_norms)
     matmul_inputs = [n.inputs[0].producer().op_type for n in model.graph if n.op_type == "MatMul"]
     assert matmul_inputs.count("DequantizeLinear") >= 6
+    # fold-qdq: the head split (Reshape, Transpose) works on the quantized tensors, no requantization
+    head_split = [n for n in model.graph
+                  if n.op_type == "Reshape" and n.inputs[0].producer().op_type == "QuantizeLinear"]
+    assert len(head_split) == 3
     feed = random_feed(model, batch=2, seq=6, seed=3)
     assert _sqnr(run(synthetic.transformer_block(), feed)[0], run(model, feed)[0]) > 20
 
