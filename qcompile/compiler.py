@@ -93,7 +93,8 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         raise UsageError(f"unknown target {settings.target!r} (one of {', '.join(TARGETS)})")
     chosen = get_recipe(settings.recipe)
     resolved = chosen.resolve_options(settings.options)
-    passes = chosen.build(Settings(settings.target, resolved, tuple(settings.exclude), calib, calib_size, seed))
+    passes = chosen.build(Settings(settings.target, resolved, tuple(settings.exclude), calib, calib_size, seed,
+                                   settings.nodes))
     names = {getattr(p, "name", "") for p in passes}
     unknown = [d for d in dump_after if d not in names]
     if unknown:
@@ -106,6 +107,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
     report = {
         "recipe": chosen.name,
         "options": resolved,
+        "node_settings": [asdict(table) for table in settings.nodes],
         "target": settings.target,
         "input": str(input_path),
         "output": None,

@@ -6,13 +6,23 @@
     [options]
     per_channel = true
 
-Command-line flags override the file.
+    [[nodes]]                          # settings for the nodes whose names match (fnmatch patterns)
+    match = ["features.16.*"]
+    calib_method = "percentile"        # for the activations these nodes read quantized
+    percentile = 99.99
+    per_channel = false                # for their weights
+    [[nodes]]
+    match = ["classifier.*"]
+    quantize = false                   # the same as listing the patterns in exclude
+
+Command-line flags override the file; where several [[nodes]] tables match a node, the later wins.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from qcompile.errors import UsageError
 
@@ -21,7 +31,58 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-KEYS = {"recipe", "target", "exclude", "options"}
+KEYS = {"recipe", "target", "exclude", "options", "nodes"}
+CALIB_METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """One ``[[nodes]]`` table: settings for the nodes whose names match a pattern; None: the recipe's."""
+
+    match: tuple[str, ...]
+    quantize: bool | None = None
+    per_channel: bool | None = None
+    calib_method: str | None = None
+    percentile: float | None = None
+
+    def matches(self, name: str | None) -> bool:
+        return any(fnmatch.fnmatchcase(name or "", pattern) for pattern in self.match)
+
+    @classmethod
+    def parse(cls, path, index: int, table) -> NodeSettings:
+        where = f"{path}: [[nodes]] table {index + 1}"
+        if not isinstance(table, dict):
+            raise UsageError(f"{where} is not a table")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise UsageError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        match = table.get("match")
+        if isinstance(match, str):
+            match = [match]
+        if not match or not isinstance(match, list) or not all(isinstance(m, str) for m in match):
+            raise UsageError(f"{where}: match must be a node name or pattern, or a list of them")
+        for key in ("quantize", "per_channel"):
+            if key in table and not isinstance(table[key], bool):
+                raise UsageError(f"{where}: {key} must be true or false")
+        if table.get("calib_method", "minmax") not in CALIB_METHODS:
+            raise UsageError(f"{where}: calib_method must be one of {', '.join(CALIB_METHODS)}")
+        percentile = table.get("percentile")
+        if percentile is not None and (isinstance(percentile, bool) or not isinstance(percentile, (int, float))
+                                       or not 0 < percentile <= 100):
+            raise UsageError(f"{where}: percentile must be a number in (0, 100]")
+        return cls(tuple(match), table.get("quantize"), table.get("per_channel"), table.get("calib_method"),
+                   None if percentile is None else float(percentile))
+
+
+def settings_for(nodes: tuple[NodeSettings, ...], name: str | None) -> dict:
+    """The [[nodes]] settings that apply to the node called ``name`` (later tables win), without Nones."""
+    merged = {}
+    for table in nodes:
+        if table.matches(name):
+            merged.update({f.name: getattr(table, f.name) for f in fields(table)
+                           if f.name != "match" and getattr(table, f.name) is not None})
+    return merged
 
 
 @dataclass(frozen=True)
@@ -30,6 +91,7 @@ class CompileConfig:
     target: str = "ort-cpu"
     options: dict[str, str] = field(default_factory=dict)
     exclude: tuple[str, ...] = ()
+    nodes: tuple[NodeSettings, ...] = ()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CompileConfig:
@@ -51,9 +113,13 @@ class CompileConfig:
         exclude = data.get("exclude", [])
         if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
             raise UsageError(f"{path}: exclude must be a list of strings")
+        tables = data.get("nodes", [])
+        if not isinstance(tables, list):
+            raise UsageError(f"{path}: nodes must be an array of tables ([[nodes]])")
+        nodes = tuple(NodeSettings.parse(path, i, table) for i, table in enumerate(tables))
         defaults = cls()
         return cls(str(data.get("recipe", defaults.recipe)), str(data.get("target", defaults.target)),
-                   as_text, tuple(exclude))
+                   as_text, tuple(exclude), nodes)
 
     def merged(self, recipe: str | None, target: str | None, options: dict[str, str],
                exclude: tuple[str, ...]) -> CompileConfig:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from qcompile.calibration import CalibrationOptions, Method
+from qcompile.config import NodeSettings
 from qcompile.errors import UsageError
 from qcompile.passes import (
     AssignBiasSpecsPass,
@@ -66,6 +67,12 @@ class Settings:
     calib: str | None = None
     calib_size: int | None = None
     seed: int = 0
+    nodes: tuple[NodeSettings, ...] = ()  # [[nodes]] tables of a --config file
+
+    @property
+    def excluded(self) -> tuple[str, ...]:
+        """--exclude patterns and those of [[nodes]] tables with quantize = false."""
+        return self.exclude + tuple(p for table in self.nodes if table.quantize is False for p in table.match)
 
     def require_calib(self, recipe: str) -> str:
         if self.calib is None:
@@ -116,7 +123,8 @@ def _bias_correction(settings: Settings) -> list[ir.passes.PassBase]:
 
 
 def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
-    options = WeightSpecOptions(per_channel=settings.options["per_channel"], exclude=settings.exclude)
+    options = WeightSpecOptions(per_channel=settings.options["per_channel"], exclude=settings.excluded,
+                                nodes=settings.nodes)
     return [*canonicalize(), AssignWeightSpecsPass(options), *_bias_correction(settings), QuantizeWeightsPass(),
             EliminateDeadCodePass()]
 
@@ -128,7 +136,8 @@ def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
     if settings.target in ("ort-cpu", "portable"):
         profile = cpu_profile(settings.options["cpu"])
         dtype, qmax = ir.DataType.UINT8 if profile.weight_dtype == "uint8" else ir.DataType.INT8, profile.weight_qmax
-    return WeightSpecOptions(per_channel=settings.options["per_channel"], exclude=settings.exclude, dtype=dtype,
+    return WeightSpecOptions(per_channel=settings.options["per_channel"], exclude=settings.excluded,
+                             nodes=settings.nodes, dtype=dtype,
                              qmax=qmax, **options)
 
 
@@ -150,7 +159,7 @@ def _smoothing(settings: Settings) -> list[ir.passes.PassBase]:
     if settings.options["smoothquant"] == "off" or settings.calib is None:
         return []
     alpha = _alpha(settings.options["smoothquant"])
-    return [SmoothActivationsPass(SmoothOptions(settings.calib, alpha, settings.exclude, _calibration(settings)))]
+    return [SmoothActivationsPass(SmoothOptions(settings.calib, alpha, settings.excluded, _calibration(settings)))]
 
 
 def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
@@ -163,8 +172,8 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
         *canonicalize(),
         *equalize,
         *_smoothing(settings),
-        SelectQuantizedOpsPass(SelectOptions(exclude=settings.exclude)),
-        CalibrateActivationsPass(CalibrateOptions(data, activation_dtype, calibration)),
+        SelectQuantizedOpsPass(SelectOptions(exclude=settings.excluded)),
+        CalibrateActivationsPass(CalibrateOptions(data, activation_dtype, calibration, nodes=settings.nodes)),
         AssignWeightSpecsPass(weights),
         *_bias_correction(settings),
         *([] if settings.target == "tensorrt" else [AssignBiasSpecsPass()]),

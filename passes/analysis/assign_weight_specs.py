@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.config import NodeSettings, settings_for
 from qcompile.graph import constant_array, has_subgraph
 from qcompile.notes import add_note
 from qcompile.quant_spec import QUANT_SPEC_KEY, symmetric_weight_spec
@@ -42,6 +43,7 @@ class WeightSpecOptions:
     qmax: int = 127
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+    nodes: tuple[NodeSettings, ...] = ()  # per-node per_channel
 
 
 class AssignWeightSpecsPass(ir.passes.InPlacePass):
@@ -58,7 +60,7 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
         self.options = options
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        per_channel = self.options.per_channel and model.opset_imports.get("", 0) >= MIN_OPSET_PER_CHANNEL
+        per_axis_ok = model.opset_imports.get("", 0) >= MIN_OPSET_PER_CHANNEL
         modified = False
         in_subgraphs = 0
         for node in model.graph:
@@ -74,8 +76,9 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
             if not self._only_weight_uses(weight, axis):
                 add_note(model, f"{weight.name}: left float, read by other ops than weighted ops on the same axis")
                 continue
+            per_channel = settings_for(self.options.nodes, node.name).get("per_channel", self.options.per_channel)
             weight.meta[QUANT_SPEC_KEY] = symmetric_weight_spec(
-                array, axis if per_channel else None, self.options.dtype, self.options.qmax
+                array, axis if per_channel and per_axis_ok else None, self.options.dtype, self.options.qmax
             )
             modified = True
         if in_subgraphs:

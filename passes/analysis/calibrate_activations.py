@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from qcompile.calibration import CalibrationOptions, calibrate
+from qcompile.calibration import CalibrationOptions, Method, calibrate
+from qcompile.config import NodeSettings, settings_for
+from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.notes import add_note
 from qcompile.op_rules import SHARED_OPS
@@ -25,6 +27,7 @@ class CalibrateOptions:
     # A calibrated range wider than this is not a range an 8-bit grid can serve (an additive
     # attention mask of float-min values, say): the tensor stays float and the report says so.
     max_abs: float = 1e4
+    nodes: tuple[NodeSettings, ...] = ()  # per-node calib_method / percentile for the tensors they read
 
 
 def _shared_groups(model: ir.Model, values: list[ir.Value]) -> list[list[ir.Value]]:
@@ -65,13 +68,17 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         ir.passes.common.NameFixPass()(model)  # calibration addresses tensors by (unique) name
         symmetric = self.options.dtype == ir.DataType.INT8
+        groups = _shared_groups(model, values)
+        calibrations = [self._calibration_for(group) for group in groups]
+        ranges = {}
         with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
             path = Path(tmp) / "model.onnx"
             save_model(model, path)
-            ranges = calibrate(path, [v.name for v in values], self.options.data, self.options.calibration,
-                               symmetric={v.name: symmetric for v in values})
-        method = self.options.calibration.method.value
-        for group in _shared_groups(model, values):
+            for calibration in dict.fromkeys(calibrations):  # one run over the data per distinct setting
+                names = [v.name for group, c in zip(groups, calibrations) if c == calibration for v in group]
+                ranges.update(calibrate(path, names, self.options.data, calibration,
+                                        symmetric={name: symmetric for name in names}))
+        for group, calibration in zip(groups, calibrations):
             merged = [ranges[v.name] for v in group]
             lo, hi = min(r.lo for r in merged), max(r.hi for r in merged)
             nonfinite = sum(r.nonfinite for r in merged)
@@ -82,12 +89,33 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
                 add_note(model, f"{names}: range [{lo:.3g}, {hi:.3g}] is too wide for 8 bits; left float")
                 spec = None
             else:
-                spec = activation_spec(lo, hi, self.options.dtype, method)
+                spec = activation_spec(lo, hi, self.options.dtype, calibration.method.value)
             for v in group:
                 del v.meta[NEEDS_RANGE_KEY]
                 if spec is not None:
                     v.meta[QUANT_SPEC_KEY] = spec
         return ir.passes.PassResult(model, modified=True)
+
+    def _calibration_for(self, group: list[ir.Value]) -> CalibrationOptions:
+        """The recipe's calibration with the [[nodes]] settings of the ops that read the group quantized;
+        ops that ask for different settings for one tensor are a usage error."""
+        chosen, chosen_by = {}, None
+        for value in group:
+            for user, index in value.uses():
+                wanted = {k: v for k, v in settings_for(self.options.nodes, user.name).items()
+                          if k in ("calib_method", "percentile")}
+                if index not in user.meta.get(QUANTIZED_INPUTS_KEY, ()) or not wanted:
+                    continue
+                if chosen_by is not None and wanted != chosen:
+                    raise UsageError(f"tensor {value.name}: nodes {chosen_by} and {user.name} ask for different "
+                                     f"calibration ({chosen} vs {wanted}); its readers share one scale")
+                chosen, chosen_by = wanted, user.name
+        calibration = self.options.calibration
+        if "calib_method" in chosen:
+            calibration = replace(calibration, method=Method(chosen["calib_method"]))
+        if "percentile" in chosen:
+            calibration = replace(calibration, percentile=chosen["percentile"])
+        return calibration
 
 
 def _main_graph_values(model: ir.Model) -> list[ir.Value]:
