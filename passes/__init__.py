@@ -16,6 +16,7 @@ from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
 from qcompile.passes.fusion.fold_qdq import FoldQDQPass
 from qcompile.passes.fusion.fuse_dynamic_matmul import FuseDynamicMatMulPass
+from qcompile.passes.fusion.lower_qoperator import LowerQOperatorPass
 from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeDepthwiseInputsPass
 from qcompile.passes.lowering.insert_qdq import InsertQDQPass
 from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
@@ -38,6 +39,7 @@ ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
     QuantizeWeightsPass,
     InsertQDQPass,
     FoldQDQPass,
+    LowerQOperatorPass,
     FuseDynamicMatMulPass,
 )
 REGISTRY: dict[str, type[ir.passes.PassBase]] = {p.name: p for p in ALL_PASSES}

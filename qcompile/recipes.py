@@ -25,6 +25,7 @@ from qcompile.passes import (
     FuseMatMulAddPass,
     InferShapesPass,
     InsertQDQPass,
+    LowerQOperatorPass,
     QuantizeWeightsPass,
     SelectQuantizedOpsPass,
 )
@@ -162,6 +163,17 @@ def _smoothing(settings: Settings) -> list[ir.passes.PassBase]:
     return [SmoothActivationsPass(SmoothOptions(settings.calib, alpha, settings.excluded, _calibration(settings)))]
 
 
+def _qoperator(settings: Settings) -> list[ir.passes.PassBase]:
+    if settings.options["format"] not in ("qdq", "qoperator"):
+        raise UsageError(f"option format: expected qdq or qoperator, got {settings.options['format']!r}")
+    if settings.options["format"] == "qdq":
+        return []
+    if settings.target != "ort-cpu":
+        raise UsageError(f"option format=qoperator: ONNX Runtime CPU operators, only for target ort-cpu "
+                         f"(not {settings.target})")
+    return [LowerQOperatorPass()]
+
+
 def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
     calibration = _calibration(settings)
     activation_dtype = ir.DataType.INT8 if settings.target == "tensorrt" else ir.DataType.UINT8
@@ -180,6 +192,7 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
         QuantizeWeightsPass(),
         InsertQDQPass(),
         FoldQDQPass(FoldQDQOptions(merge_duplicates=settings.target != "tensorrt")),
+        *_qoperator(settings),
         EliminateDeadCodePass(),
     ]
 
@@ -215,6 +228,8 @@ _W8A8_PARAMETERS = {
     "equalize": Parameter(True, "rescale Conv -> Relu/Clip -> depthwise Conv chains so that every channel of the "
                                 "activation spans its 8-bit grid"),
     "smoothquant": _SMOOTHQUANT,
+    "format": Parameter("qdq", "qdq (Q/DQ around float ops: portable, what TensorRT reads) or qoperator "
+                               "(ONNX Runtime's QLinearConv / QLinearMatMul / QLinearAdd; ort-cpu only)"),
 }
 
 RECIPES: dict[str, Recipe] = {

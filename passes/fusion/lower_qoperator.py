@@ -1,0 +1,208 @@
+"""QDQ -> QOperator format for ONNX Runtime's CPU kernels (``--option format=qoperator``).
+
+Each integer op replaces the DequantizeLinear -> float op -> QuantizeLinear group around it:
+
+* ``Q(Conv(DQ(x), DQ(w), DQ(b)?)) -> QLinearConv(x, ..., w, ..., y_scale, y_zero_point, b)``,
+* ``Q(MatMul(DQ(a), DQ(b))) -> QLinearMatMul``,
+* ``Q(Add(DQ(a), DQ(b))) -> com.microsoft.QLinearAdd``,
+* ``MatMul(DQ(a), DQ(b))`` with a float output -> ``com.microsoft.MatMulIntegerToFloat``,
+
+also across a Relu or Clip between the op and the Q when the Q's own range already lies inside the
+Clip's bounds (then saturation to the integer range is the clip). Groups that do not fit (float outputs
+of Conv/Gemm such as logits, per-channel activations, a bias not on the x_scale * w_scale grid) stay in
+QDQ form, which ONNX Runtime runs as well. The DQ nodes that no longer have readers are left to
+dead-code elimination.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+
+from qcompile.graph import constant_array
+from qcompile.passes.fusion.fold_qdq import merge_duplicates
+
+ACTIVATIONS = (None, "Relu", "Clip")
+
+
+def _per_tensor(*scales: ir.Value) -> bool:
+    return all(constant_array(s) is not None and constant_array(s).size == 1 for s in scales)
+
+
+def _zero_point(value: ir.Value | None) -> np.ndarray | None:
+    return None if value is None else constant_array(value)
+
+
+def _check_activation(activated: ir.Value | None, y_scale: ir.Value, y_zero_point: ir.Value,
+                      result: MatchResult) -> MatchResult:
+    """A Relu / Clip may go if every value the output grid can hold is inside its bounds."""
+    if activated is None:
+        return result
+    scale, zero_point = constant_array(y_scale), _zero_point(y_zero_point)
+    if scale is None or zero_point is None:
+        return result.fail("the output grid is not constant")
+    info = np.iinfo(zero_point.dtype)
+    grid_lo = (float(info.min) - float(zero_point)) * float(scale)
+    grid_hi = (float(info.max) - float(zero_point)) * float(scale)
+    node = activated.producer()
+    bounds = [constant_array(v) if v is not None else None for v in node.inputs[1:3]] if node.op_type == "Clip" else []
+    lo = float(bounds[0]) if len(bounds) > 0 and bounds[0] is not None else (0.0 if node.op_type == "Relu" else -np.inf)
+    hi = float(bounds[1]) if len(bounds) > 1 and bounds[1] is not None else np.inf
+    if node.op_type == "Clip" and any(v is not None and constant_array(v) is None for v in node.inputs[1:3]):
+        return result.fail("the Clip bounds are not constant")
+    if grid_lo < lo - 1e-6 * abs(lo) or grid_hi > hi + 1e-6 * abs(hi):
+        return result.fail(f"the output grid [{grid_lo:.4g}, {grid_hi:.4g}] reaches past the bounds [{lo}, {hi}]")
+    return result
+
+
+def _check_matmul_b(result: MatchResult, b: ir.Value, b_scale: ir.Value, b_dq: ir.Value) -> MatchResult:
+    scale = constant_array(b_scale)
+    if scale is None or (scale.size > 1 and (
+            b.shape is None or b.shape.rank() != 2 or b_dq.producer().attributes.get_int("axis", 1) != 1)):
+        return result.fail("b is not quantized per tensor or per column of a 2-D weight")
+    return result
+
+
+class _QLinearRule(RewriteRuleClassBase):
+    """Q(activation?(op(DQ(a), DQ(b)))): the shared part of the three rules."""
+
+    op_type = ""
+
+    def __init__(self, activation: str | None):
+        super().__init__(name=f"{type(self).__name__}({activation or 'no activation'})")
+        self.activation = activation
+
+    def pattern(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
+        a_dq = op.DequantizeLinear(a, a_scale, a_zero_point, _outputs=["a_dq"])
+        b_dq = op.DequantizeLinear(b, b_scale, b_zero_point, _outputs=["b_dq"])
+        y = getattr(op, self.op_type)(a_dq, b_dq, _allow_other_inputs=self.op_type == "Conv", _outputs=["y"])
+        if self.activation:
+            y = getattr(op, self.activation)(y, _allow_other_inputs=True, _outputs=["activated"])
+        return op.QuantizeLinear(y, y_scale, y_zero_point, _outputs=["y_q"])
+
+    def check(self, context, **bound) -> MatchResult:
+        result = MatchResult()
+        if any(_zero_point(bound[z]) is None for z in ("a_zero_point", "b_zero_point", "y_zero_point")):
+            return result.fail("a zero point is missing or not constant")
+        if not _per_tensor(bound["a_scale"], bound["y_scale"]):
+            return result.fail("the input or output is not quantized per tensor")
+        if _zero_point(bound["y_zero_point"]).dtype not in (np.uint8, np.int8):
+            return result.fail("the output is not 8-bit integer")
+        result = _check_activation(bound.get("activated"), bound["y_scale"], bound["y_zero_point"], result)
+        return self.check_op(result, **bound) if result else result
+
+    def check_op(self, result: MatchResult, **bound) -> MatchResult:
+        return result
+
+
+class QLinearConvRule(_QLinearRule):
+    op_type = "Conv"
+
+    def check_op(self, result, a_scale, b_scale, b_dq, y, **_) -> MatchResult:
+        w_scale = constant_array(b_scale)
+        if w_scale is None or (w_scale.size > 1 and b_dq.producer().attributes.get_int("axis", 1) != 0):
+            return result.fail("the weight is not quantized per tensor or per output channel")
+        bias = y.producer().inputs[2] if len(y.producer().inputs) > 2 else None
+        if bias is None:
+            return result
+        dq = bias.producer()
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].dtype != ir.DataType.INT32:
+            return result.fail("the bias is not an INT32 tensor behind a DequantizeLinear")
+        bias_scale = constant_array(dq.inputs[1])
+        zero_point = _zero_point(dq.inputs[2] if len(dq.inputs) > 2 else None)
+        expected = constant_array(a_scale) * w_scale
+        if bias_scale is None or not np.allclose(bias_scale, expected, rtol=1e-6) or (
+                zero_point is not None and np.any(zero_point != 0)):
+            return result.fail("the bias is not on the x_scale * w_scale grid with zero point 0")
+        return result
+
+    def rewrite(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, y, **_):
+        conv = y.producer()
+        bias = [conv.inputs[2].producer().inputs[0]] if len(conv.inputs) > 2 and conv.inputs[2] is not None else []
+        attributes = {name: attr.value for name, attr in conv.attributes.items()}
+        out = op.QLinearConv(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, *bias,
+                             **attributes)
+        out.producer().name = conv.name
+        return out
+
+
+class QLinearMatMulRule(_QLinearRule):
+    op_type = "MatMul"
+
+    def check_op(self, result, b, b_scale, b_dq, **_) -> MatchResult:
+        return _check_matmul_b(result, b, b_scale, b_dq)
+
+    def rewrite(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, y, **_):
+        out = op.QLinearMatMul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point)
+        out.producer().name = y.producer().name
+        return out
+
+
+class QLinearAddRule(_QLinearRule):
+    op_type = "Add"
+
+    def check_op(self, result, b_scale, **_) -> MatchResult:
+        return result if _per_tensor(b_scale) else result.fail("b is not quantized per tensor")
+
+    def rewrite(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, y, **_):
+        out = op.QLinearAdd(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point,
+                            _domain="com.microsoft")
+        out.producer().name = y.producer().name
+        return out
+
+
+class MatMulIntegerToFloatRule(RewriteRuleClassBase):
+    """MatMul(DQ(a), DQ(b)) with a float output -> com.microsoft.MatMulIntegerToFloat."""
+
+    def pattern(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point):
+        a_dq = op.DequantizeLinear(a, a_scale, a_zero_point)
+        b_dq = op.DequantizeLinear(b, b_scale, b_zero_point, _outputs=["b_dq"])
+        return op.MatMul(a_dq, b_dq, _outputs=["y"])
+
+    def check(self, context, a_scale, a_zero_point, b, b_scale, b_zero_point, b_dq, **_) -> MatchResult:
+        result = MatchResult()
+        if _zero_point(a_zero_point) is None or _zero_point(b_zero_point) is None:
+            return result.fail("a zero point is missing or not constant")
+        if not _per_tensor(a_scale):
+            return result.fail("a is not quantized per tensor")
+        return _check_matmul_b(result, b, b_scale, b_dq)
+
+    def rewrite(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y, **_):
+        out = op.MatMulIntegerToFloat(a, b, a_scale, b_scale, a_zero_point, b_zero_point, _domain="com.microsoft")
+        out.producer().name = y.producer().name
+        return out
+
+
+rules = RewriteRuleSet([rule.rule(activation) for rule in (QLinearConvRule, QLinearMatMulRule, QLinearAddRule)
+                        for activation in ACTIVATIONS] + [MatMulIntegerToFloatRule.rule()])
+
+
+class LowerQOperatorPass(ir.passes.InPlacePass):
+    """Replace DQ -> Conv/MatMul/Add (-> Relu/Clip) -> Q groups by ONNX Runtime's integer ops
+    (QLinearConv, QLinearMatMul, com.microsoft.QLinearAdd)."""
+
+    name = "lower-qoperator"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # A pattern may only swallow a DQ that nothing else reads: give each reader its own DQ first,
+        # then merge again the copies that stayed.
+        _split_shared_dequantize(model.graph)
+        modified = bool(rules.apply_to_model(model))
+        merge_duplicates(model.graph)
+        if modified and "com.microsoft" not in model.opset_imports and any(
+                node.domain == "com.microsoft" for node in model.graph):
+            model.opset_imports["com.microsoft"] = 1
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def _split_shared_dequantize(graph: ir.Graph) -> None:
+    for node in list(graph):
+        if node.op_type != "DequantizeLinear" or node.domain != "":
+            continue
+        uses = list(node.outputs[0].uses())
+        for user, index in uses[1:]:
+            copy = ir.node("DequantizeLinear", list(node.inputs), attributes=dict(node.attributes),
+                           name=f"{node.name}_for_{user.name}")
+            copy.outputs[0].type, copy.outputs[0].shape = node.outputs[0].type, node.outputs[0].shape
+            graph.insert_after(node, copy)
+            user.replace_input_with(index, copy.outputs[0])

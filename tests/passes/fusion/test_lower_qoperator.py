@@ -1,0 +1,87 @@
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from helpers import apply, op_types, parse, random_feed, run
+
+import qcompile
+from qcompile.errors import UsageError
+from qcompile.io import save_model
+from qcompile.models import synthetic
+from qcompile.passes import LowerQOperatorPass
+
+
+def _sqnr(expected, actual):
+    return 10 * np.log10(np.sum(expected**2) / np.sum((expected - actual) ** 2))
+
+
+def _fake_quant(model, feed):
+    """The Q/DQ model run op by op in float (no integer kernels): the reference for the integer ops."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    proto = ir.serde.serialize_model(model).SerializeToString()
+    return ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def _compile_both(tmp_path, build, **kwargs):
+    source, calib = tmp_path / "in.onnx", tmp_path / "calib.npz"
+    save_model(build(), source)
+    np.savez(calib, **random_feed(build(), batch=16, seq=6, seed=1))
+    qdq = qcompile.compile(source, recipe="w8a8", calib=str(calib), **kwargs).model
+    qop = qcompile.compile(source, recipe="w8a8", calib=str(calib), options={"format": "qoperator"},
+                           verify_each=True, **kwargs).model
+    return qdq, qop
+
+
+def test_cnn_runs_on_qlinear_ops_with_the_qdq_models_numbers(tmp_path):
+    qdq, qop = _compile_both(tmp_path, synthetic.cnn)
+
+    ops = op_types(qop)
+    assert ops.count("QLinearConv") == 3 and ops.count("QLinearAdd") == 1
+    assert not {"Conv", "Clip", "Add"} & set(ops)  # the ReLU6 clips are implied by the u8 output grids
+    feed = random_feed(qdq, batch=4, seed=3)
+    assert _sqnr(_fake_quant(qdq, feed), run(qop, feed)[0]) > 30
+    assert not LowerQOperatorPass()(qop).modified
+
+
+def test_transformer_matmuls_run_as_integer_matmuls(tmp_path):
+    qdq, qop = _compile_both(tmp_path, synthetic.transformer_block)
+
+    integer = [n for n in qop.graph if n.op_type == "MatMulIntegerToFloat"]
+    assert len(integer) == op_types(qdq).count("MatMul") and "MatMul" not in op_types(qop)
+    assert all(n.domain == "com.microsoft" for n in integer)
+    feed = random_feed(qdq, batch=2, seq=6, seed=3)
+    assert _sqnr(_fake_quant(qdq, feed), run(qop, feed)[0]) > 30
+
+
+def _conv_clip(output_scale: float) -> ir.Model:
+    return parse(f"""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[1, 2, 5, 5] x) => (float[1, 2, 5, 5] y)
+            <float s = {{0.05}}, uint8 z = {{128}}, int8[2, 2, 1, 1] w = {{1, -2, 3, 4}}, float[2] ws = {{0.1, 0.2}},
+             int8[2] wz = {{0, 0}}, float ys = {{{output_scale}}}, uint8 yz = {{0}}, float lo = {{0.0}}, float hi = {{6.0}}> {{
+            q = QuantizeLinear(x, s, z)
+            d = DequantizeLinear(q, s, z)
+            wd = DequantizeLinear<axis = 0>(w, ws, wz)
+            c = Conv(d, wd)
+            r = Clip(c, lo, hi)
+            yq = QuantizeLinear(r, ys, yz)
+            y = DequantizeLinear(yq, ys, yz)
+        }}""")
+
+
+@pytest.mark.parametrize("output_scale, clip_goes", [(6.0 / 255, True), (0.05, False)])
+def test_a_clip_goes_only_when_the_output_grid_lies_inside_its_bounds(output_scale, clip_goes):
+    model = _conv_clip(output_scale)
+    feed = {"x": 3 * np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32)}
+    expected = _fake_quant(model, feed)
+
+    assert apply(model, LowerQOperatorPass()) == clip_goes
+    assert ("Clip" in op_types(model)) != clip_goes
+    np.testing.assert_allclose(run(model, feed)[0], expected, atol=output_scale * 1.01)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "portable"])
+def test_qoperator_is_only_for_onnx_runtime_cpu(tmp_path, target):
+    with pytest.raises(UsageError, match="format=qoperator"):
+        _compile_both(tmp_path, synthetic.cnn, target=target)
