@@ -4,6 +4,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qcompile.passes.analysis.assign_bias_specs import AssignBiasSpecsPass
+from qcompile.passes.analysis.assign_embedding_specs import AssignEmbeddingSpecsPass
 from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass
 from qcompile.passes.analysis.calibrate_activations import CalibrateActivationsPass
 from qcompile.passes.analysis.correct_bias import CorrectBiasPass
@@ -16,6 +17,7 @@ from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
 from qcompile.passes.fusion.fold_qdq import FoldQDQPass
 from qcompile.passes.fusion.fuse_dynamic_matmul import FuseDynamicMatMulPass
+from qcompile.passes.fusion.gather_quantized_rows import GatherQuantizedRowsPass
 from qcompile.passes.fusion.lower_qoperator import LowerQOperatorPass
 from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeDepthwiseInputsPass
 from qcompile.passes.lowering.insert_qdq import InsertQDQPass
@@ -34,9 +36,11 @@ ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
     SelectQuantizedOpsPass,
     CalibrateActivationsPass,
     AssignWeightSpecsPass,
+    AssignEmbeddingSpecsPass,
     CorrectBiasPass,
     AssignBiasSpecsPass,
     QuantizeWeightsPass,
+    GatherQuantizedRowsPass,
     InsertQDQPass,
     FoldQDQPass,
     LowerQOperatorPass,

@@ -11,6 +11,7 @@ from qcompile.config import NodeSettings
 from qcompile.errors import UsageError
 from qcompile.passes import (
     AssignBiasSpecsPass,
+    AssignEmbeddingSpecsPass,
     AssignWeightSpecsPass,
     CalibrateActivationsPass,
     CorrectBiasPass,
@@ -23,12 +24,14 @@ from qcompile.passes import (
     FuseDynamicMatMulPass,
     FoldConstantsPass,
     FuseMatMulAddPass,
+    GatherQuantizedRowsPass,
     InferShapesPass,
     InsertQDQPass,
     LowerQOperatorPass,
     QuantizeWeightsPass,
     SelectQuantizedOpsPass,
 )
+from qcompile.passes.analysis.assign_embedding_specs import EmbeddingSpecOptions
 from qcompile.passes.analysis.calibrate_activations import CalibrateOptions
 from qcompile.passes.analysis.correct_bias import CorrectBiasOptions
 from qcompile.passes.fusion.fold_qdq import FoldQDQOptions
@@ -123,11 +126,19 @@ def _bias_correction(settings: Settings) -> list[ir.passes.PassBase]:
     return [CorrectBiasPass(CorrectBiasOptions(settings.calib, _calibration(settings)))]
 
 
+def _embeddings(settings: Settings) -> list[ir.passes.PassBase]:
+    return [AssignEmbeddingSpecsPass(EmbeddingSpecOptions(settings.excluded))] if settings.options["embeddings"] else []
+
+
+def _gather_rows(settings: Settings) -> list[ir.passes.PassBase]:
+    return [GatherQuantizedRowsPass()] if settings.options["embeddings"] else []
+
+
 def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
     options = WeightSpecOptions(per_channel=settings.options["per_channel"], exclude=settings.excluded,
                                 nodes=settings.nodes)
-    return [*canonicalize(), AssignWeightSpecsPass(options), *_bias_correction(settings), QuantizeWeightsPass(),
-            EliminateDeadCodePass()]
+    return [*canonicalize(), AssignWeightSpecsPass(options), *_embeddings(settings), *_bias_correction(settings),
+            QuantizeWeightsPass(), *_gather_rows(settings), EliminateDeadCodePass()]
 
 
 def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
@@ -187,9 +198,11 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
         SelectQuantizedOpsPass(SelectOptions(exclude=settings.excluded)),
         CalibrateActivationsPass(CalibrateOptions(data, activation_dtype, calibration, nodes=settings.nodes)),
         AssignWeightSpecsPass(weights),
+        *_embeddings(settings),
         *_bias_correction(settings),
         *([] if settings.target == "tensorrt" else [AssignBiasSpecsPass()]),
         QuantizeWeightsPass(),
+        *_gather_rows(settings),
         InsertQDQPass(),
         FoldQDQPass(FoldQDQOptions(merge_duplicates=settings.target != "tensorrt")),
         *_qoperator(settings),
@@ -205,8 +218,10 @@ def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
         *canonicalize(),
         *_smoothing(settings),
         AssignWeightSpecsPass(weights),
+        *_embeddings(settings),
         *_bias_correction(settings),
         QuantizeWeightsPass(),
+        *_gather_rows(settings),
         FuseDynamicMatMulPass(contrib=settings.target in ("ort-cpu", "ort-cuda")),
         EliminateDeadCodePass(),
     ]
@@ -217,6 +232,7 @@ _BIAS_CORRECTION = Parameter(True, "subtract the mean output shift of weight rou
                                    "measured on the calibration data (needs --calib)")
 _CPU = Parameter("any", "CPU the model deploys on (ort-cpu, portable): any (u8 x u8 kernels, exact on every x86), vnni (s8 weights), "
                         "7bit, native (detect this machine)")
+_EMBEDDINGS = Parameter(True, "store the tables of embedding Gathers as INT8, one scale per row")
 _SMOOTHQUANT = Parameter("auto", "SmoothQuant for MatMul inputs: auto (alpha per tensor by estimated noise, "
                                  "or none), off, or a fixed alpha in (0, 1]; needs --calib")
 _W8A8_PARAMETERS = {
@@ -228,6 +244,7 @@ _W8A8_PARAMETERS = {
     "equalize": Parameter(True, "rescale Conv -> Relu/Clip -> depthwise Conv chains so that every channel of the "
                                 "activation spans its 8-bit grid"),
     "smoothquant": _SMOOTHQUANT,
+    "embeddings": _EMBEDDINGS,
     "format": Parameter("qdq", "qdq (Q/DQ around float ops: portable, what TensorRT reads) or qoperator "
                                "(ONNX Runtime's QLinearConv / QLinearMatMul / QLinearAdd; ort-cpu only)"),
 }
@@ -238,11 +255,11 @@ RECIPES: dict[str, Recipe] = {
         Recipe("canonicalize", "shape inference, constant folding, BN folding, MatMul+Add->Gemm, DCE; no quantization",
                {}, lambda settings: canonicalize()),
         Recipe("w8a16", "INT8 weight-only: per-channel symmetric INT8 weights behind DequantizeLinear, float activations",
-               {"per_channel": _PER_CHANNEL, "bias_correction": _BIAS_CORRECTION}, _w8a16),
+               {"per_channel": _PER_CHANNEL, "bias_correction": _BIAS_CORRECTION, "embeddings": _EMBEDDINGS}, _w8a16),
         Recipe("w8a8", "static INT8: per-channel weights, per-tensor activations, calibrated", _W8A8_PARAMETERS, _w8a8),
         Recipe("w8a8-dynamic", "INT8 MatMul/Gemm weights, activations quantized at run time",
                {"per_channel": _PER_CHANNEL, "cpu": _CPU, "bias_correction": _BIAS_CORRECTION,
-                "smoothquant": _SMOOTHQUANT}, _w8a8_dynamic),
+                "smoothquant": _SMOOTHQUANT, "embeddings": _EMBEDDINGS}, _w8a8_dynamic),
         Recipe("w8a8-smoothquant", "w8a8 after SmoothQuant scale migration (LLMs)", {}, None),
         Recipe("w4a16-rtn", "INT4 block-wise weight-only, round to nearest", {}, None),
         Recipe("w4a16-gptq", "INT4 block-wise weight-only, GPTQ", {}, None),
