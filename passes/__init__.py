@@ -21,6 +21,7 @@ from qcompile.passes.fusion.gather_quantized_rows import GatherQuantizedRowsPass
 from qcompile.passes.fusion.lower_qoperator import LowerQOperatorPass
 from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeDepthwiseInputsPass
 from qcompile.passes.lowering.insert_qdq import InsertQDQPass
+from qcompile.passes.lowering.materialize_transposed_weights import MaterializeTransposedWeightsPass
 from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
 from qcompile.passes.lowering.smooth_activations import SmoothActivationsPass
 
@@ -31,6 +32,7 @@ ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
     FoldBatchNormPass,
     FuseMatMulAddPass,
     EliminateDeadCodePass,
+    MaterializeTransposedWeightsPass,
     EqualizeDepthwiseInputsPass,
     SmoothActivationsPass,
     SelectQuantizedOpsPass,

@@ -28,6 +28,7 @@ from qcompile.passes import (
     InferShapesPass,
     InsertQDQPass,
     LowerQOperatorPass,
+    MaterializeTransposedWeightsPass,
     QuantizeWeightsPass,
     SelectQuantizedOpsPass,
 )
@@ -36,6 +37,7 @@ from qcompile.passes.analysis.calibrate_activations import CalibrateOptions
 from qcompile.passes.analysis.correct_bias import CorrectBiasOptions
 from qcompile.passes.fusion.fold_qdq import FoldQDQOptions
 from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeOptions
+from qcompile.passes.lowering.materialize_transposed_weights import MaterializeOptions
 from qcompile.passes.lowering.smooth_activations import SmoothOptions
 from qcompile.passes.analysis.select_quantized_ops import SelectOptions
 from qcompile.targets import cpu_profile
@@ -130,6 +132,12 @@ def _embeddings(settings: Settings) -> list[ir.passes.PassBase]:
     return [AssignEmbeddingSpecsPass(EmbeddingSpecOptions(settings.excluded))] if settings.options["embeddings"] else []
 
 
+def _untie(settings: Settings) -> list[ir.passes.PassBase]:
+    """A head tied to the embedding gets its own (quantized) weight, so both tables can be INT8."""
+    return [MaterializeTransposedWeightsPass(MaterializeOptions(settings.excluded))] if settings.options["embeddings"] \
+        else []
+
+
 def _gather_rows(settings: Settings) -> list[ir.passes.PassBase]:
     return [GatherQuantizedRowsPass()] if settings.options["embeddings"] else []
 
@@ -137,7 +145,8 @@ def _gather_rows(settings: Settings) -> list[ir.passes.PassBase]:
 def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
     options = WeightSpecOptions(per_channel=settings.options["per_channel"], exclude=settings.excluded,
                                 nodes=settings.nodes)
-    return [*canonicalize(), AssignWeightSpecsPass(options), *_embeddings(settings), *_bias_correction(settings),
+    return [*canonicalize(), *_untie(settings), AssignWeightSpecsPass(options), *_embeddings(settings),
+            *_bias_correction(settings),
             QuantizeWeightsPass(), *_gather_rows(settings), EliminateDeadCodePass()]
 
 
@@ -193,6 +202,7 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
     equalize = [EqualizeDepthwiseInputsPass(EqualizeOptions(data, calibration))] if settings.options["equalize"] else []
     return [
         *canonicalize(),
+        *_untie(settings),
         *equalize,
         *_smoothing(settings),
         SelectQuantizedOpsPass(SelectOptions(exclude=settings.excluded)),
@@ -216,6 +226,7 @@ def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
     weights = integer_weights(settings, op_types=("MatMul", "Gemm"))
     return [
         *canonicalize(),
+        *_untie(settings),
         *_smoothing(settings),
         AssignWeightSpecsPass(weights),
         *_embeddings(settings),

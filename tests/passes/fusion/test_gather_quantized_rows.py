@@ -2,8 +2,8 @@ import numpy as np
 from helpers import apply, clone, op_types, parse, run
 
 from qcompile.notes import notes
-from qcompile.passes import AssignEmbeddingSpecsPass, EliminateDeadCodePass, GatherQuantizedRowsPass, \
-    QuantizeWeightsPass
+from qcompile.passes import AssignEmbeddingSpecsPass, AssignWeightSpecsPass, EliminateDeadCodePass, \
+    GatherQuantizedRowsPass, MaterializeTransposedWeightsPass, QuantizeWeightsPass
 from qcompile.passes.analysis.assign_embedding_specs import EmbeddingSpecOptions
 
 ROWS, DIM = 50, 8
@@ -58,3 +58,19 @@ def test_tied_and_excluded_tables_stay_float():
     _quantize(model)
     assert model.graph.initializers["tied"].const_value.dtype.name == "FLOAT"
     assert any("tied: embedding table left float" in note for note in notes(model))
+
+
+def test_a_tied_head_gets_its_own_int8_weight_and_the_table_becomes_int8_too():
+    model = _model()
+    reference = clone(model)
+
+    assert apply(model, MaterializeTransposedWeightsPass(), AssignWeightSpecsPass(), AssignEmbeddingSpecsPass(),
+                 QuantizeWeightsPass(), GatherQuantizedRowsPass(), EliminateDeadCodePass())
+
+    assert "Transpose" not in op_types(model)
+    tables = [v.const_value for v in model.graph.initializers.values() if v.const_value.size >= ROWS * DIM]
+    assert sorted(t.dtype.name for t in tables) == ["INT8", "INT8", "INT8"]  # table, tied rows, head weight
+    ids = {"ids": np.random.default_rng(1).integers(0, ROWS, (2, 7))}
+    expected, actual = run(reference, ids)[1], run(model, ids)[1]
+    assert 10 * np.log10(np.sum(expected**2) / np.sum((expected - actual) ** 2)) > 30
+    assert not MaterializeTransposedWeightsPass()(model).modified
