@@ -19,12 +19,12 @@ Command-line flags override the file; where several [[nodes]] tables match a nod
 """
 from __future__ import annotations
 
-import fnmatch
 import os
 import sys
 from dataclasses import dataclass, field, fields, replace
 
 from qcompile.errors import UsageError
+from qcompile.graph import name_matches
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,7 +46,7 @@ class NodeSettings:
     percentile: float | None = None
 
     def matches(self, name: str | None) -> bool:
-        return any(fnmatch.fnmatchcase(name or "", pattern) for pattern in self.match)
+        return name_matches(name, self.match)
 
     @classmethod
     def parse(cls, path, index: int, table) -> NodeSettings:

@@ -1,7 +1,8 @@
 """Small IR helpers shared by passes and tools."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+import fnmatch
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -17,6 +18,11 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None or value.is_graph_input():
         return None
     return value.const_value.numpy()
+
+
+def name_matches(name: str | None, patterns: Iterable[str]) -> bool:
+    """True if ``name`` matches one of the user's fnmatch patterns (``--exclude``, ``[[nodes]] match``)."""
+    return any(fnmatch.fnmatchcase(name or "", pattern) for pattern in patterns)
 
 
 def has_subgraph(node: ir.Node) -> bool:

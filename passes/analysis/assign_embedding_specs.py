@@ -1,13 +1,12 @@
 """Decide how embedding tables (constant data of Gather) are stored: INT8, one scale per row."""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.graph import constant_array
+from qcompile.graph import constant_array, name_matches
 from qcompile.notes import add_note
 from qcompile.quant_spec import QUANT_SPEC_KEY, symmetric_weight_spec
 
@@ -49,7 +48,7 @@ class AssignEmbeddingSpecsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
     def _excluded(self, node: ir.Node) -> bool:
-        return any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in self.options.exclude)
+        return name_matches(node.name, self.options.exclude)
 
 
 def _gathers_rows(node: ir.Node) -> bool:

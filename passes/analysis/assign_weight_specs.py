@@ -1,14 +1,13 @@
 """Decide how each constant weight of Conv / ConvTranspose / MatMul / Gemm is quantized."""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompile.config import NodeSettings, settings_for
-from qcompile.graph import constant_array, has_subgraph
+from qcompile.graph import constant_array, has_subgraph, name_matches
 from qcompile.notes import add_note
 from qcompile.quant_spec import QUANT_SPEC_KEY, symmetric_weight_spec
 
@@ -86,7 +85,7 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
     def _excluded(self, node: ir.Node) -> bool:
-        return any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in self.options.exclude)
+        return name_matches(node.name, self.options.exclude)
 
     def _only_weight_uses(self, weight: ir.Value, axis: int) -> bool:
         return all(

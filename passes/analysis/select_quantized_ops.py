@@ -1,11 +1,11 @@
 """Decide which op inputs carry quantized activations (the op rules in `qcompile.op_rules`)."""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from qcompile.graph import name_matches
 from qcompile.op_rules import COMPUTE_OPS, ELEMENTWISE_OPS, candidate_inputs
 
 # node.meta: the input indexes whose activation the node reads quantized.
@@ -63,6 +63,6 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
     def _excluded(self, node: ir.Node) -> bool:
-        return any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in self.options.exclude)
+        return name_matches(node.name, self.options.exclude)
 
 

@@ -7,12 +7,11 @@ read it), which is smaller than the one float table was.
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from qcompile.graph import constant_array, register_constant
+from qcompile.graph import constant_array, name_matches, register_constant
 
 
 @dataclass(frozen=True)
@@ -50,4 +49,4 @@ class MaterializeTransposedWeightsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
     def _excluded(self, node: ir.Node) -> bool:
-        return any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in self.options.exclude)
+        return name_matches(node.name, self.options.exclude)

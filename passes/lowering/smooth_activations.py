@@ -19,7 +19,6 @@ Mul by 1/s is inserted in front of the MatMuls, one per smoothed tensor.
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.calibration import CalibrationOptions
-from qcompile.graph import constant_array, register_constant
+from qcompile.graph import constant_array, name_matches, register_constant
 from qcompile.notes import add_note
 from qcompile.probes import add_reduced_output, measure
 from qcompile.quant_spec import CHANNEL_SCALE_KEY
@@ -68,7 +67,7 @@ def _groups(model: ir.Model, exclude: tuple[str, ...]) -> dict[ir.Value, list[ir
     for node in model.graph:
         if not _smoothable(node):
             continue
-        if any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in exclude):
+        if name_matches(node.name, exclude):
             continue
         x = node.inputs[0]
         if x.shape is None or x.shape.rank() < 3 or not isinstance(x.shape[-1], int) or x.const_value is not None:
