@@ -45,11 +45,15 @@ def _check_activation(activated: ir.Value | None, y_scale: ir.Value, y_zero_poin
     grid_lo = (float(info.min) - float(zero_point)) * float(scale)
     grid_hi = (float(info.max) - float(zero_point)) * float(scale)
     node = activated.producer()
-    bounds = [constant_array(v) if v is not None else None for v in node.inputs[1:3]] if node.op_type == "Clip" else []
-    lo = float(bounds[0]) if len(bounds) > 0 and bounds[0] is not None else (0.0 if node.op_type == "Relu" else -np.inf)
-    hi = float(bounds[1]) if len(bounds) > 1 and bounds[1] is not None else np.inf
-    if node.op_type == "Clip" and any(v is not None and constant_array(v) is None for v in node.inputs[1:3]):
-        return result.fail("the Clip bounds are not constant")
+    lo, hi = 0.0 if node.op_type == "Relu" else -np.inf, np.inf
+    if node.op_type == "Clip":
+        bounds = list(node.inputs[1:3])
+        if any(v is not None and constant_array(v) is None for v in bounds):
+            return result.fail("the Clip bounds are not constant")
+        if len(bounds) > 0 and bounds[0] is not None:
+            lo = float(constant_array(bounds[0]))
+        if len(bounds) > 1 and bounds[1] is not None:
+            hi = float(constant_array(bounds[1]))
     if grid_lo < lo - 1e-6 * abs(lo) or grid_hi > hi + 1e-6 * abs(hi):
         return result.fail(f"the output grid [{grid_lo:.4g}, {grid_hi:.4g}] reaches past the bounds [{lo}, {hi}]")
     return result
@@ -173,8 +177,10 @@ class MatMulIntegerToFloatRule(RewriteRuleClassBase):
         return out
 
 
-rules = RewriteRuleSet([rule.rule(activation) for rule in (QLinearConvRule, QLinearMatMulRule, QLinearAddRule)
-                        for activation in ACTIVATIONS] + [MatMulIntegerToFloatRule.rule()])
+qlinear_rules = RewriteRuleSet([rule.rule(activation) for rule in (QLinearConvRule, QLinearMatMulRule, QLinearAddRule)
+                                for activation in ACTIVATIONS])
+# Second, so that a MatMul whose output is quantized becomes a QLinearMatMul where it can.
+float_output_rules = RewriteRuleSet([MatMulIntegerToFloatRule.rule()])
 
 
 class LowerQOperatorPass(ir.passes.InPlacePass):
@@ -187,7 +193,8 @@ class LowerQOperatorPass(ir.passes.InPlacePass):
         # A pattern may only swallow a DQ that nothing else reads: give each reader its own DQ first,
         # then merge again the copies that stayed.
         _split_shared_dequantize(model.graph)
-        modified = bool(rules.apply_to_model(model))
+        modified = bool(qlinear_rules.apply_to_model(model))
+        modified = bool(float_output_rules.apply_to_model(model)) or modified
         merge_duplicates(model.graph)
         if modified and "com.microsoft" not in model.opset_imports and any(
                 node.domain == "com.microsoft" for node in model.graph):

@@ -85,3 +85,25 @@ def test_a_clip_goes_only_when_the_output_grid_lies_inside_its_bounds(output_sca
 def test_qoperator_is_only_for_onnx_runtime_cpu(tmp_path, target):
     with pytest.raises(UsageError, match="format=qoperator"):
         _compile_both(tmp_path, synthetic.cnn, target=target)
+
+
+def test_matmul_with_a_quantized_output_and_per_column_weight_becomes_qlinear_matmul():
+    model = parse("""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[3, 4] x) => (float[3, 2] y)
+            <float s = {0.03}, uint8 z = {128}, int8[4, 2] w = {10, -20, 30, 40, -50, 60, 70, -80},
+             float[2] ws = {0.01, 0.02}, int8[2] wz = {0, 0}, float ys = {0.05}, uint8 yz = {100}> {
+            q = QuantizeLinear(x, s, z)
+            d = DequantizeLinear(q, s, z)
+            wd = DequantizeLinear<axis = 1>(w, ws, wz)
+            m = MatMul(d, wd)
+            yq = QuantizeLinear(m, ys, yz)
+            y = DequantizeLinear(yq, ys, yz)
+        }""")
+    feed = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
+    expected = _fake_quant(model, feed)
+
+    assert apply(model, LowerQOperatorPass())
+
+    assert op_types(model) == ["QuantizeLinear", "QLinearMatMul", "DequantizeLinear"]
+    np.testing.assert_allclose(run(model, feed)[0], expected, atol=0.05 * 1.01)
