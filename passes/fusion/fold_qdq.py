@@ -29,8 +29,9 @@ PASS_THROUGH_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "
 def _grid(node: ir.Node) -> tuple | None:
     """What defines a Q or DQ node's grid: scale, zero point, axis, block size (None unless constant)."""
     scale = constant_array(node.inputs[1])
-    zero_point = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    if scale is None or (zero_point is None and len(node.inputs) > 2 and node.inputs[2] is not None):
+    zero_point_input = node.inputs[2] if len(node.inputs) > 2 else None
+    zero_point = constant_array(zero_point_input)
+    if scale is None or (zero_point is None and zero_point_input is not None):
         return None
     per_tensor = scale.size == 1
     axis = None if per_tensor else node.attributes.get_int("axis", 1)

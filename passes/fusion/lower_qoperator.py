@@ -29,16 +29,12 @@ def _per_tensor(*scales: ir.Value) -> bool:
     return all(constant_array(s) is not None and constant_array(s).size == 1 for s in scales)
 
 
-def _zero_point(value: ir.Value | None) -> np.ndarray | None:
-    return None if value is None else constant_array(value)
-
-
 def _check_activation(activated: ir.Value | None, y_scale: ir.Value, y_zero_point: ir.Value,
                       result: MatchResult) -> MatchResult:
     """A Relu / Clip may go if every value the output grid can hold is inside its bounds."""
     if activated is None:
         return result
-    scale, zero_point = constant_array(y_scale), _zero_point(y_zero_point)
+    scale, zero_point = constant_array(y_scale), constant_array(y_zero_point)
     if scale is None or zero_point is None:
         return result.fail("the output grid is not constant")
     info = np.iinfo(zero_point.dtype)
@@ -86,11 +82,11 @@ class _QLinearRule(RewriteRuleClassBase):
 
     def check(self, context, **bound) -> MatchResult:
         result = MatchResult()
-        if any(_zero_point(bound[z]) is None for z in ("a_zero_point", "b_zero_point", "y_zero_point")):
+        if any(constant_array(bound[z]) is None for z in ("a_zero_point", "b_zero_point", "y_zero_point")):
             return result.fail("a zero point is missing or not constant")
         if not _per_tensor(bound["a_scale"], bound["y_scale"]):
             return result.fail("the input or output is not quantized per tensor")
-        if _zero_point(bound["y_zero_point"]).dtype not in (np.uint8, np.int8):
+        if constant_array(bound["y_zero_point"]).dtype not in (np.uint8, np.int8):
             return result.fail("the output is not 8-bit integer")
         result = _check_activation(bound.get("activated"), bound["y_scale"], bound["y_zero_point"], result)
         return self.check_op(result, **bound) if result else result
@@ -113,7 +109,7 @@ class QLinearConvRule(_QLinearRule):
         if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].dtype != ir.DataType.INT32:
             return result.fail("the bias is not an INT32 tensor behind a DequantizeLinear")
         bias_scale = constant_array(dq.inputs[1])
-        zero_point = _zero_point(dq.inputs[2] if len(dq.inputs) > 2 else None)
+        zero_point = constant_array(dq.inputs[2] if len(dq.inputs) > 2 else None)
         expected = constant_array(a_scale) * w_scale
         if bias_scale is None or not np.allclose(bias_scale, expected, rtol=1e-6) or (
                 zero_point is not None and np.any(zero_point != 0)):
@@ -165,7 +161,7 @@ class MatMulIntegerToFloatRule(RewriteRuleClassBase):
 
     def check(self, context, a_scale, a_zero_point, b, b_scale, b_zero_point, b_dq, **_) -> MatchResult:
         result = MatchResult()
-        if _zero_point(a_zero_point) is None or _zero_point(b_zero_point) is None:
+        if constant_array(a_zero_point) is None or constant_array(b_zero_point) is None:
             return result.fail("a zero point is missing or not constant")
         if not _per_tensor(a_scale):
             return result.fail("a is not quantized per tensor")
