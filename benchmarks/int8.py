@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""INT8 benchmark: qcompile's INT8 recipes next to ONNX Runtime's own quantizer, in one run.
+"""INT8 benchmark: qcompile's INT8 recipes next to ONNX Runtime's and AMD Quark's quantizers, in one run.
 
     .venv/bin/python benchmarks/int8.py [--models mobilenetv2,minilm,smollm2] [--quick] [--configs PATTERN,...]
 
@@ -9,7 +9,9 @@ and a disjoint evaluation set from the model's data helpers, saves them as .npz 
 
 * quantizes the fp32 model in a child process (qcompile's `w8a8` with each calibration method,
   `w8a8-dynamic`, `w8a16`; ORT's `quant_pre_process` + `quantize_static` / `quantize_dynamic` as its
-  docs describe), measuring wall time and peak RSS, under a memory cap (RLIMIT_DATA plus an RSS watchdog) and a time limit,
+  docs describe; AMD Quark's ONNX quantizer with its INT8 presets, in a venv of its own built on first
+  use under ``<qcompile cache>/bench/``, since Quark pins an older onnx), measuring wall time and peak RSS,
+  under a memory cap (RLIMIT_DATA plus an RSS watchdog) and a time limit,
   so that a failure, an out-of-memory or a timeout is recorded instead of ending the run;
 * evaluates the result in another child against fp32 (MobileNetV2: top-1 agreement and
   KL(fp32 || quantized); MiniLM: cosine of `sentence_embedding`; SmolLM2: perplexity on held-apart text);
@@ -43,13 +45,20 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
+import numpy as np  # module level: the standard library and numpy only, as Quark's venv runs this file too
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 GiB = 1 << 30
 MiB = 1 << 20
 THREADS = 2  # intra_op_num_threads of every evaluation and latency session
+# AMD Quark 0.13 declares onnx>=1.21,<=1.22 (so it cannot share qcompile's venv) and, in its "cli" extra,
+# onnxruntime>=1.22.2,<=1.28. It imports torch, whose C++ extension tooling builds Quark's custom-op library on
+# first import; torch is pinned to its CPU build by the local version, so that pip fails rather than fetch a
+# multi-GB CUDA build from PyPI.
+QUARK_PACKAGES = ("amd-quark==0.13", "onnx==1.22.0", "onnxruntime==1.28.0", "torch==2.13.0+cpu")
+QUARK_VENV = "quark-0.13-venv"  # under <qcompile cache>/bench/
+QUARK_TORCH_EXTENSIONS = "torch_extensions"  # in Quark's venv: where its custom-op library is built
 
 # ---------------------------------------------------------------------------------------------
 # What is benchmarked
@@ -86,11 +95,14 @@ MODELS: dict[str, ModelSpec] = {
 @dataclass(frozen=True)
 class Config:
     id: str
-    tool: str  # "qcompile" | "ort"
+    tool: str  # "qcompile" | "ort" | "quark"
     label: str
     params: dict
     quick: bool = False  # part of the --quick subset
     skip: dict = field(default_factory=dict)  # model -> reason
+    models: tuple[str, ...] = ()  # the models it is meant for (empty: every model); the others do not list it
+    skip_quick: str | None = None  # reason to skip it in --quick, even when --configs names it
+    compile_timeout: float = 0.0  # seconds, where it needs more than --compile-timeout
 
 
 _HISTOGRAM_SKIP = {
@@ -135,6 +147,25 @@ def configurations() -> list[Config]:
                 f"ORT dynamic {'per-channel' if per_channel else 'per-tensor'}{' reduce_range' if reduce_range else ''}",
                 {"mode": "dynamic", "per_channel": per_channel, "reduce_range": reduce_range},
                 quick=per_channel))
+    # AMD Quark: its documented presets (`QConfig.get_default_config(NAME)`), each on the models it is meant for.
+    # INT8_CNN_DEFAULT: MinMax, QDQ, asymmetric QUInt8 activations, symmetric per-tensor QInt8 weights, CLE;
+    # A8W8 ("our default setup" in Quark's basic usage): symmetric QInt8 activations and weights;
+    # INT8_CNN_ACCURATE: Percentile + AdaRound; INT8_TRANSFORMER_DEFAULT: MinMax with a moving average,
+    # QUInt8 / QInt8, only MatMul and Gemm with a constant weight quantized. "-pc": the preset with its
+    # `per_channel` switched on.
+    cnn, transformers = ("mobilenetv2",), ("minilm", "smollm2")
+    for preset, per_channel, models, quick in (("INT8_CNN_DEFAULT", False, cnn, True),
+                                               ("INT8_CNN_DEFAULT", True, cnn, False),
+                                               ("A8W8", False, cnn, False),
+                                               ("INT8_TRANSFORMER_DEFAULT", False, transformers, True),
+                                               ("INT8_TRANSFORMER_DEFAULT", True, transformers, False)):
+        configs.append(Config(f"quark-{preset.lower().replace('_', '-')}{'-pc' if per_channel else ''}", "quark",
+                              f"Quark {preset}{' per-channel' if per_channel else ''}",
+                              {"preset": preset, "per_channel": per_channel}, quick=quick, models=models))
+    configs.append(Config("quark-int8-cnn-accurate", "quark", "Quark INT8_CNN_ACCURATE (AdaRound)",
+                          {"preset": "INT8_CNN_ACCURATE", "per_channel": False}, models=cnn,
+                          skip_quick="skipped: --quick (AdaRound takes 10-25 min on MobileNetV2 with 2 cores)",
+                          compile_timeout=3600.0))
     return configs
 
 
@@ -250,8 +281,11 @@ class ChildOutcome:
 
 
 def run_child(kind: str, spec: dict, folder: Path, name: str, timeout_s: float, mem_cap: int,
-              what: str) -> ChildOutcome:
-    """Run ``int8.py --child KIND SPEC`` with a memory cap (RLIMIT_DATA + RSS watchdog) and a wall-clock limit."""
+              what: str, python: str = sys.executable) -> ChildOutcome:
+    """Run ``PYTHON int8.py --child KIND SPEC`` with a memory cap (RLIMIT_DATA + RSS watchdog) and a wall-clock limit.
+
+    PYTHON is this venv's interpreter, or Quark's (`quark_venv`).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     spec_path, result_path, log_path = (folder / f"{name}.spec.json", folder / f"{name}.result.json",
                                         folder / f"{name}.log")
@@ -266,7 +300,7 @@ def run_child(kind: str, spec: dict, folder: Path, name: str, timeout_s: float, 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(spec_path)],
+        proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--child", kind, str(spec_path)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 preexec_fn=limits, cwd=folder, env=env)  # ORT drops stray files in its cwd
     timed_out, over_cap, beat, peak_seen = False, False, start + 30, 0
@@ -425,37 +459,65 @@ def child_compile(spec: dict) -> dict:
                 "notes": report.get("notes"),
                 "passes": {p["name"]: round(p.get("seconds", 0.0), 2) for p in report.get("passes", [])}}
 
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
+    if spec["tool"] == "quark":
+        return quark_compile(spec, output)
 
-    external = _has_external_data(spec["input"])
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
     start = time.perf_counter()
     if params["mode"] == "static":
-        class NpzReader(CalibrationDataReader):
-            """One calibration sample per call, as ORT's examples feed them."""
-
-            def __init__(self, path: str):
-                with np.load(path) as data:
-                    self.arrays = {k: data[k] for k in data.files}
-                self.n = len(next(iter(self.arrays.values())))
-                self.i = 0
-
-            def get_next(self):
-                if self.i >= self.n:
-                    return None
-                self.i += 1
-                return {k: v[self.i - 1:self.i] for k, v in self.arrays.items()}
-
-        quantize_static(spec["input"], str(output), NpzReader(spec["calib"]), quant_format=QuantFormat.QDQ,
+        quantize_static(spec["input"], str(output), npz_reader(spec["calib"]), quant_format=QuantFormat.QDQ,
                         per_channel=params["per_channel"], reduce_range=params["reduce_range"],
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, params["method"]),
-                        use_external_data_format=external)
+                        use_external_data_format=spec["external_data"])
     else:
         quantize_dynamic(spec["input"], str(output), per_channel=params["per_channel"],
                          reduce_range=params["reduce_range"], weight_type=QuantType.QInt8,
-                         use_external_data_format=external)
+                         use_external_data_format=spec["external_data"])
     return {"seconds": time.perf_counter() - start}
+
+
+def quark_compile(spec: dict, output: Path) -> dict:
+    """AMD Quark as its documentation shows: a default configuration by name, then `ModelQuantizer.quantize_model`
+    on the fp32 model with a calibration data reader.
+
+    Runs on Quark's venv's python: imports quark, onnx, onnxruntime and numpy, not qcompile (which needs a newer onnx).
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / QUARK_TORCH_EXTENSIONS))
+    import onnx
+    import onnxruntime
+    import quark
+    from quark.onnx import ModelQuantizer, QConfig
+
+    params = spec["params"]
+    config = QConfig.get_default_config(params["preset"])
+    config.global_quant_config.per_channel = params["per_channel"]
+    config.global_quant_config.use_external_data_format = spec["external_data"]
+    start = time.perf_counter()
+    ModelQuantizer(config).quantize_model(spec["input"], str(output), npz_reader(spec["calib"]))
+    return {"seconds": time.perf_counter() - start,
+            "versions": {"quark": quark.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
+
+
+def npz_reader(path: str):
+    """A CalibrationDataReader over a calibration .npz: one sample per call, as ORT's and Quark's examples feed them."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class NpzReader(CalibrationDataReader):
+        def __init__(self):
+            with np.load(path) as data:
+                self.arrays = {k: data[k] for k in data.files}
+            self.n = len(next(iter(self.arrays.values())))
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= self.n:
+                return None
+            self.i += 1
+            return {k: v[self.i - 1:self.i] for k, v in self.arrays.items()}
+
+    return NpzReader()
 
 
 def _session(path: str):
@@ -557,6 +619,58 @@ def child_latency(spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# AMD Quark's venv
+
+
+def quark_venv(venv: Path) -> dict:
+    """Quark's own venv, built on first use: its python and package versions, or the error that stopped the build."""
+    marker = venv / "installed.json"
+    if marker.is_file():
+        info = json.loads(marker.read_text())
+        if info["packages"] == list(QUARK_PACKAGES):
+            say(f"  Quark: venv {venv} (quark {info['versions']['quark']}, onnx {info['versions']['onnx']}, "
+                f"onnxruntime {info['versions']['onnxruntime']}, torch {info['versions']['torch']})")
+            return info
+    log = venv.parent / f"{venv.name}-install.log"
+    say(f"  Quark: building its venv {venv} (once; about 1.6 GB, 3 minutes): "
+        f"pip install {' '.join(QUARK_PACKAGES)}; log {log}")
+    start = time.monotonic()
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    python = venv / "bin" / "python"
+    # as in an activated venv (torch's extension builder looks for ninja on PATH), and Quark's build kept in it
+    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+           "TORCH_EXTENSIONS_DIR": str(venv / QUARK_TORCH_EXTENSIONS)}
+    # The first import of quark.onnx builds its custom-op library (about 30 s): done here, not in a timed child.
+    check = ("import json, numpy, onnx, onnxruntime, quark.onnx, torch; print(json.dumps({'quark': quark.__version__, "
+             "'onnx': onnx.__version__, 'onnxruntime': onnxruntime.__version__, 'torch': torch.__version__, "
+             "'numpy': numpy.__version__}))")
+    try:
+        with log.open("w") as out:
+            for command in ([sys.executable, "-m", "venv", str(venv)],
+                            [str(python), "-m", "pip", "install", *QUARK_PACKAGES],
+                            [str(python), "-c", check]):
+                out.write(f"$ {' '.join(command)}\n")
+                out.flush()
+                subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                               check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        lines = [line.strip() for line in _tail(log).splitlines() if line.strip()]
+        reason = lines[-1][:300] if isinstance(exc, subprocess.CalledProcessError) and lines else _first_lines(exc, 300)
+        error = f"could not install Quark venv: {reason}"
+        say(f"  [red]Quark: {error}[/] — Quark configurations are recorded as failed; see {log}")
+        return {"error": error, "packages": list(QUARK_PACKAGES), "log": str(log)}
+    versions = json.loads(_tail(log).strip().splitlines()[-1])
+    size = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink())
+    info = {"python": str(python), "packages": list(QUARK_PACKAGES), "versions": versions,
+            "install_s": time.monotonic() - start, "size_bytes": size}
+    marker.write_text(json.dumps(info, indent=1))
+    say(f"  Quark: venv ready in {info['install_s']:.0f} s, {size / GiB:.1f} GB: " +
+        ", ".join(f"{k} {v}" for k, v in versions.items()))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
 # The benchmark of one model
 
 
@@ -613,6 +727,7 @@ def bench_model(spec: ModelSpec, args, configs: list[Config], work_root: Path) -
     from qcompile.models import minilm, mobilenetv2, smollm2
 
     entry = {"mobilenetv2": mobilenetv2.ENTRY, "minilm": minilm.ENTRY, "smollm2": smollm2.ENTRY}[spec.name]
+    configs = [c for c in configs if not c.models or spec.name in c.models]
     work = work_root / spec.name
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
@@ -663,9 +778,14 @@ def bench_model(spec: ModelSpec, args, configs: list[Config], work_root: Path) -
         rec = {"id": config.id, "tool": config.tool, "label": config.label, "params": config.params}
         out["configs"].append(rec)
         head = f"  [{i}/{len(configs)}] [bold]{config.id}[/]"
-        if spec.name in config.skip:
-            rec.update(status="skipped", error=config.skip[spec.name])
-            say(f"{head}: {config.skip[spec.name]}")
+        reason = config.skip.get(spec.name) or (config.skip_quick if args.quick else None)
+        if reason:
+            rec.update(status="skipped", error=reason)
+            say(f"{head}: {reason}")
+            continue
+        if config.tool == "quark" and "error" in args.quark:
+            rec.update(status="failed", stage="install", error=args.quark["error"])
+            say(f"{head}: [red]{args.quark['error']}[/]")
             continue
         if (config.tool == "ort" and config.params.get("method") in ("Entropy", "Percentile")
                 and minmax_peak and 1.5 * minmax_peak > args.mem_cap):
@@ -675,12 +795,13 @@ def bench_model(spec: ModelSpec, args, configs: list[Config], work_root: Path) -
             say(f"{head}: {reason}")
             continue
         model_path = work / "configs" / config.id / f"{spec.name}.onnx"
-        child_spec = {"tool": config.tool, "params": config.params, "output": str(model_path),
-                      "input": str(preprocessed if config.tool == "ort" else fp32_path),
-                      "calib": data["paths"]["calib"]}
+        source = preprocessed if config.tool == "ort" else fp32_path
+        child_spec = {"tool": config.tool, "params": config.params, "output": str(model_path), "input": str(source),
+                      "external_data": _has_external_data(source), "calib": data["paths"]["calib"]}
         say(f"{head}: quantizing")
-        comp = run_child("compile", child_spec, logs, f"{config.id}.compile", args.compile_timeout, args.mem_cap,
-                         config.id)
+        comp = run_child("compile", child_spec, logs, f"{config.id}.compile",
+                         max(args.compile_timeout, config.compile_timeout), args.mem_cap, config.id,
+                         python=args.quark["python"] if config.tool == "quark" else sys.executable)
         rec["compile"] = {"wall_s": comp.wall_s, "seconds": comp.result.get("seconds"),
                           "peak_rss_bytes": comp.peak_rss_bytes,
                           **{k: v for k, v in comp.result.items() if k not in ("status", "error", "seconds")}}
@@ -809,9 +930,19 @@ def table_rows(model: dict) -> tuple[list[str], list[list[str]], list[str]]:
     return header, rows, notes
 
 
+def quark_lines(quark: dict | None) -> list[str]:
+    if not quark:
+        return []
+    if "error" in quark:
+        return [f"* AMD Quark: {quark['error']}"]
+    return ["* AMD Quark: `QConfig.get_default_config(PRESET)` (\"-pc\": with `per_channel=True`), then "
+            "`ModelQuantizer(config).quantize_model(...)` on the fp32 model with the same calibration samples, in a "
+            "venv of its own: " + ", ".join(f"{k} {v}" for k, v in quark["versions"].items())]
+
+
 def write_markdown(path: Path, doc: dict) -> None:
     m = doc["machine"]
-    lines = [f"# INT8: qcompile vs ONNX Runtime's quantizer — {doc['date']}", "",
+    lines = [f"# INT8: qcompile vs ONNX Runtime's and AMD Quark's quantizers — {doc['date']}", "",
              f"* machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, "
              f"VNNI: {', '.join(m['vnni']) or 'none'} (AVX2 {'yes' if m['avx2'] else 'no'}, "
              f"AVX-512 {'yes' if m['avx512f'] else 'no'})",
@@ -825,6 +956,7 @@ def write_markdown(path: Path, doc: dict) -> None:
              "its compile seconds include `quant_pre_process`. ORT dynamic: `quantize_dynamic` (QInt8 weights) "
              "on the pre-processed model. qcompile: `qcompile.compile(...)` with default options "
              "(target ort-cpu), then `save`.",
+             *quark_lines(doc.get("quark")),
              "* peak GB: peak RSS of the quantizing process.", ""]
     for name, model in doc["models"].items():
         header, rows, notes = table_rows(model)
@@ -873,7 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the configurations and exit")
     parser.add_argument("--mem-cap-gb", type=float, default=20.0,
                         help="memory cap of each child: RLIMIT_DATA + RSS watchdog (clamped to available memory - 1 GB); default 20")
-    parser.add_argument("--compile-timeout", type=float, default=1200.0, help="seconds per quantization (1200)")
+    parser.add_argument("--compile-timeout", type=float, default=1200.0,
+                        help="seconds per quantization (1200; Quark's AdaRound gets at least 3600)")
     parser.add_argument("--eval-timeout", type=float, default=900.0, help="seconds per evaluation (900)")
     parser.add_argument("--latency-timeout", type=float, default=1200.0, help="seconds per latency child (1200)")
     parser.add_argument("--latency-rounds", type=int, default=5, help="interleaved rounds (full run; quick: 3)")
@@ -888,8 +1021,10 @@ def main(argv: list[str] | None = None) -> int:
     configs = configurations()
     if args.list:
         for c in configs:
-            skip = f"  (skipped on {', '.join(c.skip)})" if c.skip else ""
-            print(f"{c.id:28s} {'quick ' if c.quick else '      '}{c.label}{skip}")
+            notes = ([f"only {', '.join(c.models)}"] if c.models else []) + (
+                [f"skipped on {', '.join(c.skip)}"] if c.skip else []) + (["not in --quick"] if c.skip_quick else [])
+            notes_text = f"  ({'; '.join(notes)})" if notes else ""
+            print(f"{c.id:34s} {'quick ' if c.quick else '      '}{c.label}{notes_text}")
         return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -926,6 +1061,9 @@ def main(argv: list[str] | None = None) -> int:
             pass
     doc["settings"] = {"quick": args.quick, "mem_cap_gb": args.mem_cap / GiB, "compile_timeout_s": args.compile_timeout,
                        "threads": THREADS, "configs": [c.id for c in chosen], "work_dir": str(work_root)}
+    args.quark = {}
+    if any(c.tool == "quark" for c in chosen):
+        args.quark = doc["quark"] = quark_venv(cache_dir() / "bench" / QUARK_VENV)
     start = time.monotonic()
     for name in names:
         try:
