@@ -117,10 +117,10 @@ def configurations() -> list[Config]:
         configs.append(Config(f"qc-w8a8-{method}", "qcompile", f"qcompile w8a8 {method}",
                               {"recipe": "w8a8", "options": {"calib_method": method}, "calib": True},
                               quick=method in ("minmax", "entropy")))
-    # 7-bit INT8 weights: ONNX Runtime's faster u8 x s8 kernels, exact without VNNI too (the default
-    # u8 x u8 grid keeps one more bit but runs on slower kernels).
-    configs.append(Config("qc-w8a8-minmax-7bit", "qcompile", "qcompile w8a8 minmax, cpu=7bit",
-                          {"recipe": "w8a8", "options": {"cpu": "7bit"}, "calib": True}))
+    # The plain 8-bit grid stored as UINT8 (u8 x u8 kernels, exact everywhere but slower; the default until
+    # 2026-11-22), next to the default's pair-limited INT8 weights on the faster u8 x s8 kernels.
+    configs.append(Config("qc-w8a8-minmax-u8u8", "qcompile", "qcompile w8a8 minmax, cpu=u8u8",
+                          {"recipe": "w8a8", "options": {"cpu": "u8u8"}, "calib": True}))
     configs.append(Config("qc-w8a8-dynamic", "qcompile", "qcompile w8a8-dynamic",
                           {"recipe": "w8a8-dynamic", "options": {}, "calib": True}, quick=True))
     configs.append(Config("qc-w8a16", "qcompile", "qcompile w8a16 (weight-only)",

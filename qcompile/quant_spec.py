@@ -7,6 +7,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.targets import limit_pairs, pair_sums
+
 # Key under which a `QuantSpec` is stored in `value.meta`.
 QUANT_SPEC_KEY = "qcompile.quant_spec"
 # Metadata (saved with the model) on a tensor the compiler rescaled per channel: JSON
@@ -29,6 +31,8 @@ class QuantSpec:
 
     ``axis`` is None for per-tensor; ``scale`` and ``zero_point`` then are scalars, else 1-D along
     ``axis``. ``qmin``/``qmax`` may be narrower than the dtype (e.g. 7-bit weights for AVX2).
+    ``pair_limit``: neighbouring same-signed levels along ``reduction_axes`` add up to at most this
+    (`qcompile.targets.limit_pairs`), for integer kernels that add pairs of products in 16 bits.
     """
 
     dtype: ir.DataType
@@ -39,6 +43,8 @@ class QuantSpec:
     method: str = "minmax"
     qmin: int | None = None
     qmax: int | None = None
+    pair_limit: int | None = None
+    reduction_axes: tuple[int, ...] = ()
 
     @property
     def bounds(self) -> tuple[int, int]:
@@ -56,7 +62,10 @@ class QuantSpec:
         lo, hi = self.bounds
         scale = self._broadcast(self.scale, x.ndim)
         zero_point = self._broadcast(self.zero_point.astype(np.int64), x.ndim)
-        q = np.clip(np.rint(x.astype(np.float64) / scale) + zero_point, lo, hi)
+        real = x.astype(np.float64) / scale
+        q = np.clip(np.rint(real) + zero_point, lo, hi)
+        if self.pair_limit is not None:  # symmetric weights: zero point 0
+            q = limit_pairs(q, real, self.reduction_axes, self.pair_limit)
         return q.astype(self.numpy_dtype)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
@@ -76,19 +85,33 @@ class QuantSpec:
         }[self.dtype]
 
 
-def symmetric_weight_spec(weight: np.ndarray, axis: int | None, dtype: ir.DataType, qmax: int) -> QuantSpec:
+def symmetric_weight_spec(weight: np.ndarray, axis: int | None, dtype: ir.DataType, qmax: int,
+                          pair_limit: int | None = None, reduction_axes: tuple[int, ...] = ()) -> QuantSpec:
     """Symmetric min/max spec for a weight, per channel along ``axis`` (or per tensor).
 
     Levels are -qmax..qmax around the zero point: 0 for INT8, 128 for UINT8 (the same grid stored
-    unsigned, for u8 x u8 integer kernels).
+    unsigned, for u8 x u8 integer kernels). ``pair_limit`` (INT8 only) and ``reduction_axes``: see `QuantSpec`.
     """
     reduce_axes = tuple(i for i in range(weight.ndim) if i != axis) if axis is not None else None
-    amax = np.abs(weight).max(axis=reduce_axes).astype(np.float32)
+    step = np.abs(weight).max(axis=reduce_axes) / qmax
+    if pair_limit is not None:  # a step coarse enough that no pair of real values exceeds the limit
+        step = np.maximum(step, _reduce_to(pair_sums(weight, reduction_axes), axis, reduction_axes, weight.ndim)
+                          / pair_limit)
     # An all-zero channel quantizes exactly with any positive scale.
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    scale = np.where(step > 0, step, 1.0).astype(np.float32)
     center = 128 if dtype == ir.DataType.UINT8 else 0
     zero_point = np.full(scale.shape, center, dtype=np.uint8 if dtype == ir.DataType.UINT8 else np.int8)
-    return QuantSpec(dtype, scale, zero_point, axis=axis, symmetric=True, qmin=center - qmax, qmax=center + qmax)
+    return QuantSpec(dtype, scale, zero_point, axis=axis, symmetric=True, qmin=center - qmax, qmax=center + qmax,
+                     pair_limit=pair_limit, reduction_axes=reduction_axes)
+
+
+def _reduce_to(per_row: np.ndarray, axis: int | None, reduction_axes: tuple[int, ...], rank: int) -> np.ndarray:
+    """Max of ``per_row`` (indexed by the axes not in ``reduction_axes``, in order) down to ``axis`` (or a scalar)."""
+    others = [a for a in range(rank) if a not in reduction_axes]
+    if axis is None:
+        return per_row.max(initial=0.0)
+    keep = others.index(axis)
+    return per_row.max(axis=tuple(i for i in range(per_row.ndim) if i != keep), initial=0.0)
 
 
 def activation_spec(lo: float, hi: float, dtype: ir.DataType, method: str) -> QuantSpec:

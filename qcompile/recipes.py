@@ -51,8 +51,13 @@ class Parameter:
     default: bool | int | float | str
     help: str
 
-    def parse(self, key: str, text: str) -> bool | int | float | str:
+    def parse(self, key: str, text) -> bool | int | float | str:
+        """``text`` from the command line or a config file, or an already typed value (Python API)."""
         kind = type(self.default)
+        if not isinstance(text, str):
+            if type(text) is kind or (kind is float and type(text) is int):
+                return kind(text)
+            raise UsageError(f"option {key}: expected {kind.__name__}, got {text!r}")
         if kind is bool:
             if text.lower() not in ("true", "false"):
                 raise UsageError(f"option {key}: expected true or false, got {text!r}")
@@ -153,13 +158,13 @@ def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
 def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
     """Weight specs for integer kernels: on ort-cpu and portable ONNX (which ONNX Runtime's CPU kernels
     may run), as the deployment CPU needs (`qcompile.targets`)."""
-    dtype, qmax = ir.DataType.INT8, 127
+    dtype, qmax, pair_limit = ir.DataType.INT8, 127, None
     if settings.target in ("ort-cpu", "portable"):
         profile = cpu_profile(settings.options["cpu"])
-        dtype, qmax = ir.DataType.UINT8 if profile.weight_dtype == "uint8" else ir.DataType.INT8, profile.weight_qmax
+        dtype = ir.DataType.UINT8 if profile.weight_dtype == "uint8" else ir.DataType.INT8
+        qmax, pair_limit = profile.weight_qmax, profile.pair_limit
     return WeightSpecOptions(per_channel=settings.options["per_channel"], exclude=settings.excluded,
-                             nodes=settings.nodes, dtype=dtype,
-                             qmax=qmax, **options)
+                             nodes=settings.nodes, dtype=dtype, qmax=qmax, pair_limit=pair_limit, **options)
 
 
 def _alpha(text: str) -> float | None:
@@ -241,8 +246,9 @@ def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
 _PER_CHANNEL = Parameter(True, "one scale per output channel (false: one per tensor)")
 _BIAS_CORRECTION = Parameter(True, "subtract the mean output shift of weight rounding from each bias, "
                                    "measured on the calibration data (needs --calib)")
-_CPU = Parameter("any", "CPU the model deploys on (ort-cpu, portable): any (u8 x u8 kernels, exact on every x86), vnni (s8 weights), "
-                        "7bit, native (detect this machine)")
+_CPU = Parameter("any", "CPU the model deploys on (ort-cpu, portable): any (8-bit weights with pair sums limited: "
+                        "u8 x s8 kernels exact on every x86), vnni (full-range s8 weights), u8u8 (slower u8 x u8 "
+                        "kernels), 7bit, native (detect this machine)")
 _EMBEDDINGS = Parameter(True, "store the tables of embedding Gathers as INT8, one scale per row")
 _SMOOTHQUANT = Parameter("auto", "SmoothQuant for MatMul inputs: auto (alpha per tensor by estimated noise, "
                                  "or none), off, or a fixed alpha in (0, 1]; needs --calib")

@@ -6,8 +6,9 @@
   not symmetric INT8 with zero point 0, per-channel weight scales on another axis than the output
   channels;
 * `ort-cpu` (and `portable`, which ONNX Runtime's CPU kernels may run): u8 x s8 products with
-  weights beyond +-64, which saturate in the int16 pair sums of the AVX2 kernels of CPUs without
-  VNNI (KERNELS.md); u8 x u8 and 7-bit weights are exact everywhere.
+  same-signed weight pairs beyond 128, which saturate in the int16 pair sums of the AVX2 kernels of
+  CPUs without VNNI (KERNELS.md, `qcompile.targets`); u8 x u8, 7-bit and pair-limited weights are
+  exact everywhere.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import onnx_ir as ir
 
 from qcompile.graph import all_nodes, constant_array
 from qcompile.passes.analysis.assign_weight_specs import weight_axis
+from qcompile.targets import PAIR_LIMIT, reduction_axes, worst_pair_sum
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 ORT_DOMAINS = (*STANDARD_DOMAINS, "com.microsoft")
@@ -23,8 +25,6 @@ ORT_DOMAINS = (*STANDARD_DOMAINS, "com.microsoft")
 INTEGER_OPS = {"ConvInteger": (1, 3), "MatMulInteger": (1, 3), "QLinearConv": (3, 5), "QLinearMatMul": (3, 5),
                "QGemm": (3, 5), "DynamicQuantizeMatMul": (1, 3), "MatMulIntegerToFloat": (1, 5)}
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-# The largest |weight - zero point| whose u8 x s8 pair sums fit in int16: 2 * 255 * 64 = 32640.
-AVX2_SAFE_WEIGHT = 64
 
 
 def target_problems(model: ir.Model, target: str) -> list[str]:
@@ -71,7 +71,7 @@ def _tensorrt(node: ir.Node) -> list[str]:
 
 
 def _avx2_saturation(node: ir.Node) -> list[str]:
-    """u8 x s8 with weights beyond +-64, in integer ops or in a DequantizeLinear -> Conv/MatMul/Gemm group."""
+    """u8 x s8 with weight pairs beyond `PAIR_LIMIT`, in integer ops or in a DequantizeLinear -> Conv/MatMul/Gemm group."""
     if node.op_type in INTEGER_OPS:
         weight_index, zero_point_index = INTEGER_OPS[node.op_type]
         weight, zero_point = _input(node, weight_index), _input(node, zero_point_index)
@@ -89,12 +89,16 @@ def _avx2_saturation(node: ir.Node) -> list[str]:
         return []
     if zero_point is not None and np.any(zero_point != zero_point.flat[0]):
         return []  # distinct per-channel zero points: not a layout qcompile or ONNX Runtime's quantizer writes
-    center = 0 if zero_point is None else int(zero_point.flat[0])
-    largest = int(np.abs(weight.astype(np.int32) - center).max()) if weight.size else 0
-    if largest <= AVX2_SAFE_WEIGHT:
+    axes = reduction_axes(node.op_type, weight.shape, node.attributes.get_int("group", 1),
+                          bool(node.attributes.get_int("transB", 0)))
+    if axes is None:
         return []
-    return [f"u8 x s8 with INT8 weights up to {largest}: saturates on x86 CPUs without VNNI (AVX2); "
-            f"compile with --option cpu=any (u8 x u8) or cpu=7bit"]
+    center = 0 if zero_point is None else int(zero_point.flat[0])
+    largest = worst_pair_sum(weight.astype(np.int32) - center, axes)
+    if largest <= PAIR_LIMIT:
+        return []
+    return [f"u8 x s8 with INT8 weight pairs adding up to {largest} (> {PAIR_LIMIT}): saturates on x86 CPUs without "
+            f"VNNI (AVX2); compile with --option cpu=any"]
 
 
 def _quantized_dtype(dequantize: ir.Node) -> ir.DataType:

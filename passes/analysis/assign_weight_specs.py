@@ -10,6 +10,7 @@ from qcompile.config import NodeSettings, settings_for
 from qcompile.graph import constant_array, has_subgraph, name_matches
 from qcompile.notes import add_note
 from qcompile.quant_spec import QUANT_SPEC_KEY, symmetric_weight_spec
+from qcompile.targets import reduction_axes
 
 # Per-axis DequantizeLinear (the `axis` attribute) exists from opset 13.
 MIN_OPSET_PER_CHANNEL = 13
@@ -40,6 +41,8 @@ class WeightSpecOptions:
     # before the op, so it never meets integer kernels and takes the defaults.
     dtype: ir.DataType = ir.DataType.INT8
     qmax: int = 127
+    # Integer kernels that add products in pairs in 16 bits (`qcompile.targets.limit_pairs`); None: no limit.
+    pair_limit: int | None = None
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")
     nodes: tuple[NodeSettings, ...] = ()  # per-node per_channel
@@ -77,12 +80,21 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
                 continue
             per_channel = settings_for(self.options.nodes, node.name).get("per_channel", self.options.per_channel)
             weight.meta[QUANT_SPEC_KEY] = symmetric_weight_spec(
-                array, axis if per_channel and per_axis_ok else None, self.options.dtype, self.options.qmax
+                array, axis if per_channel and per_axis_ok else None, self.options.dtype, self.options.qmax,
+                *self._pair_limit(node, array.shape),
             )
             modified = True
         if in_subgraphs:
             add_note(model, f"{in_subgraphs} control-flow node(s): weights inside their subgraphs left float")
         return ir.passes.PassResult(model, modified=modified)
+
+    def _pair_limit(self, node: ir.Node, shape: tuple[int, ...]) -> tuple[int | None, tuple[int, ...]]:
+        """The pair limit and the reduction order of ``node``'s integer kernel, where it adds pairs."""
+        axes = reduction_axes(node.op_type, shape, node.attributes.get_int("group", 1),
+                              bool(node.attributes.get_int("transB", 0)))
+        if self.options.pair_limit is None or axes is None:
+            return None, ()
+        return self.options.pair_limit, axes
 
     def _excluded(self, node: ir.Node) -> bool:
         return name_matches(node.name, self.options.exclude)

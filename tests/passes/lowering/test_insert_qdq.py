@@ -46,12 +46,10 @@ def test_cnn_gets_qdq_int32_bias_and_ort_fuses_it_into_integer_convs(tmp_path):
         assert x.producer().op_type == "DequantizeLinear"
         assert x.producer().inputs[0].producer().op_type == "QuantizeLinear"
         assert b.producer().inputs[0].const_value.dtype.name == "INT32"
-        # ort-cpu's default profile: the symmetric 8-bit grid stored as UINT8 around 128, which
-        # ONNX Runtime runs on u8 x u8 kernels, exact on CPUs without VNNI too.
+        # ort-cpu's default profile: symmetric INT8 with pair sums limited (exact on CPUs without VNNI too)
         weight_q, _, zero_point = (v.const_value.numpy() for v in w.producer().inputs)
-        assert weight_q.dtype == np.uint8 and np.all(zero_point == 128)
-        assert np.abs(weight_q.astype(int) - 128).max() == 127
-    assert result.report["cpu"]["weight_dtype"] == "uint8"
+        assert weight_q.dtype == np.int8 and np.all(zero_point == 0)
+    assert result.report["cpu"]["weight_dtype"] == "int8" and result.report["cpu"]["pair_limit"] == 128
     fused = _ort_optimized_ops(out, tmp_path)
     assert fused.count("QLinearConv") == 3
     feed = random_feed(model, batch=4, seed=7)
