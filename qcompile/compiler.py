@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 
 import qcompile
-from qcompile.config import CompileConfig
+from qcompile.config import CompileConfig, NodeSettings
 from qcompile.data import model_inputs
 from qcompile.errors import UsageError
 from qcompile.io import load_model, save_model
@@ -81,6 +81,18 @@ class CompileResult:
 DATA_PASSES = {"calibrate-activations", "correct-bias", "smooth-activations", "equalize-depthwise-inputs"}
 
 
+# [[nodes]] keys and the pass that reads them.
+NODE_SETTING_READERS = {"calib_method": "calibrate-activations", "percentile": "calibrate-activations",
+                        "per_channel": "assign-weight-specs"}
+
+
+def unused_node_settings(nodes: tuple[NodeSettings, ...], recipe: str, pass_names: set[str]) -> list[str]:
+    """A note for each [[nodes]] key that no pass of the recipe reads."""
+    given = {key for table in nodes for key in NODE_SETTING_READERS if getattr(table, key) is not None}
+    return [f"[[nodes]] {key}: recipe {recipe} does not run {NODE_SETTING_READERS[key]}, so it was not used"
+            for key in sorted(given) if NODE_SETTING_READERS[key] not in pass_names]
+
+
 def compile(input: str | os.PathLike, recipe: str | None = None, target: str | None = None,
             calib: str | None = None, calib_size: int | None = None, options: dict[str, str] | None = None,
             exclude: tuple[str, ...] = (), config: str | os.PathLike | None = None, verify_each: bool = False,
@@ -115,7 +127,8 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         "size_bytes": {"before": file_bytes(input_path), "after": None},
         "layers": layer_precisions(model),
         "notes": notes(model) + ([f"recipe {chosen.name} as set up reads no data: --calib {calib} was not used"]
-                                 if calib and not DATA_PASSES & names else []),
+                                 if calib and not DATA_PASSES & names else []) + unused_node_settings(settings.nodes,
+                                                                                                      chosen.name, names),
         "cpu": asdict(cpu_profile(resolved["cpu"])) if settings.target in ("ort-cpu", "portable") and "cpu" in resolved
         else None,
         "verification": None,

@@ -6,10 +6,11 @@ Each integer op replaces the DequantizeLinear -> float op -> QuantizeLinear grou
 * ``Q(MatMul(DQ(a), DQ(b))) -> QLinearMatMul``,
 * ``Q(Add(DQ(a), DQ(b))) -> com.microsoft.QLinearAdd``,
 * ``MatMul(DQ(a), DQ(b))`` with a float output -> ``com.microsoft.MatMulIntegerToFloat``,
+* ``Gemm(DQ(a), DQ(b), DQ(c)?)``, with a float output or followed by a Q -> ``com.microsoft.QGemm``,
 
 also across a Relu or Clip between the op and the Q when the Q's own range already lies inside the
 Clip's bounds (then saturation to the integer range is the clip). Groups that do not fit (float outputs
-of Conv/Gemm such as logits, per-channel activations, a bias not on the x_scale * w_scale grid) stay in
+of Conv, per-channel activations, a bias not on the x_scale * w_scale grid) stay in
 QDQ form, which ONNX Runtime runs as well. The DQ nodes that no longer have readers are left to
 dead-code elimination.
 """
@@ -95,6 +96,28 @@ class _QLinearRule(RewriteRuleClassBase):
         return result
 
 
+def _check_integer_bias(result: MatchResult, node: ir.Node, a_scale: ir.Value, w_scale: np.ndarray) -> MatchResult:
+    """The bias (input 2), if any, must be INT32 on the a_scale * w_scale grid, behind a DequantizeLinear."""
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is None:
+        return result
+    dq = bias.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].dtype != ir.DataType.INT32:
+        return result.fail("the bias is not an INT32 tensor behind a DequantizeLinear")
+    bias_scale = constant_array(dq.inputs[1])
+    zero_point = constant_array(dq.inputs[2] if len(dq.inputs) > 2 else None)
+    expected = constant_array(a_scale) * w_scale
+    if bias_scale is None or not np.allclose(bias_scale, expected, rtol=1e-6) or (
+            zero_point is not None and np.any(zero_point != 0)):
+        return result.fail("the bias is not on the x_scale * w_scale grid with zero point 0")
+    return result
+
+
+def _integer_bias(node: ir.Node) -> list[ir.Value]:
+    """The INT32 tensor behind the bias DequantizeLinear, as a list of zero or one inputs."""
+    return [node.inputs[2].producer().inputs[0]] if len(node.inputs) > 2 and node.inputs[2] is not None else []
+
+
 class QLinearConvRule(_QLinearRule):
     op_type = "Conv"
 
@@ -102,23 +125,11 @@ class QLinearConvRule(_QLinearRule):
         w_scale = constant_array(b_scale)
         if w_scale is None or (w_scale.size > 1 and b_dq.producer().attributes.get_int("axis", 1) != 0):
             return result.fail("the weight is not quantized per tensor or per output channel")
-        bias = y.producer().inputs[2] if len(y.producer().inputs) > 2 else None
-        if bias is None:
-            return result
-        dq = bias.producer()
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].dtype != ir.DataType.INT32:
-            return result.fail("the bias is not an INT32 tensor behind a DequantizeLinear")
-        bias_scale = constant_array(dq.inputs[1])
-        zero_point = constant_array(dq.inputs[2] if len(dq.inputs) > 2 else None)
-        expected = constant_array(a_scale) * w_scale
-        if bias_scale is None or not np.allclose(bias_scale, expected, rtol=1e-6) or (
-                zero_point is not None and np.any(zero_point != 0)):
-            return result.fail("the bias is not on the x_scale * w_scale grid with zero point 0")
-        return result
+        return _check_integer_bias(result, y.producer(), a_scale, w_scale)
 
     def rewrite(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, y, **_):
         conv = y.producer()
-        bias = [conv.inputs[2].producer().inputs[0]] if len(conv.inputs) > 2 and conv.inputs[2] is not None else []
+        bias = _integer_bias(conv)
         attributes = {name: attr.value for name, attr in conv.attributes.items()}
         out = op.QLinearConv(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, *bias,
                              **attributes)
@@ -173,15 +184,71 @@ class MatMulIntegerToFloatRule(RewriteRuleClassBase):
         return out
 
 
+class _QGemmRule(RewriteRuleClassBase):
+    """Gemm(DQ(a), DQ(b), DQ(c)?) -> com.microsoft.QGemm: weights per tensor or per output column, an
+    INT32 bias on the a_scale * b_scale grid; see the two subclasses for the output."""
+
+    def gemm(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point):
+        a_dq = op.DequantizeLinear(a, a_scale, a_zero_point)
+        b_dq = op.DequantizeLinear(b, b_scale, b_zero_point, _outputs=["b_dq"])
+        return op.Gemm(a_dq, b_dq, _allow_other_inputs=True, _outputs=["y"])
+
+    def check(self, context, a_scale, a_zero_point, b, b_scale, b_zero_point, b_dq, y, **_) -> MatchResult:
+        result = MatchResult()
+        gemm = y.producer()
+        if constant_array(a_zero_point) is None or constant_array(b_zero_point) is None:
+            return result.fail("a zero point is missing or not constant")
+        if not _per_tensor(a_scale):
+            return result.fail("a is not quantized per tensor")
+        if gemm.attributes.get_float("beta", 1.0) != 1.0:
+            return result.fail("beta is not 1 (QGemm adds its bias as it is)")
+        w_scale = constant_array(b_scale)
+        columns_axis = 0 if gemm.attributes.get_int("transB", 0) else 1
+        if w_scale is None or (w_scale.size > 1 and b_dq.producer().attributes.get_int("axis", 1) != columns_axis):
+            return result.fail("b is not quantized per tensor or per output column")
+        return _check_integer_bias(result, gemm, a_scale, w_scale)
+
+    def qgemm(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y, *output_grid):
+        gemm = y.producer()
+        bias = _integer_bias(gemm) or [None]
+        attributes = {name: attr.value for name, attr in gemm.attributes.items() if name != "beta"}
+        out = op.QGemm(a, a_scale, a_zero_point, b, b_scale, b_zero_point, *bias, *output_grid,
+                       _domain="com.microsoft", **attributes)
+        out.producer().name = gemm.name
+        return out
+
+
+class QGemmFloatOutputRule(_QGemmRule):
+    def pattern(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point):
+        return self.gemm(op, a, a_scale, a_zero_point, b, b_scale, b_zero_point)
+
+    def rewrite(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y, **_):
+        return self.qgemm(op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y)
+
+
+class QGemmQuantizedOutputRule(_QGemmRule):
+    def pattern(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
+        return op.QuantizeLinear(self.gemm(op, a, a_scale, a_zero_point, b, b_scale, b_zero_point), y_scale,
+                                 y_zero_point)
+
+    def check(self, context, y_scale, y_zero_point, **bound) -> MatchResult:
+        if not _per_tensor(y_scale) or constant_array(y_zero_point) is None:
+            return MatchResult().fail("the output is not quantized per tensor with a constant zero point")
+        return super().check(context, **bound)
+
+    def rewrite(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y, y_scale, y_zero_point, **_):
+        return self.qgemm(op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y, y_scale, y_zero_point)
+
+
 qlinear_rules = RewriteRuleSet([rule.rule(activation) for rule in (QLinearConvRule, QLinearMatMulRule, QLinearAddRule)
-                                for activation in ACTIVATIONS])
-# Second, so that a MatMul whose output is quantized becomes a QLinearMatMul where it can.
-float_output_rules = RewriteRuleSet([MatMulIntegerToFloatRule.rule()])
+                                for activation in ACTIVATIONS] + [QGemmQuantizedOutputRule.rule()])
+# Second, so that a MatMul / Gemm whose output is quantized becomes a QLinearMatMul / QGemm with that grid.
+float_output_rules = RewriteRuleSet([MatMulIntegerToFloatRule.rule(), QGemmFloatOutputRule.rule()])
 
 
 class LowerQOperatorPass(ir.passes.InPlacePass):
-    """Replace DQ -> Conv/MatMul/Add (-> Relu/Clip) -> Q groups by ONNX Runtime's integer ops
-    (QLinearConv, QLinearMatMul, com.microsoft.QLinearAdd)."""
+    """Replace DQ -> Conv/MatMul/Gemm/Add (-> Relu/Clip) -> Q groups by ONNX Runtime's integer ops
+    (QLinearConv, QLinearMatMul, com.microsoft QGemm / QLinearAdd / MatMulIntegerToFloat)."""
 
     name = "lower-qoperator"
 

@@ -109,3 +109,14 @@ def test_cli_reports_a_bad_table_in_one_line(cnn, tmp_path, capsys):
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "[[nodes]] table 1: unknown key 'bits'" in lines[0]
+
+
+def test_node_settings_a_recipe_does_not_read_are_noted(cnn, tmp_path):
+    path, calib = cnn
+    config = tmp_path / "weights-only.toml"
+    config.write_text('recipe = "w8a16"\n[[nodes]]\nmatch = ["*"]\ncalib_method = "percentile"\nper_channel = false\n')
+    notes = qcompile.compile(path, calib=calib, config=config).report["notes"]
+    assert any("calib_method" in n and "calibrate-activations" in n for n in notes)
+    assert not any("per_channel" in n and "not used" in n for n in notes)  # w8a16 reads it
+    config.write_text('recipe = "w8a8"\n[[nodes]]\nmatch = ["*"]\ncalib_method = "percentile"\n')
+    assert not any("[[nodes]]" in n for n in qcompile.compile(path, calib=calib, config=config).report["notes"])

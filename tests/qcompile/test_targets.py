@@ -122,6 +122,14 @@ def test_onnx_runtime_matmul_kernels_pair_along_k(m, k, n):
                     {"w": w, "s": np.ones(n, np.float32), "z": np.zeros(n, np.int8)}, TensorProto.FLOAT)
     q = np.rint(x / (2.0 / 255))
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], (q @ w.astype(np.float64)) * (2.0 / 255), rtol=1e-5)
+    transposed = np.ascontiguousarray(w.T)  # QGemm with transB = 1: pairs along K, the weight's axis 1
+    assert worst_pair_sum(transposed, reduction_axes("QGemm", transposed.shape, trans_b=True)) == PAIR_LIMIT
+    sess = _session(helper.make_node("QGemm", ["a", "one", "zero", "w", "s", "z"], ["y"], domain="com.microsoft",
+                                      transB=1),
+                    [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+                    {"one": np.array(1.0, np.float32), "zero": np.array(0, np.uint8), "w": transposed,
+                     "s": np.ones(n, np.float32), "z": np.zeros(n, np.int8)}, TensorProto.FLOAT)
+    np.testing.assert_array_equal(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w.astype(np.float64))
 
 
 @pytest.mark.parametrize("channels, outputs, kernel, group", [(64, 32, 1, 1), (66, 32, 3, 1), (3, 32, 3, 1),

@@ -37,8 +37,8 @@ def test_cnn_runs_on_qlinear_ops_with_the_qdq_models_numbers(tmp_path):
     qdq, qop = _compile_both(tmp_path, synthetic.cnn)
 
     ops = op_types(qop)
-    assert ops.count("QLinearConv") == 3 and ops.count("QLinearAdd") == 1
-    assert not {"Conv", "Clip", "Add"} & set(ops)  # the ReLU6 clips are implied by the u8 output grids
+    assert ops.count("QLinearConv") == 3 and ops.count("QLinearAdd") == 1 and ops.count("QGemm") == 1
+    assert not {"Conv", "Clip", "Add", "Gemm"} & set(ops)  # the ReLU6 clips are implied by the u8 output grids
     feed = random_feed(qdq, batch=4, seed=3)
     assert _sqnr(_fake_quant(qdq, feed), run(qop, feed)[0]) > 30
     assert not LowerQOperatorPass()(qop).modified
@@ -107,3 +107,47 @@ def test_matmul_with_a_quantized_output_and_per_column_weight_becomes_qlinear_ma
 
     assert op_types(model) == ["QuantizeLinear", "QLinearMatMul", "DequantizeLinear"]
     np.testing.assert_allclose(run(model, feed)[0], expected, atol=0.05 * 1.01)
+
+
+@pytest.mark.parametrize("quantized_output", [False, True])
+def test_gemm_with_int32_bias_becomes_qgemm(quantized_output):
+    tail = "yq = QuantizeLinear(m, ys, yz)\n            y = DequantizeLinear(yq, ys, yz)" if quantized_output \
+        else "y = Identity(m)"
+    model = parse(f"""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[3, 4] x) => (float[3, 2] y)
+            <float s = {{0.03}}, uint8 z = {{128}}, int8[2, 4] w = {{10, -20, 30, 40, -50, 60, 70, -80}},
+             float[2] ws = {{0.01, 0.02}}, int8[2] wz = {{0, 0}}, int32[2] b = {{100, -300}},
+             float[2] bs = {{0.0003, 0.0006}}, int32[2] bz = {{0, 0}}, float ys = {{0.05}}, uint8 yz = {{100}}> {{
+            q = QuantizeLinear(x, s, z)
+            d = DequantizeLinear(q, s, z)
+            wd = DequantizeLinear<axis = 0>(w, ws, wz)
+            bd = DequantizeLinear<axis = 0>(b, bs, bz)
+            m = Gemm<transB = 1>(d, wd, bd)
+            {tail}
+        }}""")
+    feed = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
+    expected = _fake_quant(model, feed)
+
+    assert apply(model, LowerQOperatorPass())
+
+    qgemm = [n for n in model.graph if n.op_type == "QGemm"]
+    assert len(qgemm) == 1 and qgemm[0].domain == "com.microsoft" and "Gemm" not in op_types(model)
+    assert (len(qgemm[0].inputs) == 9) == quantized_output  # y_scale, y_zero_point
+    np.testing.assert_allclose(run(model, feed)[0], expected, atol=0.05 * 1.01 if quantized_output else 1e-5)
+
+
+def test_gemm_with_a_scaled_bias_stays_qdq():
+    # on the a_scale * w_scale grid (0.03 * 0.01), but QGemm has no beta
+    model = parse("""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[3, 4] x) => (float[3, 2] y)
+            <float s = {0.03}, uint8 z = {128}, int8[2, 4] w = {10, -20, 30, 40, -50, 60, 70, -80},
+             float ws = {0.01}, int8 wz = {0}, int32[2] b = {100, -300}, float bs = {0.0003}, int32 bz = {0}> {
+            q = QuantizeLinear(x, s, z)
+            d = DequantizeLinear(q, s, z)
+            wd = DequantizeLinear(w, ws, wz)
+            bd = DequantizeLinear(b, bs, bz)
+            y = Gemm<transB = 1, beta = 2.0>(d, wd, bd)
+        }""")
+    assert not LowerQOperatorPass()(model).modified
