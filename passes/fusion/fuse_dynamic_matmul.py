@@ -104,11 +104,12 @@ class GemmDequantizedWeight(_Lowering):
         return self.emit(op, x, weight_q, scale, zero_point, bias, gemm.name)
 
 
-def rules(contrib: bool) -> RewriteRuleSet:
-    return RewriteRuleSet([
-        MatMulAddDequantizedWeight.rule(contrib), MatMulDequantizedWeight.rule(contrib),
-        GemmDequantizedWeight.rule(contrib),
-    ], commute=True)
+def rules(contrib: bool) -> list[RewriteRuleSet]:
+    """Two rounds: the rewriter visits nodes in order, so a bare-MatMul rule in the first round would take
+    each MatMul before the rule rooted at its bias Add got to see it."""
+    return [RewriteRuleSet([MatMulAddDequantizedWeight.rule(contrib), GemmDequantizedWeight.rule(contrib)],
+                           commute=True),
+            RewriteRuleSet([MatMulDequantizedWeight.rule(contrib)])]
 
 
 class FuseDynamicMatMulPass(ir.passes.InPlacePass):
@@ -121,4 +122,7 @@ class FuseDynamicMatMulPass(ir.passes.InPlacePass):
         self.rules = rules(contrib)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        return ir.passes.PassResult(model, modified=bool(self.rules.apply_to_model(model)))
+        modified = False
+        for rule_set in self.rules:
+            modified = bool(rule_set.apply_to_model(model)) or modified
+        return ir.passes.PassResult(model, modified=modified)

@@ -55,3 +55,16 @@ def test_activation_matmuls_and_excluded_weights_stay_float():
           FuseDynamicMatMulPass(contrib=True), EliminateDeadCodePass())
     matmuls = {n.name for n in model.graph if n.op_type == "MatMul"}
     assert matmuls == {"scores", "context", "fc2"}
+
+
+def test_biases_of_token_matmuls_go_into_the_fused_op():
+    model = synthetic.transformer_block()  # 3-D MatMul + Add: not turned into Gemm
+    reference = clone(model)
+
+    assert _lower(model, contrib=True)
+
+    fused = [n for n in model.graph if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(fused) == 6 and all(len(n.inputs) == 5 for n in fused)
+    assert not any(n.op_type == "Add" and n.inputs[0].producer() in fused for n in model.graph)
+    feed = random_feed(model, batch=2)
+    assert _sqnr(run(reference, feed)[0], run(model, feed)[0]) > 25
