@@ -6,6 +6,10 @@ rewrites it to
 
 * ONNX Runtime's ``com.microsoft.DynamicQuantizeMatMul`` (``contrib=True``, the ort-cpu lowering), or
 * standard ops: ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul`` (portable).
+
+With ``contrib=True``, matmuls that read the same activation (a transformer's Q/K/V projections) then
+share one ``DynamicQuantizeLinear`` and become ``com.microsoft.MatMulIntegerToFloat``: the activation is
+quantized once instead of once per matmul, with the same numbers.
 """
 from __future__ import annotations
 
@@ -112,6 +116,34 @@ def rules(contrib: bool) -> list[RewriteRuleSet]:
             RewriteRuleSet([MatMulDequantizedWeight.rule(contrib)])]
 
 
+def share_input_quantization(graph: ir.Graph) -> bool:
+    """DynamicQuantizeMatMul nodes reading one activation -> one DynamicQuantizeLinear feeding a
+    MatMulIntegerToFloat per node."""
+    readers: dict[ir.Value, list[ir.Node]] = {}
+    for node in graph:
+        if node.op_type == "DynamicQuantizeMatMul" and node.domain == "com.microsoft":
+            readers.setdefault(node.inputs[0], []).append(node)
+    modified = False
+    for x, nodes in readers.items():
+        if len(nodes) < 2:
+            continue
+        quantize = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{nodes[0].name}_shared_quantize")
+        graph.insert_before(nodes[0], quantize)
+        x_q, x_scale, x_zero_point = quantize.outputs
+        for node in nodes:
+            weight_q, scale, zero_point, *bias = node.inputs[1:]
+            matmul = ir.node("MatMulIntegerToFloat", [x_q, weight_q, x_scale, scale, x_zero_point, zero_point, *bias],
+                             domain="com.microsoft", name=node.name)
+            graph.insert_before(node, matmul)
+            output, replacement = node.outputs[0], matmul.outputs[0]
+            replacement.type, replacement.shape = output.type, output.shape
+            output.replace_all_uses_with(replacement, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            replacement.name = output.name
+        modified = True
+    return modified
+
+
 class FuseDynamicMatMulPass(ir.passes.InPlacePass):
     """Rewrite MatMul/Gemm on dequantized INT8 weights to quantize their activations at run time."""
 
@@ -119,10 +151,13 @@ class FuseDynamicMatMulPass(ir.passes.InPlacePass):
 
     def __init__(self, contrib: bool = True):
         super().__init__()
+        self.contrib = contrib
         self.rules = rules(contrib)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for rule_set in self.rules:
             modified = bool(rule_set.apply_to_model(model)) or modified
+        if self.contrib:
+            modified = share_input_quantization(model.graph) or modified
         return ir.passes.PassResult(model, modified=modified)

@@ -6,6 +6,7 @@ from qcompile.models import synthetic
 from qcompile.passes import AssignWeightSpecsPass, EliminateDeadCodePass, FuseDynamicMatMulPass, \
     FuseMatMulAddPass, QuantizeWeightsPass
 from qcompile.passes.analysis.assign_weight_specs import WeightSpecOptions
+from qcompile.passes.fusion.fuse_dynamic_matmul import rules
 
 
 def _sqnr(expected, actual):
@@ -57,14 +58,23 @@ def test_activation_matmuls_and_excluded_weights_stay_float():
     assert matmuls == {"scores", "context", "fc2"}
 
 
-def test_biases_of_token_matmuls_go_into_the_fused_op():
+def test_biases_of_token_matmuls_go_into_the_fused_ops_and_qkv_share_one_quantization():
     model = synthetic.transformer_block()  # 3-D MatMul + Add: not turned into Gemm
     reference = clone(model)
 
     assert _lower(model, contrib=True)
 
-    fused = [n for n in model.graph if n.op_type == "DynamicQuantizeMatMul"]
-    assert len(fused) == 6 and all(len(n.inputs) == 5 for n in fused)
-    assert not any(n.op_type == "Add" and n.inputs[0].producer() in fused for n in model.graph)
+    unshared = clone(reference)
+    apply(unshared, FuseMatMulAddPass(), AssignWeightSpecsPass(WeightSpecOptions(qmax=63)), QuantizeWeightsPass())
+    for rule_set in rules(contrib=True):
+        rule_set.apply_to_model(unshared)
+    shared = [n for n in model.graph if n.op_type == "MatMulIntegerToFloat"]
+    separate = [n for n in model.graph if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(shared) == 3 and len(separate) == 3  # q/k/v; o_proj, fc1, fc2
+    assert len({n.inputs[0] for n in shared}) == 1 and shared[0].inputs[0].producer().op_type == "DynamicQuantizeLinear"
+    assert all(len(n.inputs) == 7 for n in shared) and all(len(n.inputs) == 5 for n in separate)  # with biases
+    assert not any(n.op_type == "Add" and n.inputs[0].producer() in shared + separate for n in model.graph)
     feed = random_feed(model, batch=2)
+    np.testing.assert_allclose(run(model, feed)[0], run(unshared, feed)[0], rtol=1e-5, atol=1e-6)
     assert _sqnr(run(reference, feed)[0], run(model, feed)[0]) > 25
+    assert not FuseDynamicMatMulPass(contrib=True)(model).modified
