@@ -116,6 +116,9 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
     model = load_model(input_path)
     dump = dump_to_folder(Path(dump_dir or "."), input_path.stem, set(dump_after)) if dump_after else None
     records = Pipeline(passes, verify_each=verify_each, dump_after=dump).run(model)
+    unused_inputs = ([f"recipe {chosen.name} as set up reads no data: --calib {calib} was not used"]
+                     if calib and not DATA_PASSES & names else []) + unused_node_settings(settings.nodes, chosen.name,
+                                                                                          names)
     report = {
         "recipe": chosen.name,
         "options": resolved,
@@ -126,9 +129,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         "passes": [asdict(r) for r in records],
         "size_bytes": {"before": file_bytes(input_path), "after": None},
         "layers": layer_precisions(model),
-        "notes": notes(model) + ([f"recipe {chosen.name} as set up reads no data: --calib {calib} was not used"]
-                                 if calib and not DATA_PASSES & names else []) + unused_node_settings(settings.nodes,
-                                                                                                      chosen.name, names),
+        "notes": notes(model) + unused_inputs,
         "cpu": asdict(cpu_profile(resolved["cpu"])) if settings.target in ("ort-cpu", "portable") and "cpu" in resolved
         else None,
         "verification": None,
