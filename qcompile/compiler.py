@@ -83,7 +83,7 @@ DATA_PASSES = {"calibrate-activations", "correct-bias", "smooth-activations", "e
 
 # [[nodes]] keys and the pass that reads them.
 NODE_SETTING_READERS = {"calib_method": "calibrate-activations", "percentile": "calibrate-activations",
-                        "per_channel": "assign-weight-specs"}
+                        "activation_bits": "calibrate-activations", "per_channel": "assign-weight-specs"}
 
 
 def unused_node_settings(nodes: tuple[NodeSettings, ...], recipe: str, pass_names: set[str]) -> list[str]:

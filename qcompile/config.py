@@ -10,6 +10,7 @@
     match = ["features.16.*"]
     calib_method = "percentile"        # for the activations these nodes read quantized
     percentile = 99.99
+    activation_bits = 16               # 8 (the recipe's) or 16: the grid of those activations
     per_channel = false                # for their weights
     [[nodes]]
     match = ["classifier.*"]
@@ -33,6 +34,7 @@ else:  # pragma: no cover
 
 KEYS = {"recipe", "target", "exclude", "options", "nodes"}
 CALIB_METHODS = ("minmax", "percentile", "entropy", "mse")
+ACTIVATION_BITS = (8, 16)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class NodeSettings:
     per_channel: bool | None = None
     calib_method: str | None = None
     percentile: float | None = None
+    activation_bits: int | None = None
 
     def matches(self, name: str | None) -> bool:
         return name_matches(name, self.match)
@@ -71,8 +74,11 @@ class NodeSettings:
         if percentile is not None and (isinstance(percentile, bool) or not isinstance(percentile, (int, float))
                                        or not 0 < percentile <= 100):
             raise UsageError(f"{where}: percentile must be a number in (0, 100]")
+        bits = table.get("activation_bits")
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or bits not in ACTIVATION_BITS):
+            raise UsageError(f"{where}: activation_bits must be {' or '.join(map(str, ACTIVATION_BITS))}")
         return cls(tuple(match), table.get("quantize"), table.get("per_channel"), table.get("calib_method"),
-                   None if percentile is None else float(percentile))
+                   None if percentile is None else float(percentile), bits)
 
 
 def settings_for(nodes: tuple[NodeSettings, ...], name: str | None) -> dict:

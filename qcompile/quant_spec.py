@@ -24,6 +24,15 @@ _RANGES = {
     ir.DataType.UINT4: (0, 15),
 }
 
+_NUMPY_DTYPES = {
+    ir.DataType.INT8: np.dtype(np.int8),
+    ir.DataType.UINT8: np.dtype(np.uint8),
+    ir.DataType.INT16: np.dtype(np.int16),
+    ir.DataType.INT32: np.dtype(np.int32),
+    ir.DataType.INT4: np.dtype(ml_dtypes.int4),
+    ir.DataType.UINT4: np.dtype(ml_dtypes.uint4),
+}
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -75,14 +84,7 @@ class QuantSpec:
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return {
-            ir.DataType.INT8: np.dtype(np.int8),
-            ir.DataType.UINT8: np.dtype(np.uint8),
-            ir.DataType.INT16: np.dtype(np.int16),
-            ir.DataType.INT32: np.dtype(np.int32),
-            ir.DataType.INT4: np.dtype(ml_dtypes.int4),
-            ir.DataType.UINT4: np.dtype(ml_dtypes.uint4),
-        }[self.dtype]
+        return _NUMPY_DTYPES[self.dtype]
 
 
 def symmetric_weight_spec(weight: np.ndarray, axis: int | None, dtype: ir.DataType, qmax: int,
@@ -117,13 +119,14 @@ def _reduce_to(per_row: np.ndarray, axis: int | None, reduction_axes: tuple[int,
 def activation_spec(lo: float, hi: float, dtype: ir.DataType, method: str) -> QuantSpec:
     """Per-tensor spec covering [lo, hi] widened to include 0 (so zero, i.e. padding, is exact).
 
-    INT8 is symmetric (zero point 0, TensorRT's requirement); UINT8 is asymmetric.
+    INT8 is symmetric (zero point 0, TensorRT's requirement); UINT8 and INT16 are asymmetric.
     """
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qmin, qmax = _RANGES[dtype]
     if dtype == ir.DataType.INT8:
         amax = max(-lo, hi)
-        scale = amax / 127 if amax > 0 else 1.0
+        scale = amax / qmax if amax > 0 else 1.0
         return QuantSpec(dtype, np.array(scale, np.float32), np.array(0, np.int8), symmetric=True, method=method)
-    scale = (hi - lo) / 255 if hi > lo else 1.0
-    zero_point = np.array(np.clip(np.rint(-lo / scale), 0, 255), np.uint8)
+    scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+    zero_point = np.array(np.clip(qmin + np.rint(-lo / scale), qmin, qmax), _NUMPY_DTYPES[dtype])
     return QuantSpec(dtype, np.array(scale, np.float32), zero_point, symmetric=False, method=method)

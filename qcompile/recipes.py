@@ -36,6 +36,7 @@ from qcompile.passes.analysis.assign_embedding_specs import EmbeddingSpecOptions
 from qcompile.passes.analysis.calibrate_activations import CalibrateOptions
 from qcompile.passes.analysis.correct_bias import CorrectBiasOptions
 from qcompile.passes.fusion.fold_qdq import FoldQDQOptions
+from qcompile.passes.lowering.insert_qdq import InsertQDQOptions
 from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeOptions
 from qcompile.passes.lowering.materialize_transposed_weights import MaterializeOptions
 from qcompile.passes.lowering.smooth_activations import SmoothOptions
@@ -204,6 +205,8 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
     activation_dtype = ir.DataType.INT8 if settings.target == "tensorrt" else ir.DataType.UINT8
     weights = integer_weights(settings)
     data = settings.require_calib("w8a8")
+    if settings.target == "tensorrt" and any(table.activation_bits == 16 for table in settings.nodes):
+        raise UsageError("[[nodes]] activation_bits = 16: TensorRT takes 8-bit integer Q/DQ only")
     equalize = [EqualizeDepthwiseInputsPass(EqualizeOptions(data, calibration))] if settings.options["equalize"] else []
     return [
         *canonicalize(),
@@ -218,7 +221,7 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
         *([] if settings.target == "tensorrt" else [AssignBiasSpecsPass()]),
         QuantizeWeightsPass(),
         *_gather_rows(settings),
-        InsertQDQPass(),
+        InsertQDQPass(InsertQDQOptions(contrib_16bit=settings.target in ("ort-cpu", "ort-cuda"))),
         FoldQDQPass(FoldQDQOptions(merge_duplicates=settings.target != "tensorrt")),
         *_qoperator(settings),
         EliminateDeadCodePass(),

@@ -12,7 +12,8 @@ class AssignBiasSpecsPass(ir.passes.InPlacePass):
     """bias_q = round(bias / (scale_x * scale_w)) in INT32, zero point 0, per output channel.
 
     That is the scale an integer Conv/Gemm accumulates in, so ONNX Runtime can fuse the
-    DequantizeLinear -> Conv -> QuantizeLinear group into one QLinearConv with its bias.
+    DequantizeLinear -> Conv -> QuantizeLinear group into one QLinearConv with its bias. Only for 8-bit
+    inputs: with a 16-bit one the op runs in float, and the tiny x scale could overflow INT32.
     """
 
     name = "assign-bias-specs"
@@ -27,6 +28,8 @@ class AssignBiasSpecsPass(ir.passes.InPlacePass):
             array = constant_array(bias)
             if x_spec is None or w_spec is None or array is None or array.ndim != 1:
                 continue
+            if x_spec.dtype != ir.DataType.UINT8 and x_spec.dtype != ir.DataType.INT8:
+                continue  # no integer kernel takes a 16-bit input: the op runs in float, bias and all
             if QUANT_SPEC_KEY in bias.meta or any(user is not node for user, _ in bias.uses()):
                 continue
             if node.op_type == "Gemm" and (node.attributes.get_float("beta", 1.0) != 1.0

@@ -18,16 +18,23 @@ from qcompile.op_rules import SHARED_OPS
 from qcompile.passes.analysis.select_quantized_ops import NEEDS_RANGE_KEY, QUANTIZED_INPUTS_KEY
 from qcompile.quant_spec import QUANT_SPEC_KEY, activation_spec
 
+# Range searches that weigh clipping against the rounding of an 8-bit grid: a 16-bit tensor gets minmax.
+_EIGHT_BIT_SEARCHES = (Method.ENTROPY, Method.MSE)
+
 
 @dataclass(frozen=True)
 class CalibrateOptions:
     data: str
     dtype: ir.DataType = ir.DataType.UINT8
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
-    # A calibrated range wider than this is not a range an 8-bit grid can serve (an additive
+    # A calibrated range wider than this is not a range an integer grid should serve (an additive
     # attention mask of float-min values, say): the tensor stays float and the report says so.
     max_abs: float = 1e4
-    nodes: tuple[NodeSettings, ...] = ()  # per-node calib_method / percentile for the tensors they read
+    # A 16-bit grid has levels to spare, and unseen data reaches past the calibrated range more often
+    # than a 16-bit step matters: its range is this many times the calibrated one (2 of 16 bits).
+    headroom_16bit: float = 4.0
+    # Per-node calib_method / percentile / activation_bits (16: INT16) for the tensors they read.
+    nodes: tuple[NodeSettings, ...] = ()
 
 
 def _shared_groups(model: ir.Model, values: list[ir.Value]) -> list[list[ir.Value]]:
@@ -67,18 +74,18 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         if not values:
             return ir.passes.PassResult(model, modified=False)
         ir.passes.common.NameFixPass()(model)  # calibration addresses tensors by (unique) name
-        symmetric = self.options.dtype == ir.DataType.INT8
         groups = _shared_groups(model, values)
-        calibrations = [self._calibration_for(group) for group in groups]
+        settings = [self._settings_for(group) for group in groups]
+        calibrations = [calibration for calibration, _ in settings]
+        symmetric = {v.name: dtype == ir.DataType.INT8 for group, (_, dtype) in zip(groups, settings) for v in group}
         ranges = {}
         with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
             path = Path(tmp) / "model.onnx"
             save_model(model, path)
             for calibration in dict.fromkeys(calibrations):  # one run over the data per distinct setting
                 names = [v.name for group, c in zip(groups, calibrations) if c == calibration for v in group]
-                ranges.update(calibrate(path, names, self.options.data, calibration,
-                                        symmetric={name: symmetric for name in names}))
-        for group, calibration in zip(groups, calibrations):
+                ranges.update(calibrate(path, names, self.options.data, calibration, symmetric=symmetric))
+        for group, (calibration, dtype) in zip(groups, settings):
             merged = [ranges[v.name] for v in group]
             lo, hi = min(r.lo for r in merged), max(r.hi for r in merged)
             nonfinite = sum(r.nonfinite for r in merged)
@@ -86,24 +93,26 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
             if nonfinite:
                 add_note(model, f"{names}: {nonfinite} NaN/Inf values in calibration, excluded from the range")
             if not (math.isfinite(lo) and math.isfinite(hi)) or max(-lo, hi) > self.options.max_abs:
-                add_note(model, f"{names}: range [{lo:.3g}, {hi:.3g}] is too wide for 8 bits; left float")
+                add_note(model, f"{names}: range [{lo:.3g}, {hi:.3g}] is too wide for "
+                              f"{16 if dtype == ir.DataType.INT16 else 8} bits; left float")
                 spec = None
             else:
-                spec = activation_spec(lo, hi, self.options.dtype, calibration.method.value)
+                widen = self.options.headroom_16bit if dtype == ir.DataType.INT16 else 1.0
+                spec = activation_spec(lo * widen, hi * widen, dtype, calibration.method.value)
             for v in group:
                 del v.meta[NEEDS_RANGE_KEY]
                 if spec is not None:
                     v.meta[QUANT_SPEC_KEY] = spec
         return ir.passes.PassResult(model, modified=True)
 
-    def _calibration_for(self, group: list[ir.Value]) -> CalibrationOptions:
-        """The recipe's calibration with the [[nodes]] settings of the ops that read the group quantized;
-        ops that ask for different settings for one tensor are a usage error."""
+    def _settings_for(self, group: list[ir.Value]) -> tuple[CalibrationOptions, ir.DataType]:
+        """The recipe's calibration and dtype with the [[nodes]] settings of the ops that read the group
+        quantized; ops that ask for different settings for one tensor are a usage error."""
         chosen, chosen_by = {}, None
         for value in group:
             for user, index in value.uses():
                 wanted = {k: v for k, v in settings_for(self.options.nodes, user.name).items()
-                          if k in ("calib_method", "percentile")}
+                          if k in ("calib_method", "percentile", "activation_bits")}
                 if index not in user.meta.get(QUANTIZED_INPUTS_KEY, ()) or not wanted:
                     continue
                 if chosen_by is not None and wanted != chosen:
@@ -115,7 +124,14 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
             calibration = replace(calibration, method=Method(chosen["calib_method"]))
         if "percentile" in chosen:
             calibration = replace(calibration, percentile=chosen["percentile"])
-        return calibration
+        if chosen.get("activation_bits") != 16:
+            return calibration, self.options.dtype
+        if calibration.method in _EIGHT_BIT_SEARCHES:
+            if "calib_method" in chosen:
+                raise UsageError(f"node {chosen_by}: calib_method {calibration.method.value} searches the range "
+                                 f"for an 8-bit grid; with activation_bits = 16 use minmax or percentile")
+            calibration = replace(calibration, method=Method.MINMAX)
+        return calibration, ir.DataType.INT16
 
 
 def _main_graph_values(model: ir.Model) -> list[ir.Value]:

@@ -11,6 +11,8 @@ Every rewrite here is exact in real arithmetic (float32 results may differ in th
   positive constant scalar c.
 * Q or DQ nodes that read the same tensor with the same parameters are merged into one (not for
   targets that want one per consumer).
+
+All of it for standard Q/DQ and for ONNX Runtime's com.microsoft ones (16-bit grids below opset 21).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSe
 from qcompile.graph import constant_array
 
 PASS_THROUGH_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool")
+# Standard Q/DQ, and ONNX Runtime's, which carry 16-bit grids below opset 21.
+QDQ_DOMAINS = ("", "com.microsoft")
 
 
 def _grid(node: ir.Node) -> tuple | None:
@@ -52,12 +56,25 @@ def _same_grid(dequantize: ir.Node, quantize: ir.Node, result: MatchResult) -> M
     return result
 
 
-class DropDequantizeQuantize(RewriteRuleClassBase):
+class _QDQRule(RewriteRuleClassBase):
+    """A rule over the Q/DQ of one domain (`QDQ_DOMAINS`)."""
+
+    def __init__(self, domain: str, detail: str = ""):
+        super().__init__(name=f"{type(self).__name__}({', '.join(filter(None, (detail, domain)))})")
+        self.domain = domain
+
+    def dequantize(self, op, x, scale, zero_point):
+        return op.DequantizeLinear(x, scale, zero_point, _domain=self.domain, _outputs=["dequantized"])
+
+    def quantize(self, op, x, scale, zero_point):
+        return op.QuantizeLinear(x, scale, zero_point, _domain=self.domain, _outputs=["requantized"])
+
+
+class DropDequantizeQuantize(_QDQRule):
     """Q(DQ(x)) on the grid x already lies on is x."""
 
     def pattern(self, op, x, scale, zero_point, scale2, zero_point2):
-        dequantized = op.DequantizeLinear(x, scale, zero_point, _outputs=["dequantized"])
-        return op.QuantizeLinear(dequantized, scale2, zero_point2, _outputs=["requantized"])
+        return self.quantize(op, self.dequantize(op, x, scale, zero_point), scale2, zero_point2)
 
     def check(self, context, dequantized: ir.Value, requantized: ir.Value, **_) -> MatchResult:
         return _same_grid(dequantized.producer(), requantized.producer(), MatchResult())
@@ -66,17 +83,17 @@ class DropDequantizeQuantize(RewriteRuleClassBase):
         return op.Identity(x)
 
 
-class MovePassThroughBeforeDequantize(RewriteRuleClassBase):
+class MovePassThroughBeforeDequantize(_QDQRule):
     """Q(P(DQ(x))) with the same per-tensor grid on both sides is P(x)."""
 
-    def __init__(self, op_type: str):
-        super().__init__(name=f"{type(self).__name__}({op_type})")
+    def __init__(self, op_type: str, domain: str):
+        super().__init__(domain, op_type)
         self.op_type = op_type
 
     def pattern(self, op, x, scale, zero_point, scale2, zero_point2):
-        dequantized = op.DequantizeLinear(x, scale, zero_point, _outputs=["dequantized"])
+        dequantized = self.dequantize(op, x, scale, zero_point)
         moved = getattr(op, self.op_type)(dequantized, _allow_other_inputs=True, _outputs=["moved"])
-        return op.QuantizeLinear(moved, scale2, zero_point2, _outputs=["requantized"])
+        return self.quantize(op, moved, scale2, zero_point2)
 
     def check(self, context, dequantized: ir.Value, moved: ir.Value, requantized: ir.Value, **_) -> MatchResult:
         result = _same_grid(dequantized.producer(), requantized.producer(), MatchResult())
@@ -94,16 +111,15 @@ class MovePassThroughBeforeDequantize(RewriteRuleClassBase):
         return out
 
 
-class FoldScaleIntoDequantize(RewriteRuleClassBase):
+class FoldScaleIntoDequantize(_QDQRule):
     """Mul(DQ(x, s, z), c) -> DQ(x, s * c, z) (Div: s / c) for a positive constant scalar c."""
 
-    def __init__(self, op_type: str):
-        super().__init__(name=f"{type(self).__name__}({op_type})")
+    def __init__(self, op_type: str, domain: str):
+        super().__init__(domain, op_type)
         self.op_type = op_type
 
     def pattern(self, op, x, scale, zero_point, factor):
-        dequantized = op.DequantizeLinear(x, scale, zero_point, _outputs=["dequantized"])
-        return getattr(op, self.op_type)(dequantized, factor)
+        return getattr(op, self.op_type)(self.dequantize(op, x, scale, zero_point), factor)
 
     def check(self, context, scale: ir.Value, factor: ir.Value, dequantized: ir.Value, **_) -> MatchResult:
         result = MatchResult()
@@ -124,12 +140,14 @@ class FoldScaleIntoDequantize(RewriteRuleClassBase):
             i += 1
         new_scale = op.initializer(ir.tensor(folded.astype(s.dtype)), name=f"{name}_{i}")
         attributes = {name: attr.value for name, attr in dequantized.producer().attributes.items()}
-        return op.DequantizeLinear(x, new_scale, zero_point, **attributes)
+        return op.DequantizeLinear(x, new_scale, zero_point, _domain=self.domain, **attributes)
 
 
 rules = RewriteRuleSet(
-    [DropDequantizeQuantize.rule(), *(MovePassThroughBeforeDequantize.rule(t) for t in PASS_THROUGH_OPS),
-     FoldScaleIntoDequantize.rule("Mul"), FoldScaleIntoDequantize.rule("Div")],
+    [rule for domain in QDQ_DOMAINS for rule in (
+        DropDequantizeQuantize.rule(domain),
+        *(MovePassThroughBeforeDequantize.rule(op_type, domain) for op_type in PASS_THROUGH_OPS),
+        FoldScaleIntoDequantize.rule("Mul", domain), FoldScaleIntoDequantize.rule("Div", domain))],
     commute=True,
 )
 
@@ -142,12 +160,12 @@ def merge_duplicates(graph: ir.Graph) -> int:
         kept: dict[tuple, ir.Node] = {}
         users = {user for user, i in value.uses() if i == 0 and user.graph is graph}
         for user in sorted(users, key=position.__getitem__):  # the first one stays: it precedes all consumers
-            if user.op_type not in ("QuantizeLinear", "DequantizeLinear") or user.domain != "":
+            if user.op_type not in ("QuantizeLinear", "DequantizeLinear") or user.domain not in QDQ_DOMAINS:
                 continue
             grid = _grid(user)
             if grid is None or user.outputs[0].is_graph_output():
                 continue
-            key = (user.op_type, grid, user.outputs[0].dtype)
+            key = (user.op_type, user.domain, grid, user.outputs[0].dtype)
             if key in kept:
                 user.outputs[0].replace_all_uses_with(kept[key].outputs[0])
                 graph.remove(user, safe=True)

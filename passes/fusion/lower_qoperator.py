@@ -56,6 +56,16 @@ def _check_activation(activated: ir.Value | None, y_scale: ir.Value, y_zero_poin
     return result
 
 
+def _check_zero_points(result: MatchResult, *zero_points: ir.Value | None) -> MatchResult:
+    """Integer kernels take constant 8-bit zero points (not the 16-bit ones of 16-bit activations)."""
+    arrays = [constant_array(z) for z in zero_points]
+    if any(a is None for a in arrays):
+        return result.fail("a zero point is missing or not constant")
+    if any(a.dtype not in (np.uint8, np.int8) for a in arrays):
+        return result.fail("an input or output is not 8-bit integer")
+    return result
+
+
 def _check_matmul_b(result: MatchResult, b: ir.Value, b_scale: ir.Value, b_dq: ir.Value) -> MatchResult:
     scale = constant_array(b_scale)
     if scale is None or (scale.size > 1 and (
@@ -82,13 +92,11 @@ class _QLinearRule(RewriteRuleClassBase):
         return op.QuantizeLinear(y, y_scale, y_zero_point, _outputs=["y_q"])
 
     def check(self, context, **bound) -> MatchResult:
-        result = MatchResult()
-        if any(constant_array(bound[z]) is None for z in ("a_zero_point", "b_zero_point", "y_zero_point")):
-            return result.fail("a zero point is missing or not constant")
+        result = _check_zero_points(MatchResult(), bound["a_zero_point"], bound["b_zero_point"], bound["y_zero_point"])
+        if not result:
+            return result
         if not _per_tensor(bound["a_scale"], bound["y_scale"]):
             return result.fail("the input or output is not quantized per tensor")
-        if constant_array(bound["y_zero_point"]).dtype not in (np.uint8, np.int8):
-            return result.fail("the output is not 8-bit integer")
         result = _check_activation(bound.get("activated"), bound["y_scale"], bound["y_zero_point"], result)
         return self.check_op(result, **bound) if result else result
 
@@ -171,9 +179,9 @@ class MatMulIntegerToFloatRule(RewriteRuleClassBase):
         return op.MatMul(a_dq, b_dq, _outputs=["y"])
 
     def check(self, context, a_scale, a_zero_point, b, b_scale, b_zero_point, b_dq, **_) -> MatchResult:
-        result = MatchResult()
-        if constant_array(a_zero_point) is None or constant_array(b_zero_point) is None:
-            return result.fail("a zero point is missing or not constant")
+        result = _check_zero_points(MatchResult(), a_zero_point, b_zero_point)
+        if not result:
+            return result
         if not _per_tensor(a_scale):
             return result.fail("a is not quantized per tensor")
         return _check_matmul_b(result, b, b_scale, b_dq)
@@ -194,10 +202,10 @@ class _QGemmRule(RewriteRuleClassBase):
         return op.Gemm(a_dq, b_dq, _allow_other_inputs=True, _outputs=["y"])
 
     def check(self, context, a_scale, a_zero_point, b, b_scale, b_zero_point, b_dq, y, **_) -> MatchResult:
-        result = MatchResult()
         gemm = y.producer()
-        if constant_array(a_zero_point) is None or constant_array(b_zero_point) is None:
-            return result.fail("a zero point is missing or not constant")
+        result = _check_zero_points(MatchResult(), a_zero_point, b_zero_point)
+        if not result:
+            return result
         if not _per_tensor(a_scale):
             return result.fail("a is not quantized per tensor")
         if gemm.attributes.get_float("beta", 1.0) != 1.0:
@@ -232,8 +240,8 @@ class QGemmQuantizedOutputRule(_QGemmRule):
                                  y_zero_point)
 
     def check(self, context, y_scale, y_zero_point, **bound) -> MatchResult:
-        if not _per_tensor(y_scale) or constant_array(y_zero_point) is None:
-            return MatchResult().fail("the output is not quantized per tensor with a constant zero point")
+        if not _per_tensor(y_scale) or not _check_zero_points(MatchResult(), y_zero_point):
+            return MatchResult().fail("the output is not quantized per tensor with a constant 8-bit zero point")
         return super().check(context, **bound)
 
     def rewrite(self, op, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y, y_scale, y_zero_point, **_):

@@ -1,11 +1,26 @@
-"""Put a QuantizeLinear -> DequantizeLinear pair on each activation that carries a `QuantSpec`."""
+"""Put a QuantizeLinear -> DequantizeLinear pair on each activation that carries a `QuantSpec`.
+
+Standard Q/DQ take 16-bit integers from opset 21. In an older model, 16-bit pairs go into ONNX
+Runtime's com.microsoft domain, which has them (ONNX Runtime >= 1.17), where the target allows it.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from qcompile.errors import UsageError
 from qcompile.passes.analysis.select_quantized_ops import QUANTIZED_INPUTS_KEY
 from qcompile.graph import register_constant
 from qcompile.quant_spec import QUANT_SPEC_KEY
+
+MIN_OPSET_16BIT_QDQ = 21
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class InsertQDQOptions:
+    contrib_16bit: bool = True  # 16-bit Q/DQ in com.microsoft below opset 21; False: a usage error
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -13,6 +28,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
     read the dequantized value, the others keep reading the float tensor."""
 
     name = "insert-qdq"
+
+    def __init__(self, options: InsertQDQOptions = InsertQDQOptions()):
+        super().__init__()
+        self.options = options
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -25,13 +44,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
                          if user.graph is graph and i in user.meta.get(QUANTIZED_INPUTS_KEY, ())]
             if not consumers:
                 continue
+            domain = self._domain(model, value, spec.dtype)
             scale = register_constant(graph, f"{value.name}_scale", spec.scale)
             zero_point = register_constant(graph, f"{value.name}_zero_point", spec.zero_point)
-            quantize = ir.node("QuantizeLinear", [value, scale, zero_point], name=f"{value.name}_quantize")
+            quantize = ir.node("QuantizeLinear", [value, scale, zero_point], domain=domain,
+                               name=f"{value.name}_quantize")
             quantize.outputs[0].name = f"{value.name}_quantized"
             quantize.outputs[0].type = ir.TensorType(spec.dtype)
             quantize.outputs[0].shape = value.shape
-            dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale, zero_point],
+            dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale, zero_point], domain=domain,
                                  name=f"{value.name}_dequantize")
             dequantize.outputs[0].name = f"{value.name}_dequantized"
             dequantize.outputs[0].type = value.type
@@ -44,3 +65,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
             for user, i in consumers:
                 user.replace_input_with(i, dequantize.outputs[0])
         return ir.passes.PassResult(model, modified=bool(values))
+
+    def _domain(self, model: ir.Model, value: ir.Value, dtype: ir.DataType) -> str:
+        opset = model.opset_imports.get("", 1)
+        if dtype != ir.DataType.INT16 or opset >= MIN_OPSET_16BIT_QDQ:
+            return ""
+        if not self.options.contrib_16bit:
+            raise UsageError(f"tensor {value.name}: 16-bit QuantizeLinear/DequantizeLinear need opset "
+                             f"{MIN_OPSET_16BIT_QDQ}, the model has opset {opset} (or use target ort-cpu)")
+        model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
+        return CONTRIB_DOMAIN

@@ -91,6 +91,8 @@ def test_readers_of_one_tensor_cannot_ask_for_different_calibration(cnn, tmp_pat
     ("match = 'x'\ncalib_method = 'max'", "calib_method must be one of"),
     ("match = 'x'\npercentile = 0", r"percentile must be a number in \(0, 100\]"),
     ("match = 'x'\nquantize = 'no'", "quantize must be true or false"),
+    ("match = 'x'\nactivation_bits = 12", "activation_bits must be 8 or 16"),
+    ("match = 'x'\nactivation_bits = 16.0", "activation_bits must be 8 or 16"),
 ])
 def test_bad_node_tables_are_usage_errors(tmp_path, capsys, table, message):
     config = tmp_path / "recipe.toml"
