@@ -22,7 +22,7 @@ import onnx_ir as ir
 from qcompile.calibration import CalibrationOptions
 from qcompile.graph import constant_array, register_constant
 from qcompile.notes import add_note
-from qcompile.probes import add_reduced_output, measure, node_by_name
+from qcompile.probes import add_reduced_output, add_reduction, measure, node_by_name
 from qcompile.quant_spec import QUANT_SPEC_KEY, QuantSpec
 
 
@@ -53,19 +53,27 @@ def _rounding_error(weight: ir.Value) -> np.ndarray:
 
 
 def _add_probe(probe: ir.Model, layer: ir.Node, error: np.ndarray) -> tuple[str, str]:
-    """Add the mean of op(x, W_q - W) over all axes but the channel axis as an output of ``probe``."""
+    """Add the mean of op(x, W_q - W) over all axes but the channel axis as an output of ``probe``.
+
+    op is linear in x, so that is op applied to the batch's mean input: one sample's worth of work
+    per batch instead of a second copy of the layer.
+    """
     original = node_by_name(probe, layer.name)
+    opset = probe.opset_imports.get("", 1)
     delta = register_constant(probe.graph, f"{original.name}_rounding_error", error)
     attributes = {k: v for k, v in original.attributes.items() if k != "beta"}
-    inputs = [original.inputs[0], delta]
+    rows = 1 if original.op_type == "Gemm" and original.attributes.get_int("transA", 0) else 0
+    batch_mean = add_reduction(probe.graph, original.inputs[0], [rows], "ReduceMean", f"{original.name}_batch_mean",
+                               opset, keepdims=True)
+    inputs = [batch_mean, delta]
     if original.op_type == "Gemm":  # C is optional only from opset 11
         width = error.shape[0] if original.attributes.get_int("transB", 0) else error.shape[1]
         inputs.append(register_constant(probe.graph, f"{original.name}_zero_bias", np.zeros(width, np.float32)))
     shifted = ir.node(original.op_type, inputs, attributes, name=f"{original.name}_probe")
     probe.graph.append(shifted)
     rank = layer.outputs[0].shape.rank()
-    return add_reduced_output(probe.graph, shifted.outputs[0], 1, rank, "ReduceMean",
-                              f"{original.name}_mean_shift", probe.opset_imports.get("", 1))
+    return add_reduced_output(probe.graph, shifted.outputs[0], 1, rank, "ReduceMean", f"{original.name}_mean_shift",
+                              opset)
 
 
 def _subtract(graph: ir.Graph, node: ir.Node, shift: np.ndarray) -> None:

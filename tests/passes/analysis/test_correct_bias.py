@@ -85,3 +85,21 @@ def test_a_bias_other_nodes_read_is_left_alone(tmp_path):
 def test_nothing_to_correct_without_quantized_weights(tmp_path):
     data, _ = _data(tmp_path)
     assert not apply(_model(), CorrectBiasPass(CorrectBiasOptions(data)))
+
+
+def test_gemm_with_transposed_input_is_corrected_along_its_rows(tmp_path):
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+             helper.make_node("Gemm", ["xt", "w", "b"], ["y"], name="fc", transA=1, transB=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 8)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.zeros(5, np.float32), "b")]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model))
+    x = (rng.random((32, 8)) * 4 + 2).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    reference = run(clone(model), {"x": x})[0]
+    plain = run(_quantize(clone(model)), {"x": x})[0]
+    corrected = run(_quantize(model, str(tmp_path / "calib.npz")), {"x": x})[0]
+    assert np.abs((corrected - reference).mean(axis=0)).max() < 1e-4 < np.abs((plain - reference).mean(axis=0)).max()
