@@ -24,6 +24,9 @@ chosen:
 
 NaN and Inf values are excluded from all statistics and counted. A tensor without finite values
 gets the range [0, 0]; a constant one [v, v]: never NaN.
+
+On request, the same run also gives a tensor's mean over axis 0 (one sample's worth of memory), so a
+later pass that needs the mean input of a layer (bias correction) does not run the model again.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 # Elements folded into the statistics at a time: bounds the temporaries for very large activations.
 CHUNK = 1 << 20
+# value.meta key: a tensor's mean over axis 0 on the calibration data (float32, the other axes' shape).
+MEAN_KEY = "qcompile.calibration_mean"
 # Quantization levels (KL) and grid steps (MSE) of an 8-bit grid.
 _KL_LEVELS_SIGNED, _KL_LEVELS_ONE_SIDED = 128, 256
 _MSE_STEPS_SYMMETRIC, _MSE_STEPS_ASYMMETRIC = 127, 255
@@ -99,14 +104,16 @@ class TensorRange:
     observed_max: float
     nonfinite: int  # NaN/Inf values seen (excluded from the statistics)
     samples: int
+    # Over axis 0, where asked for and the other axes kept one shape with finite values throughout.
+    mean: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def calibrate(model_path: str | os.PathLike, tensors: Sequence[str], data: str, options: CalibrationOptions,
-              symmetric: Mapping[str, bool] | None = None) -> dict[str, TensorRange]:
+              symmetric: Mapping[str, bool] | None = None, means: Collection[str] = ()) -> dict[str, TensorRange]:
     """Calibrated ranges of ``tensors`` (graph inputs / node outputs of the main graph) over ``data``.
 
     ``symmetric[name]`` tells that the range will be used symmetrically: the histogram methods then
-    work on |x| and return lo = -hi.
+    work on |x| and return lo = -hi. The tensors in ``means`` also get their `TensorRange.mean`.
     """
     symmetric = symmetric or {}
     names = list(dict.fromkeys(tensors))
@@ -129,9 +136,12 @@ def calibrate(model_path: str | os.PathLike, tensors: Sequence[str], data: str, 
             return _batches(sess, fetch, constants, data, inputs, options, progress.task(description, total))
 
         stats = {n: _RangeStats(options.moving_average) for n in names}
+        averages = {n: _Mean() for n in names if n in means}
         for arrays, count in batches("calibrating (pass 1/2)" if two_pass else "calibrating"):
             for name in names:
                 stats[name].update(_as_float(arrays[name], name), count)
+            for name, average in averages.items():
+                average.update(arrays[name])
         hists = {}
         if two_pass:  # constant tensors need no histogram (`over` gives None)
             hists = {n: _Histogram.over(stats[n], options.num_bins, _folds(options.method, symmetric.get(n, False)))
@@ -143,7 +153,7 @@ def calibrate(model_path: str | os.PathLike, tensors: Sequence[str], data: str, 
     ranges = {}
     for name in names:
         lo, hi = _choose(options, stats[name], hists.get(name), symmetric.get(name, False))
-        ranges[name] = stats[name].result(lo, hi)
+        ranges[name] = stats[name].result(lo, hi, averages[name].result() if name in averages else None)
         logger.debug("%s: [%g, %g] (observed [%g, %g])", name, lo, hi, ranges[name].observed_min,
                      ranges[name].observed_max)
     return ranges
@@ -291,10 +301,36 @@ class _RangeStats:
     def hi(self) -> float:
         return (self.ema_max if self.ema_max is not None else self.max) if self.finite else 0.0
 
-    def result(self, lo: float, hi: float) -> TensorRange:
+    def result(self, lo: float, hi: float, mean: np.ndarray | None = None) -> TensorRange:
         observed = (self.min, self.max) if self.finite else (0.0, 0.0)
         return TensorRange(float(lo), float(hi), float(observed[0]), float(observed[1]), self.nonfinite,
-                           self.samples)
+                           self.samples, mean)
+
+
+class _Mean:
+    """Mean over axis 0 (a sum and a row count); none once the other axes change shape."""
+
+    def __init__(self):
+        self.total: np.ndarray | None = None
+        self.rows = 0
+        self.varied = False
+
+    def update(self, array) -> None:
+        array = np.asarray(array)
+        if self.varied or array.ndim == 0:
+            self.varied = True
+            return
+        total = array.sum(axis=0).astype(np.float64)  # float64 across batches; a float32 copy costs more
+        if self.total is not None and self.total.shape != total.shape:
+            self.varied, self.total = True, None
+            return
+        self.total = total if self.total is None else self.total + total
+        self.rows += array.shape[0]
+
+    def result(self) -> np.ndarray | None:
+        if self.varied or self.total is None or not self.rows or not np.isfinite(self.total).all():
+            return None
+        return (self.total / self.rows).astype(np.float32)
 
 
 def _folds(method: Method, symmetric: bool) -> bool:

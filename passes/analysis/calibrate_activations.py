@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from qcompile.calibration import CalibrationOptions, Method, calibrate
+from qcompile.calibration import MEAN_KEY, CalibrationOptions, Method, calibrate
 from qcompile.config import NodeSettings, settings_for
 from qcompile.errors import UsageError
 from qcompile.io import save_model
@@ -35,6 +35,9 @@ class CalibrateOptions:
     headroom_16bit: float = 4.0
     # Per-node calib_method / percentile / activation_bits (16: INT16) for the tensors they read.
     nodes: tuple[NodeSettings, ...] = ()
+    # Also record the mean input of each Conv / Gemm (value.meta[MEAN_KEY]) for correct-bias, which
+    # then needs no run over the data of its own.
+    record_means: bool = False
 
 
 def _shared_groups(model: ir.Model, values: list[ir.Value]) -> list[list[ir.Value]]:
@@ -78,13 +81,14 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         settings = [self._settings_for(group) for group in groups]
         calibrations = [calibration for calibration, _ in settings]
         symmetric = {v.name: dtype == ir.DataType.INT8 for group, (_, dtype) in zip(groups, settings) for v in group}
+        means = {v.name for v in values if self.options.record_means and _read_by_layer(v)}
         ranges = {}
         with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
             path = Path(tmp) / "model.onnx"
             save_model(model, path)
             for calibration in dict.fromkeys(calibrations):  # one run over the data per distinct setting
                 names = [v.name for group, c in zip(groups, calibrations) if c == calibration for v in group]
-                ranges.update(calibrate(path, names, self.options.data, calibration, symmetric=symmetric))
+                ranges.update(calibrate(path, names, self.options.data, calibration, symmetric, means))
         for group, (calibration, dtype) in zip(groups, settings):
             merged = [ranges[v.name] for v in group]
             lo, hi = min(r.lo for r in merged), max(r.hi for r in merged)
@@ -103,6 +107,8 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
                 del v.meta[NEEDS_RANGE_KEY]
                 if spec is not None:
                     v.meta[QUANT_SPEC_KEY] = spec
+                if ranges[v.name].mean is not None:
+                    v.meta[MEAN_KEY] = ranges[v.name].mean
         return ir.passes.PassResult(model, modified=True)
 
     def _settings_for(self, group: list[ir.Value]) -> tuple[CalibrationOptions, ir.DataType]:
@@ -132,6 +138,12 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
                                  f"for an 8-bit grid; with activation_bits = 16 use minmax or percentile")
             calibration = replace(calibration, method=Method.MINMAX)
         return calibration, ir.DataType.INT16
+
+
+def _read_by_layer(value: ir.Value) -> bool:
+    """Whether a Conv or Gemm reads ``value`` as its data input, one row (sample) per index of axis 0."""
+    return any(index == 0 and user.domain == "" and (user.op_type == "Conv" or (
+        user.op_type == "Gemm" and not user.attributes.get_int("transA", 0))) for user, index in value.uses())
 
 
 def _main_graph_values(model: ir.Model) -> list[ir.Value]:

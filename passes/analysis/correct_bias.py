@@ -6,6 +6,8 @@ kernel add up to an offset of the whole channel, which the following layers ampl
 first depthwise conv alone takes the logits to 20 dB SQNR). This pass measures the shift,
 E[op(x, W_q - W)] per output channel on the calibration data with float inputs, and subtracts it
 from the layer's bias (Nagel et al. 2019, "Data-Free Quantization", empirical bias correction).
+As op is linear in x, that is op(E[x], W_q - W): from the mean input that calibration recorded
+(`MEAN_KEY`) where there is one, else from a run of its own.
 
 Layers: Conv and Gemm whose weight carries a `QuantSpec` (a missing bias is added: it is an input
 of the op, so that costs nothing at run time). A bias that other nodes also read is left alone.
@@ -19,11 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.calibration import CalibrationOptions
+from qcompile.calibration import MEAN_KEY, CalibrationOptions
 from qcompile.graph import constant_array, register_constant
 from qcompile.notes import add_note
 from qcompile.probes import add_reduced_output, add_reduction, measure, node_by_name
 from qcompile.quant_spec import QUANT_SPEC_KEY, QuantSpec
+from qcompile.runtime import onnxruntime
+from qcompile.session import run
 
 
 @dataclass(frozen=True)
@@ -52,28 +56,47 @@ def _rounding_error(weight: ir.Value) -> np.ndarray:
     return (spec.dequantize(spec.quantize(array)) - array).astype(np.float32)
 
 
-def _add_probe(probe: ir.Model, layer: ir.Node, error: np.ndarray) -> tuple[str, str]:
-    """Add the mean of op(x, W_q - W) over all axes but the channel axis as an output of ``probe``.
+def _append_shift(graph: ir.Graph, layer: ir.Node, x: ir.Value, error: np.ndarray, opset: int) -> tuple[str, str]:
+    """Append op(x, W_q - W), reduced to its mean per output channel, as an output of ``graph``."""
+    delta = register_constant(graph, f"{layer.name}_rounding_error", error)
+    attributes = {k: v for k, v in layer.attributes.items() if k != "beta"}
+    inputs = [x, delta]
+    if layer.op_type == "Gemm":  # C is optional only from opset 11
+        width = error.shape[0] if layer.attributes.get_int("transB", 0) else error.shape[1]
+        inputs.append(register_constant(graph, f"{layer.name}_zero_bias", np.zeros(width, np.float32)))
+    shifted = ir.node(layer.op_type, inputs, attributes, name=f"{layer.name}_probe")
+    graph.append(shifted)
+    return add_reduced_output(graph, shifted.outputs[0], 1, layer.outputs[0].shape.rank(), "ReduceMean",
+                              f"{layer.name}_mean_shift", opset)
 
-    op is linear in x, so that is op applied to the batch's mean input: one sample's worth of work
-    per batch instead of a second copy of the layer.
-    """
+
+def _add_probe(probe: ir.Model, layer: ir.Node, error: np.ndarray) -> tuple[str, str]:
+    """Add the mean shift of ``layer`` on each batch as an output of ``probe``: op is linear in x, so
+    that is op applied to the batch's mean input, one sample's worth of work."""
     original = node_by_name(probe, layer.name)
     opset = probe.opset_imports.get("", 1)
-    delta = register_constant(probe.graph, f"{original.name}_rounding_error", error)
-    attributes = {k: v for k, v in original.attributes.items() if k != "beta"}
     rows = 1 if original.op_type == "Gemm" and original.attributes.get_int("transA", 0) else 0
     batch_mean = add_reduction(probe.graph, original.inputs[0], [rows], "ReduceMean", f"{original.name}_batch_mean",
                                opset, keepdims=True)
-    inputs = [batch_mean, delta]
-    if original.op_type == "Gemm":  # C is optional only from opset 11
-        width = error.shape[0] if original.attributes.get_int("transB", 0) else error.shape[1]
-        inputs.append(register_constant(probe.graph, f"{original.name}_zero_bias", np.zeros(width, np.float32)))
-    shifted = ir.node(original.op_type, inputs, attributes, name=f"{original.name}_probe")
-    probe.graph.append(shifted)
-    rank = layer.outputs[0].shape.rank()
-    return add_reduced_output(probe.graph, shifted.outputs[0], 1, rank, "ReduceMean", f"{original.name}_mean_shift",
-                              opset)
+    return _append_shift(probe.graph, original, batch_mean, error, opset)
+
+
+def _shifts_from_means(model: ir.Model, layers: list[ir.Node], errors: list[np.ndarray],
+                       means: list[np.ndarray]) -> list[np.ndarray]:
+    """The mean shifts of ``layers`` from their calibration mean inputs: op(mean, W_q - W) in a small model."""
+    opset = model.opset_imports.get("", 1)
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": opset}, name="bias_shifts")
+    feed, names = {}, []
+    for layer, error, mean in zip(layers, errors, means):
+        x = ir.Value(name=f"{layer.name}_mean_input", type=ir.TensorType(ir.DataType.FLOAT),
+                     shape=ir.Shape([1, *mean.shape]))
+        graph.inputs.append(x)
+        feed[x.name] = mean[None]
+        names.append(_append_shift(graph, layer, x, error, opset)[0])
+    proto = ir.serde.serialize_model(ir.Model(graph, ir_version=model.ir_version))
+    ort = onnxruntime()
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [shift.astype(np.float64) for shift in run(sess, names, feed, "bias correction on the mean inputs")]
 
 
 def _subtract(graph: ir.Graph, node: ir.Node, shift: np.ndarray) -> None:
@@ -100,12 +123,22 @@ class CorrectBiasPass(ir.passes.InPlacePass):
         if not layers:
             return ir.passes.PassResult(model, modified=False)
         errors = [_rounding_error(layer.inputs[1]) for layer in layers]
+        # Mean inputs that calibration recorded spare a run over the data; the other layers are probed.
+        means = [layer.inputs[0].meta.get(MEAN_KEY) for layer in layers]
+        known = [i for i, mean in enumerate(means) if mean is not None]
+        probed = [i for i, mean in enumerate(means) if mean is None]
+        shifts = {}
+        if known:
+            shifts.update(zip(known, _shifts_from_means(model, [layers[i] for i in known], [errors[i] for i in known],
+                                                        [means[i] for i in known])))
+        if probed:
+            def add_probes(probe: ir.Model) -> list[tuple[str, str]]:
+                return [_add_probe(probe, layers[i], errors[i]) for i in probed]
 
-        def add_probes(probe: ir.Model) -> list[tuple[str, str]]:
-            return [_add_probe(probe, layer, error) for layer, error in zip(layers, errors)]
-
-        shifts = measure(model, add_probes, self.options.data, self.options.calibration, "bias correction")
-        for layer, shift in zip(layers, shifts):
-            _subtract(model.graph, layer, shift)
+            shifts.update(zip(probed, measure(model, add_probes, self.options.data, self.options.calibration,
+                                              "bias correction")))
+        for i, layer in enumerate(layers):
+            layer.inputs[0].meta.pop(MEAN_KEY, None)
+            _subtract(model.graph, layer, shifts[i])
         add_note(model, f"bias correction: {len(layers)} layers, mean output shift of weight rounding removed")
         return ir.passes.PassResult(model, modified=True)

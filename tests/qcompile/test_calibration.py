@@ -71,6 +71,37 @@ def test_minmax_equals_numpy_over_all_samples(tmp_path):
         assert (r.nonfinite, r.samples) == (0, 37)
 
 
+def test_means_over_axis_0_equal_numpy_where_asked(tmp_path):
+    x = _normal(37)
+    ranges = calibrate(_model(tmp_path), ["x", "h", "y", "two"], _data(tmp_path / "d.npz", x=x), CalibrationOptions(),
+                       means={"h", "y", "two"})
+    np.testing.assert_allclose(ranges["h"].mean, (2 * x).mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ranges["y"].mean, np.maximum(2 * x, 0).mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert ranges["x"].mean is None  # not asked for
+    assert ranges["two"].mean is None  # a scalar has no axis 0
+
+
+WIDTHS = """
+<ir_version: 10, opset_import: ["" : 17]>
+widths (float[N, W] x) => (float[N, W] h) {
+    two = Constant <value = float {2.0}> ()
+    h = Mul(x, two)
+}
+"""
+
+
+def test_no_mean_where_the_shape_changes_or_values_are_not_finite(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _data(folder / "a.npz", x=_normal(8, width=16))
+    _data(folder / "b.npz", x=_normal(8, width=12))
+    assert calibrate(_model(tmp_path, WIDTHS), ["h"], str(folder), CalibrationOptions(), means={"h"})["h"].mean is None
+    x = _normal(8)
+    x[3, 5] = np.nan
+    r = calibrate(_model(tmp_path), ["h"], _data(tmp_path / "nan.npz", x=x), CalibrationOptions(), means={"h"})["h"]
+    assert r.mean is None and r.nonfinite == 1
+
+
 def test_moving_average_equals_numpy_ema(tmp_path):
     x = _normal(37) * np.linspace(0.5, 3, 37, dtype=np.float32)[:, None]  # ranges that drift
     ranges = calibrate(_model(tmp_path), ["h"], _data(tmp_path / "d.npz", x=x), CalibrationOptions(moving_average=0.1))

@@ -5,9 +5,13 @@ import pytest
 from helpers import apply, clone, run
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.calibration import CalibrationOptions
-from qcompile.passes import AssignWeightSpecsPass, CorrectBiasPass, QuantizeWeightsPass
+from qcompile.calibration import MEAN_KEY, CalibrationOptions
+from qcompile.passes import (AssignWeightSpecsPass, CalibrateActivationsPass, CorrectBiasPass, QuantizeWeightsPass,
+                             SelectQuantizedOpsPass)
+from qcompile.passes.analysis import correct_bias
+from qcompile.passes.analysis.calibrate_activations import CalibrateOptions
 from qcompile.passes.analysis.correct_bias import CorrectBiasOptions
+from qcompile.passes.analysis.select_quantized_ops import SelectOptions
 
 
 def _model(with_bias=True, shared_bias=False) -> ir.Model:
@@ -103,3 +107,23 @@ def test_gemm_with_transposed_input_is_corrected_along_its_rows(tmp_path):
     plain = run(_quantize(clone(model)), {"x": x})[0]
     corrected = run(_quantize(model, str(tmp_path / "calib.npz")), {"x": x})[0]
     assert np.abs((corrected - reference).mean(axis=0)).max() < 1e-4 < np.abs((plain - reference).mean(axis=0)).max()
+
+
+def test_mean_inputs_from_calibration_give_the_probed_correction_without_a_run(tmp_path, monkeypatch):
+    data, x = _data(tmp_path)
+    probed = _quantize(_model(), data)
+    model = _model()
+    apply(model, SelectQuantizedOpsPass(SelectOptions()),
+          CalibrateActivationsPass(CalibrateOptions(data, record_means=True)))
+    conv = next(node for node in model.graph if node.op_type == "Conv")
+    np.testing.assert_allclose(conv.inputs[0].meta[MEAN_KEY], x.mean(axis=0), rtol=1e-5)
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("correct-bias ran the model although calibration had recorded the mean inputs")
+
+    monkeypatch.setattr(correct_bias, "measure", no_run)
+    _quantize(model, data)
+    assert MEAN_KEY not in conv.inputs[0].meta  # consumed: no copy of the activations lingers
+    for bias in ("b_conv", "b_fc"):
+        np.testing.assert_allclose(model.graph.initializers[bias].const_value.numpy(),
+                                   probed.graph.initializers[bias].const_value.numpy(), rtol=1e-4, atol=1e-6)
