@@ -92,6 +92,9 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
         """The pair limit and the reduction order of ``node``'s integer kernel, where it adds pairs."""
         axes = reduction_axes(node.op_type, shape, node.attributes.get_int("group", 1),
                               bool(node.attributes.get_int("transB", 0)))
+        x_spec = node.inputs[0].meta.get(QUANT_SPEC_KEY) if node.inputs[0] is not None else None
+        if x_spec is not None and x_spec.dtype == ir.DataType.INT16:
+            return None, ()  # no integer kernel takes a 16-bit input: the op runs in float
         if self.options.pair_limit is None or axes is None:
             return None, ()
         return self.options.pair_limit, axes

@@ -10,6 +10,8 @@ import qcompile
 from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.models import synthetic
+from qcompile.target_check import target_problems
+from qcompile.targets import PAIR_LIMIT, reduction_axes, worst_pair_sum
 
 # The readers of the depthwise output (only the pointwise conv) and of the stem output (the depthwise
 # conv and the residual Add) get 16-bit inputs; the rest of the model stays 8-bit. (Readers that ask
@@ -54,6 +56,12 @@ def test_matched_readers_get_int16_qdq_in_contrib_domain_below_opset_21(tmp_path
     precisions = {row["name"]: row["precision"] for row in result.report["layers"]}
     assert precisions["block.pointwise"] == "w:int8 a:int16" and precisions["stem"] == "w:int8 a:uint8"
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    # the 16-bit-input convs run in float: full-range weights; the 8-bit stem keeps its pairs within 128
+    weights = {name: _node(model, name).inputs[1].producer().inputs[0].const_value.numpy().astype(np.int32)
+               for name in ("stem", "block.depthwise", "block.pointwise")}
+    assert np.all(np.abs(weights["block.pointwise"]).max(axis=(1, 2, 3)) == 127)  # every channel
+    assert worst_pair_sum(weights["stem"], reduction_axes("Conv", weights["stem"].shape, 1, False)) <= PAIR_LIMIT
+    assert target_problems(model, "ort-cpu") == []
 
     feed = random_feed(model, batch=4, seed=7)
     eight_bit = _compile(tmp_path, "").model
