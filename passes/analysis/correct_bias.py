@@ -99,6 +99,12 @@ def _shifts_from_means(model: ir.Model, layers: list[ir.Node], errors: list[np.n
     return [shift.astype(np.float64) for shift in run(sess, names, feed, "bias correction on the mean inputs")]
 
 
+def _take_means(graph: ir.Graph) -> dict[ir.Value, np.ndarray]:
+    """The mean inputs calibration recorded, taken off the values: no copy of the activations lingers."""
+    values = [*graph.inputs, *(v for node in graph for v in node.outputs)]
+    return {v: v.meta.pop(MEAN_KEY) for v in values if MEAN_KEY in v.meta}
+
+
 def _subtract(graph: ir.Graph, node: ir.Node, shift: np.ndarray) -> None:
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is None:  # give it one
@@ -119,12 +125,13 @@ class CorrectBiasPass(ir.passes.InPlacePass):
         self.options = options
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        recorded = _take_means(model.graph)
         layers = [node for node in model.graph if _correctable(node)]
         if not layers:
             return ir.passes.PassResult(model, modified=False)
         errors = [_rounding_error(layer.inputs[1]) for layer in layers]
         # Mean inputs that calibration recorded spare a run over the data; the other layers are probed.
-        means = [layer.inputs[0].meta.get(MEAN_KEY) for layer in layers]
+        means = [recorded.get(layer.inputs[0]) for layer in layers]
         known = [i for i, mean in enumerate(means) if mean is not None]
         probed = [i for i, mean in enumerate(means) if mean is None]
         shifts = {}
@@ -138,7 +145,6 @@ class CorrectBiasPass(ir.passes.InPlacePass):
             shifts.update(zip(probed, measure(model, add_probes, self.options.data, self.options.calibration,
                                               "bias correction")))
         for i, layer in enumerate(layers):
-            layer.inputs[0].meta.pop(MEAN_KEY, None)
             _subtract(model.graph, layer, shifts[i])
         add_note(model, f"bias correction: {len(layers)} layers, mean output shift of weight rounding removed")
         return ir.passes.PassResult(model, modified=True)
