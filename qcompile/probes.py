@@ -24,26 +24,20 @@ from qcompile.io import load_model, save_model
 _AXES_AS_INPUT_OPSET = 18
 
 
-def add_reduction(graph: ir.Graph, value: ir.Value, axes: list[int], op_type: str, name: str, opset: int,
-                  keepdims: bool = False) -> ir.Value:
-    """Append ``op_type`` (ReduceMean / ReduceMax) of ``value`` over ``axes`` to ``graph``; returns its output."""
-    if opset >= _AXES_AS_INPUT_OPSET:
-        node = ir.node(op_type, [value, register_constant(graph, f"{name}_axes", np.array(axes, np.int64))],
-                       {"keepdims": int(keepdims)})
-    else:
-        node = ir.node(op_type, [value], {"axes": axes, "keepdims": int(keepdims)})
-    node.outputs[0].name = name
-    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    graph.append(node)
-    return node.outputs[0]
-
-
 def add_reduced_output(graph: ir.Graph, value: ir.Value, keep_axis: int, rank: int, op_type: str, name: str,
                        opset: int) -> tuple[str, str]:
     """Make ``op_type`` (ReduceMean / ReduceMax) of ``value`` over every axis but ``keep_axis`` a graph
     output; returns (its name, how `measure` combines it over batches)."""
     axes = [a for a in range(rank) if a != keep_axis % rank]
-    graph.outputs.append(add_reduction(graph, value, axes, op_type, name, opset))
+    if opset >= _AXES_AS_INPUT_OPSET:
+        node = ir.node(op_type, [value, register_constant(graph, f"{name}_axes", np.array(axes, np.int64))],
+                       {"keepdims": 0})
+    else:
+        node = ir.node(op_type, [value], {"axes": axes, "keepdims": 0})
+    node.outputs[0].name = name
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph.append(node)
+    graph.outputs.append(node.outputs[0])
     return name, "mean" if op_type == "ReduceMean" else "max"
 
 
