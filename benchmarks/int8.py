@@ -173,6 +173,19 @@ def configurations() -> list[Config]:
 # Machine
 
 
+def _git_commit() -> str:
+    """The checkout's commit (with "+changes" when it has uncommitted ones), or "unknown"."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
 def machine_info() -> dict:
     import onnx
     import onnxruntime
@@ -200,6 +213,7 @@ def machine_info() -> dict:
         "onnxruntime": onnxruntime.__version__,
         "onnx": onnx.__version__,
         "qcompile": qcompile.__version__,
+        "commit": _git_commit(),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -946,7 +960,8 @@ def write_markdown(path: Path, doc: dict) -> None:
              f"* machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, "
              f"VNNI: {', '.join(m['vnni']) or 'none'} (AVX2 {'yes' if m['avx2'] else 'no'}, "
              f"AVX-512 {'yes' if m['avx512f'] else 'no'})",
-             f"* onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, qcompile {m['qcompile']}, Python {m['python']}",
+             f"* onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, qcompile {m['qcompile']} (commit "
+             f"{m.get('commit', 'unknown')}), Python {m['python']}",
              f"* mode: {'quick (smoke run: small sets, few configurations)' if doc['settings']['quick'] else 'full'}; "
              f"child memory cap {doc['settings']['mem_cap_gb']:.0f} GB (RLIMIT_DATA + RSS watchdog), compile time limit "
              f"{doc['settings']['compile_timeout_s']:.0f} s",
