@@ -118,8 +118,7 @@ def _cmd_compile(args) -> int:
     if verification and not verification["passed"]:
         worst = min(verification["outputs"], key=lambda o: o["sqnr_db"])
         culprit = verification.get("blame")
-        hint = (f"; the layer adding the most error is {culprit['layer']} ({culprit['op_type']}, "
-                f"-{culprit['sqnr_drop_db']:.1f} dB): try --exclude '{culprit['layer']}'") if culprit else ""
+        hint = f"; the layer adding the most error is {_remedy(culprit)}" if culprit else ""
         raise VerificationFailed(
             f"output {worst['name']!r} has SQNR {worst['sqnr_db']:.1f} dB, below --min-sqnr {args.min_sqnr}{hint}"
         )
@@ -271,10 +270,14 @@ def _cmd_eval(args) -> int:
             layers.add_row(escape(row["name"]), escape(f"{row['layer']} ({row['op_type']})"), f"{row['sqnr_db']:.2f}",
                            f"{row['sqnr_drop_db']:.2f}", f"{row['cosine']:.5f}")
         out.print(layers)
-        worst = blame(result["layers"])
-        out.print(f"the layer that adds the most error: {escape(worst['layer'])} ({worst['op_type']}, "
-                  f"-{worst['sqnr_drop_db']:.1f} dB); try --exclude '{escape(worst['layer'])}'")
+        out.print(f"the layer that adds the most error: {escape(_remedy(blame(result['layers'])))}")
     return 0
+
+
+def _remedy(row: dict) -> str:
+    """The layer behind a quantized tensor's error, and the ways out."""
+    return (f"{row['layer']} ({row['op_type']}, -{row['sqnr_drop_db']:.1f} dB): try --exclude '{row['layer']}', "
+            f"or (w8a8) activation_bits = 16 for the nodes that read {row['name']} ([[nodes]] in a --config file)")
 
 
 def _cmd_recipes(args) -> int:
