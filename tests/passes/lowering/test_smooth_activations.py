@@ -3,14 +3,14 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-from helpers import apply, clone, op_types, random_feed, run
+from helpers import apply, clone, op_types, parse, random_feed, run
 
 import qcompile
 from qcompile.calibration import CalibrationOptions
 from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.models import synthetic
-from qcompile.passes import SmoothActivationsPass
+from qcompile.passes import InferShapesPass, SmoothActivationsPass
 from qcompile.passes.lowering.smooth_activations import SmoothOptions
 from qcompile.quant_spec import CHANNEL_SCALE_KEY
 
@@ -50,6 +50,38 @@ def test_the_function_is_unchanged_and_the_scales_are_folded_where_free(tmp_path
     assert gamma[3] / gamma[0] < 30 / 2
     ln_out = next(n for n in model.graph if n.name == "ln1").outputs[0]
     assert len(json.loads(ln_out.metadata_props[CHANNEL_SCALE_KEY])["factors"]) == 32
+
+
+SCALAR_AND_VECTOR_MULS = """
+<ir_version: 10, opset_import: ["" : 18]>
+g (float[N, 6, 4] x) => (float[N, 6, 3] y, float[N, 6, 3] z)
+  <float half = {0.5}, float[4] gain = {1, 2, 3, 4},
+   float[4, 3] w1 = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, float[4, 3] w2 = {3, 1, 2, 1, 2, 3, 2, 3, 1, 1, 1, 1}> {
+    a = Mul(x, half)
+    y = MatMul(a, w1)
+    b = Mul(x, gain)
+    z = MatMul(b, w2)
+}
+"""
+
+
+def test_1_over_s_goes_into_a_per_channel_mul_but_leaves_a_scalar_one_scalar(tmp_path):
+    model = parse(SCALAR_AND_VECTOR_MULS)
+    apply(model, InferShapesPass())
+    x = np.random.default_rng(0).standard_normal((16, 6, 4)).astype(np.float32)
+    x[..., 1] *= 30  # an outlier channel to smooth
+    np.savez(tmp_path / "calib.npz", x=x)
+    before = clone(model)
+    assert _smooth(model, str(tmp_path / "calib.npz"))
+
+    np.testing.assert_allclose(run(model, {"x": x})[0], run(before, {"x": x})[0], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(run(model, {"x": x})[1], run(before, {"x": x})[1], rtol=1e-4, atol=1e-3)
+    muls = [n for n in model.graph if n.op_type == "Mul"]
+    assert len(muls) == 3  # the one by gain took 1/s; the one by 0.5 (a GELU's, say) got a Mul beside it
+    constants = [n.inputs[1].const_value.numpy() for n in muls]
+    assert any(c.size == 1 and c == np.float32(0.5) for c in constants)
+    gain = next(c for c, n in zip(constants, muls) if n.inputs[0].name == "x" and c.size == 4)
+    assert not np.allclose(gain, [1, 2, 3, 4])
 
 
 def test_w8a8_is_more_accurate_with_smoothquant(tmp_path):
