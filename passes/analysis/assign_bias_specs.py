@@ -28,7 +28,7 @@ class AssignBiasSpecsPass(ir.passes.InPlacePass):
             array = constant_array(bias)
             if x_spec is None or w_spec is None or array is None or array.ndim != 1:
                 continue
-            if x_spec.dtype != ir.DataType.UINT8 and x_spec.dtype != ir.DataType.INT8:
+            if x_spec.dtype not in (ir.DataType.UINT8, ir.DataType.INT8):
                 continue  # no integer kernel takes a 16-bit input: the op runs in float, bias and all
             if QUANT_SPEC_KEY in bias.meta or any(user is not node for user, _ in bias.uses()):
                 continue
