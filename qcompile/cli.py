@@ -275,9 +275,11 @@ def _cmd_eval(args) -> int:
 
 
 def _remedy(row: dict) -> str:
-    """The layer behind a quantized tensor's error, and the ways out."""
-    return (f"{row['layer']} ({row['op_type']}, -{row['sqnr_drop_db']:.1f} dB): try --exclude '{row['layer']}', "
-            f"or (w8a8) activation_bits = 16 for the nodes that read {row['name']} ([[nodes]] in a --config file)")
+    """The layer behind a quantized tensor's error, and the ways out: at the nodes that read the tensor
+    quantized (excluding its producer would leave its output quantized for them)."""
+    readers = " ".join(f"--exclude '{reader}'" for reader in row.get("readers", ())) or "--exclude on its readers"
+    return (f"{row['layer']} ({row['op_type']}, -{row['sqnr_drop_db']:.1f} dB, tensor {row['name']}): try {readers}, "
+            f"or (w8a8) activation_bits = 16 for those nodes ([[nodes]] in a --config file)")
 
 
 def _cmd_recipes(args) -> int:

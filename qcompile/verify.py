@@ -125,6 +125,7 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
     if not names:
         return []
     rescaled = _channel_scales(candidate_model, names)
+    readers = {name: _readers(candidate_model, name) for name in names}
     del candidate_model
     accumulators = {name: _Accumulator() for name in names}
     with tempfile.TemporaryDirectory(prefix="qcompile-eval-") as tmp:
@@ -151,13 +152,28 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
         upstream = _measured_upstream(node, sqnr)
         worst_input = min([EXACT_DB, *(sqnr[n] for n in upstream)])
         out_db = min(error["sqnr_db"], EXACT_DB)
-        error.update(layer=node.name, op_type=node.op_type, sqnr_drop_db=worst_input - out_db,
+        error.update(layer=node.name, op_type=node.op_type, readers=readers[name], sqnr_drop_db=worst_input - out_db,
                      added_noise=10 ** (-out_db / 10) - 10 ** (-worst_input / 10))
         rows.append(error)
     return sorted(rows, key=lambda r: r["sqnr_db"])
 
 
 EXACT_DB = 100.0  # the SQNR credited to unquantized inputs (graph inputs)
+QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+def _readers(model: ir.Model, name: str) -> list[str]:
+    """The nodes of ``model`` that read tensor ``name``, through its quantize / dequantize nodes: where
+    its quantization is decided (`--exclude` or [[nodes]] settings), unlike at its producer."""
+    values = {v.name: v for v in model.graph.inputs} | {v.name: v for node in model.graph for v in node.outputs}
+    found, stack = [], [values[name]] if name in values else []
+    while stack:
+        for user, _ in stack.pop().uses():
+            if user.op_type in QUANTIZE_OPS:
+                stack.append(user.outputs[0])
+            elif user.name not in found:
+                found.append(user.name)
+    return found
 
 
 def _measured_upstream(node: ir.Node, measured: dict[str, float]) -> set[str]:

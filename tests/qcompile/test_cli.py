@@ -137,8 +137,13 @@ def test_eval_lists_per_layer_error_worst_first_and_failed_verify_names_a_layer(
     assert {row["op_type"] for row in layers} >= {"Clip", "Add"}
     assert [row["sqnr_db"] for row in layers] == sorted(row["sqnr_db"] for row in layers)
     assert all(0 < row["cosine"] <= 1 + 1e-9 and row["sqnr_db"] > 10 for row in layers)
+    # where a tensor's quantization is decided: the nodes that read it, not its producer
+    readers = {row["layer"]: row["readers"] for row in layers}
+    assert readers["block.depthwise.relu6"] == ["block.pointwise"]
+    assert sorted(readers["stem.relu6"]) == ["block.depthwise", "block.residual"]
 
     code = main(["compile", str(cnn_file), "-o", str(out), "--recipe", "w8a8", "--calib", str(calib), "--verify",
                  "--min-sqnr", "90", "--quiet"])
     assert code == 1
-    assert "the layer adding the most error is" in _error_line(capsys)
+    line = _error_line(capsys)
+    assert "the layer adding the most error is" in line and "try --exclude '" in line
