@@ -15,6 +15,7 @@ import qcompile
 from qcompile.config import CompileConfig, NodeSettings
 from qcompile.data import model_inputs
 from qcompile.errors import UsageError
+from qcompile.graph import all_nodes, name_matches
 from qcompile.io import load_model, save_model
 from qcompile.layers import layer_precisions
 from qcompile.notes import notes
@@ -93,6 +94,20 @@ def unused_node_settings(nodes: tuple[NodeSettings, ...], recipe: str, pass_name
             for key in sorted(given) if NODE_SETTING_READERS[key] not in pass_names]
 
 
+def unmatched_patterns(settings: CompileConfig, before: list[str], after: list[str]) -> list[str]:
+    """A note for each --exclude / [[nodes]] pattern that names no node of the compiled model."""
+    patterns = [("--exclude", p) for p in settings.exclude] + [("[[nodes]] match", p) for t in settings.nodes
+                                                               for p in t.match]
+    found = []
+    for where, pattern in patterns:
+        if any(name_matches(name, (pattern,)) for name in after):
+            continue
+        why = ("it named nodes that were folded into others, such as a BatchNormalization into its Conv: "
+               "name those" if any(name_matches(name, (pattern,)) for name in before) else "nor of the input")
+        found.append(f"{where} {pattern!r} matches no node of the compiled model ({why})")
+    return found
+
+
 def compile(input: str | os.PathLike, recipe: str | None = None, target: str | None = None,
             calib: str | None = None, calib_size: int | None = None, options: dict[str, str] | None = None,
             exclude: tuple[str, ...] = (), config: str | os.PathLike | None = None, verify_each: bool = False,
@@ -114,11 +129,13 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
 
     input_path = Path(input)
     model = load_model(input_path)
+    input_nodes = [node.name for node in all_nodes(model)]
     dump = dump_to_folder(Path(dump_dir or "."), input_path.stem, set(dump_after)) if dump_after else None
     records = Pipeline(passes, verify_each=verify_each, dump_after=dump).run(model)
     unused_inputs = ([f"recipe {chosen.name} as set up reads no data: --calib {calib} was not used"]
                      if calib and not DATA_PASSES & names else []) + unused_node_settings(settings.nodes, chosen.name,
                                                                                           names)
+    unused_inputs += unmatched_patterns(settings, input_nodes, [node.name for node in all_nodes(model)])
     report = {
         "recipe": chosen.name,
         "options": resolved,

@@ -122,3 +122,15 @@ def test_node_settings_a_recipe_does_not_read_are_noted(cnn, tmp_path):
     assert not any("per_channel" in n and "not used" in n for n in notes)  # w8a16 reads it
     config.write_text('recipe = "w8a8"\n[[nodes]]\nmatch = ["*"]\ncalib_method = "percentile"\n')
     assert not any("[[nodes]]" in n for n in qcompile.compile(path, calib=calib, config=config).report["notes"])
+
+
+def test_patterns_that_name_no_node_of_the_compiled_model_are_noted(cnn, tmp_path):
+    path, calib = cnn
+    config = tmp_path / "recipe.toml"
+    config.write_text('recipe = "w8a8"\n[[nodes]]\nmatch = ["classifer"]\nper_channel = false\n')
+    # stem.bn is folded into the stem Conv; "stem" itself is there
+    notes = qcompile.compile(path, calib=calib, config=config, exclude=("stem.bn", "stem")).report["notes"]
+    assert any(n.startswith("--exclude 'stem.bn' matches no node") and "folded into others" in n for n in notes)
+    assert any(n.startswith("[[nodes]] match 'classifer' matches no node") and "nor of the input" in n
+               for n in notes)
+    assert not any("'stem'" in n for n in notes)
