@@ -125,7 +125,9 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
     if not names:
         return []
     rescaled = _channel_scales(candidate_model, names)
-    readers = {name: _readers(candidate_model, name) for name in names}
+    values = {v.name: v for v in candidate_model.graph.inputs}
+    values.update((v.name, v) for node in candidate_model.graph for v in node.outputs)
+    readers = {name: _readers(values.get(name)) for name in names}
     del candidate_model
     accumulators = {name: _Accumulator() for name in names}
     with tempfile.TemporaryDirectory(prefix="qcompile-eval-") as tmp:
@@ -162,11 +164,10 @@ EXACT_DB = 100.0  # the SQNR credited to unquantized inputs (graph inputs)
 QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 
 
-def _readers(model: ir.Model, name: str) -> list[str]:
-    """The nodes of ``model`` that read tensor ``name``, through its quantize / dequantize nodes: where
-    its quantization is decided (`--exclude` or [[nodes]] settings), unlike at its producer."""
-    values = {v.name: v for v in model.graph.inputs} | {v.name: v for node in model.graph for v in node.outputs}
-    found, stack = [], [values[name]] if name in values else []
+def _readers(value: ir.Value | None) -> list[str]:
+    """The nodes that read ``value``, through its quantize / dequantize nodes: where its quantization is
+    decided (`--exclude` or [[nodes]] settings), unlike at its producer."""
+    found, stack = [], [value] if value is not None else []
     while stack:
         for user, _ in stack.pop().uses():
             if user.op_type in QUANTIZE_OPS:
