@@ -24,6 +24,9 @@ _RANGES = {
     ir.DataType.UINT4: (0, 15),
 }
 
+# Activation types ONNX Runtime's integer kernels take; a node with a wider (16-bit) input runs in float.
+INTEGER_KERNEL_DTYPES = (ir.DataType.UINT8, ir.DataType.INT8)
+
 _NUMPY_DTYPES = {
     ir.DataType.INT8: np.dtype(np.int8),
     ir.DataType.UINT8: np.dtype(np.uint8),

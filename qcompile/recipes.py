@@ -126,10 +126,14 @@ def _calibration(settings: Settings) -> CalibrationOptions:
                               seed=settings.seed)
 
 
+def _corrects_bias(settings: Settings) -> bool:
+    """Whether bias correction is asked for and there is data to measure it on (weight-only and dynamic
+    recipes take --calib only for this)."""
+    return settings.options["bias_correction"] and settings.calib is not None
+
+
 def _bias_correction(settings: Settings) -> list[ir.passes.PassBase]:
-    """Bias correction where it is asked for and there is data to measure it on (weight-only and
-    dynamic recipes take --calib only for this)."""
-    if not settings.options["bias_correction"] or settings.calib is None:
+    if not _corrects_bias(settings):
         return []
     return [CorrectBiasPass(CorrectBiasOptions(settings.calib, _calibration(settings)))]
 
@@ -215,7 +219,7 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
         *_smoothing(settings),
         SelectQuantizedOpsPass(SelectOptions(exclude=settings.excluded)),
         CalibrateActivationsPass(CalibrateOptions(data, activation_dtype, calibration, nodes=settings.nodes,
-                                                  record_means=bool(_bias_correction(settings)))),
+                                                  record_means=_corrects_bias(settings))),
         AssignWeightSpecsPass(weights),
         *_embeddings(settings),
         *_bias_correction(settings),

@@ -5,7 +5,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.graph import constant_array
-from qcompile.quant_spec import QUANT_SPEC_KEY, QuantSpec
+from qcompile.quant_spec import INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, QuantSpec
 
 
 class AssignBiasSpecsPass(ir.passes.InPlacePass):
@@ -28,8 +28,8 @@ class AssignBiasSpecsPass(ir.passes.InPlacePass):
             array = constant_array(bias)
             if x_spec is None or w_spec is None or array is None or array.ndim != 1:
                 continue
-            if x_spec.dtype not in (ir.DataType.UINT8, ir.DataType.INT8):
-                continue  # no integer kernel takes a 16-bit input: the op runs in float, bias and all
+            if x_spec.dtype not in INTEGER_KERNEL_DTYPES:
+                continue  # the op runs in float, bias and all
             if QUANT_SPEC_KEY in bias.meta or any(user is not node for user, _ in bias.uses()):
                 continue
             if node.op_type == "Gemm" and (node.attributes.get_float("beta", 1.0) != 1.0

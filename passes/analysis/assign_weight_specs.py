@@ -9,7 +9,7 @@ import onnx_ir as ir
 from qcompile.config import NodeSettings, settings_for
 from qcompile.graph import constant_array, has_subgraph, name_matches
 from qcompile.notes import add_note
-from qcompile.quant_spec import QUANT_SPEC_KEY, symmetric_weight_spec
+from qcompile.quant_spec import INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, symmetric_weight_spec
 from qcompile.targets import reduction_axes
 
 # Per-axis DequantizeLinear (the `axis` attribute) exists from opset 13.
@@ -90,11 +90,11 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
 
     def _pair_limit(self, node: ir.Node, shape: tuple[int, ...]) -> tuple[int | None, tuple[int, ...]]:
         """The pair limit and the reduction order of ``node``'s integer kernel, where it adds pairs."""
+        x_spec = node.inputs[0].meta.get(QUANT_SPEC_KEY) if node.inputs[0] is not None else None
+        if x_spec is not None and x_spec.dtype not in INTEGER_KERNEL_DTYPES:
+            return None, ()  # the op runs in float
         axes = reduction_axes(node.op_type, shape, node.attributes.get_int("group", 1),
                               bool(node.attributes.get_int("transB", 0)))
-        x_spec = node.inputs[0].meta.get(QUANT_SPEC_KEY) if node.inputs[0] is not None else None
-        if x_spec is not None and x_spec.dtype == ir.DataType.INT16:
-            return None, ()  # no integer kernel takes a 16-bit input: the op runs in float
         if self.options.pair_limit is None or axes is None:
             return None, ()
         return self.options.pair_limit, axes
