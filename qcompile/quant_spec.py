@@ -1,6 +1,7 @@
 """Quantization decisions: what analysis passes attach and lowering passes consume."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -12,8 +13,20 @@ from qcompile.targets import limit_pairs, pair_sums
 # Key under which a `QuantSpec` is stored in `value.meta`.
 QUANT_SPEC_KEY = "qcompile.quant_spec"
 # Metadata (saved with the model) on a tensor the compiler rescaled per channel: JSON
-# {"axis": A, "factors": [...]}, so that comparisons with the original model can undo it.
+# {"shape": [...], "factors": [...]} (`channel_scale_json`), so that comparisons with the original
+# model can undo it.
 CHANNEL_SCALE_KEY = "qcompile.channel_scale"
+
+
+def channel_scale_json(factors: np.ndarray) -> str:
+    """`CHANNEL_SCALE_KEY` metadata for a tensor multiplied by ``factors`` (broadcast as numpy does)."""
+    return json.dumps({"shape": list(factors.shape), "factors": [float(f"{f:.7g}") for f in factors.reshape(-1)]})
+
+
+def read_channel_scale(text: str) -> np.ndarray:
+    """The factors of `channel_scale_json`, shaped to broadcast against the tensor."""
+    recorded = json.loads(text)
+    return np.array(recorded["factors"], np.float64).reshape(recorded["shape"])
 
 _RANGES = {
     ir.DataType.INT8: (-128, 127),

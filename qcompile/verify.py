@@ -1,7 +1,6 @@
 """Numerical comparison of a compiled model against its reference, streamed over the data."""
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -15,7 +14,7 @@ import onnx_ir as ir
 from qcompile import progress
 from qcompile.data import InputInfo, count_samples, iterate_batches
 from qcompile.io import load_model, save_model
-from qcompile.quant_spec import CHANNEL_SCALE_KEY
+from qcompile.quant_spec import CHANNEL_SCALE_KEY, read_channel_scale
 from qcompile.session import run, session
 
 
@@ -92,15 +91,11 @@ def _quantized_tensors(candidate: ir.Model, reference: ir.Model) -> list[str]:
     return names
 
 
-def _channel_scales(candidate: ir.Model, names: list[str]) -> dict[str, tuple[int, np.ndarray]]:
-    """(axis, factors) by which the compiler rescaled tensors per channel (`CHANNEL_SCALE_KEY`)."""
+def _channel_scales(candidate: ir.Model, names: list[str]) -> dict[str, np.ndarray]:
+    """Factors by which the compiler rescaled tensors per channel (`CHANNEL_SCALE_KEY`)."""
     values = {v.name: v for node in candidate.graph for v in node.outputs if v.name in names}
-    scales = {}
-    for name, value in values.items():
-        if CHANNEL_SCALE_KEY in value.metadata_props:
-            recorded = json.loads(value.metadata_props[CHANNEL_SCALE_KEY])
-            scales[name] = (recorded["axis"], np.array(recorded["factors"], np.float64))
-    return scales
+    return {name: read_channel_scale(value.metadata_props[CHANNEL_SCALE_KEY]) for name, value in values.items()
+            if CHANNEL_SCALE_KEY in value.metadata_props}
 
 
 def _with_outputs(path: str | os.PathLike, names: list[str], folder: str) -> str:
@@ -140,10 +135,7 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
             cands = run(cand_session, names, feed, f"{candidate} on {data}")
             for name, ref, cand in zip(names, refs, cands):
                 if name in rescaled:  # back to the reference's units
-                    axis, factors = rescaled[name]
-                    shape = [1] * cand.ndim
-                    shape[axis] = -1
-                    cand = cand / factors.reshape(shape)
+                    cand = cand / rescaled[name]
                 accumulators[name].add(ref, cand)
     sqnr = {name: acc.result(name).sqnr_db for name, acc in accumulators.items()}
     producers = {v.name: node for node in reference_model.graph for v in node.outputs}

@@ -16,7 +16,6 @@ instead of at hi, as the per-tensor quantizer clips everything above T.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +25,7 @@ from qcompile.calibration import CalibrationOptions
 from qcompile.graph import constant_array
 from qcompile.notes import add_note
 from qcompile.probes import add_reduced_output, measure, node_by_name
-from qcompile.quant_spec import CHANNEL_SCALE_KEY
+from qcompile.quant_spec import CHANNEL_SCALE_KEY, channel_scale_json
 
 # Largest channel scale: a channel that is all but dead would otherwise get an enormous one.
 MAX_SCALE = 1e3
@@ -123,7 +122,6 @@ class EqualizeDepthwiseInputsPass(ir.passes.InPlacePass):
             for depthwise in chain.depthwise:
                 _scale_constant(depthwise.inputs[1], 1.0 / scale)
             for value in (chain.conv.outputs[0], chain.activation.outputs[0]):
-                value.metadata_props[CHANNEL_SCALE_KEY] = json.dumps(
-                    {"axis": 1, "factors": [float(f"{f:.7g}") for f in scale]})
+                value.metadata_props[CHANNEL_SCALE_KEY] = channel_scale_json(scale[:, None, None])
         add_note(model, f"equalized {len(chains)} activations feeding depthwise convolutions")
         return ir.passes.PassResult(model, modified=True)

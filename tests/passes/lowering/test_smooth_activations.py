@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -12,7 +10,7 @@ from qcompile.io import save_model
 from qcompile.models import synthetic
 from qcompile.passes import InferShapesPass, SmoothActivationsPass
 from qcompile.passes.lowering.smooth_activations import SmoothOptions
-from qcompile.quant_spec import CHANNEL_SCALE_KEY
+from qcompile.quant_spec import CHANNEL_SCALE_KEY, read_channel_scale
 
 
 def _with_outliers() -> ir.Model:
@@ -43,13 +41,68 @@ def test_the_function_is_unchanged_and_the_scales_are_folded_where_free(tmp_path
     assert _smooth(model, data)
 
     np.testing.assert_allclose(run(model, feed)[0], run(before, feed)[0], rtol=1e-4, atol=1e-4)
-    # LayerNorm outputs feed only the projections: 1/s goes into gamma and beta. The attention context
-    # (behind a Reshape) and the GELU output (a Mul of two tensors) get a Mul each.
-    assert op_types(model).count("Mul") == op_types(before).count("Mul") + 2
+    # LayerNorm outputs feed only the projections: 1/s goes into gamma and beta. The attention
+    # context's goes through its Reshape, Transpose and the probabilities @ V MatMul into V's
+    # projection. Only the GELU output (a Mul of two tensors) gets a Mul.
+    assert op_types(model).count("Mul") == op_types(before).count("Mul") + 1
     gamma = next(n for n in model.graph if n.name == "ln1").inputs[1].const_value.numpy()
     assert gamma[3] / gamma[0] < 30 / 2
-    ln_out = next(n for n in model.graph if n.name == "ln1").outputs[0]
-    assert len(json.loads(ln_out.metadata_props[CHANNEL_SCALE_KEY])["factors"]) == 32
+    nodes = {n.name: n for n in model.graph}
+    assert read_channel_scale(nodes["ln1"].outputs[0].metadata_props[CHANNEL_SCALE_KEY]).shape == (32,)
+    # V's heads are rescaled per (head, dim): eval divides that back out.
+    v_heads = read_channel_scale(nodes["v.transpose"].outputs[0].metadata_props[CHANNEL_SCALE_KEY])
+    context = read_channel_scale(nodes["context.reshape"].outputs[0].metadata_props[CHANNEL_SCALE_KEY])
+    assert v_heads.shape == (1, 4, 1, 8) and context.shape == (32,)
+    np.testing.assert_array_equal(v_heads.reshape(-1), context)
+    before_v = next(n for n in before.graph if n.name == "v_proj").inputs[1].const_value.numpy()
+    after_v = nodes["v_proj"].inputs[1].const_value.numpy()
+    assert not np.allclose(after_v, before_v)
+
+
+def test_the_context_gets_a_mul_where_v_feeds_something_else(tmp_path):
+    model = _with_outliers()
+    v_heads = next(n for n in model.graph if n.name == "v.transpose").outputs[0]
+    model.graph.outputs.append(v_heads)
+    data, feed = _data(tmp_path, model)
+    before = clone(model)
+    assert _smooth(model, data)
+
+    for got, want in zip(run(model, feed), run(before, feed)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert op_types(model).count("Mul") == op_types(before).count("Mul") + 2
+
+
+def _shared_v_head() -> ir.Model:
+    """Grouped-query attention in small: one V head serves both query heads, broadcast in probs @ V."""
+    rng = np.random.default_rng(0)
+    wv, wo = (", ".join(f"{w:.3f}" for w in rng.standard_normal(n)) for n in (8 * 4, 8 * 3))
+    return parse(f"""
+        <ir_version: 10, opset_import: ["" : 18]>
+        g (float[N, 6, 8] x, float[N, 2, 6, 6] probs) => (float[N, 6, 3] y)
+          <int64[4] one_head = {{0, 0, 1, 4}}, int64[3] merged = {{0, 0, 8}}, float[8, 4] wv = {{{wv}}},
+           float[8, 3] wo = {{{wo}}}> {{
+            v = MatMul(x, wv)
+            v_head = Reshape(v, one_head)
+            v_heads = Transpose<perm = [0, 2, 1, 3]>(v_head)
+            context = MatMul(probs, v_heads)
+            context_t = Transpose<perm = [0, 2, 1, 3]>(context)
+            context_merged = Reshape(context_t, merged)
+            y = MatMul(context_merged, wo)
+        }}""")
+
+
+def test_a_context_from_a_broadcast_v_head_gets_a_mul(tmp_path):
+    model = _shared_v_head()
+    apply(model, InferShapesPass())
+    rng = np.random.default_rng(1)
+    feed = {"x": rng.standard_normal((4, 6, 8)).astype(np.float32) * np.float32([1, 1, 1, 1, 1, 1, 1, 20]),
+            "probs": rng.dirichlet(np.ones(6), (4, 2, 6)).astype(np.float32)}
+    np.savez(tmp_path / "calib.npz", **feed)
+    before = clone(model)
+    assert _smooth(model, str(tmp_path / "calib.npz"))
+
+    np.testing.assert_allclose(run(model, feed)[0], run(before, feed)[0], rtol=1e-4, atol=1e-4)
+    assert op_types(model).count("Mul") == 2  # x's 1/s and the context's
 
 
 SCALAR_AND_VECTOR_MULS = """
