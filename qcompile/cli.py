@@ -265,21 +265,36 @@ def _cmd_eval(args) -> int:
                   f"({lat['ratio']:.2f}x), median over {result['samples']} samples")
     if result["layers"]:
         layers = Table("quantized tensor", "producer", "SQNR dB", "added by this layer dB", "cosine",
-                       title=f"worst {min(args.layers, len(result['layers']))} of {len(result['layers'])} quantized tensors")
+                       "beyond its grid", title=f"worst {min(args.layers, len(result['layers']))} of "
+                                                f"{len(result['layers'])} quantized tensors")
         for row in result["layers"][: args.layers]:
             layers.add_row(escape(row["name"]), escape(f"{row['layer']} ({row['op_type']})"), f"{row['sqnr_db']:.2f}",
-                           f"{row['sqnr_drop_db']:.2f}", f"{row['cosine']:.5f}")
+                           f"{row['sqnr_drop_db']:.2f}", f"{row['cosine']:.5f}", _overflow(row) or "-")
         out.print(layers)
         out.print(f"the layer that adds the most error: {escape(_remedy(blame(result['layers'])))}")
     return 0
 
 
+def _overflow(row: dict) -> str:
+    """'0.70% (to 8.8x its end)' for a tensor whose calibrated grid clips the data; '' if none does."""
+    if not row.get("beyond_grid"):
+        return ""
+    return f"{100 * row['beyond_grid']:.2g}% (to {row['peak_over_grid']:.1f}x its end)"
+
+
 def _remedy(row: dict) -> str:
     """The layer behind a quantized tensor's error, and the ways out: at the nodes that read the tensor
-    quantized (excluding its producer would leave its output quantized for them)."""
+    quantized (excluding its producer would leave its output quantized for them), or, where its grid
+    clips much of the data, calibration data that covers such inputs."""
     readers = " ".join(f"--exclude '{reader}'" for reader in row.get("readers", ())) or "--exclude on its readers"
+    clipped = (f"; {_overflow(row)} of its values lie beyond its calibrated grid: calibrate on data like these "
+               f"inputs" if (row.get("beyond_grid") or 0) >= CLIPPED_HINT else "")
     return (f"{row['layer']} ({row['op_type']}, -{row['sqnr_drop_db']:.1f} dB, tensor {row['name']}): try {readers}, "
-            f"or (w8a8) activation_bits = 16 for those nodes ([[nodes]] in a --config file)")
+            f"or (w8a8) activation_bits = 16 for those nodes ([[nodes]] in a --config file){clipped}")
+
+
+# The fraction of a tensor's values clipped by its grid from which the hint names calibration data.
+CLIPPED_HINT = 1e-3
 
 
 def _cmd_recipes(args) -> int:

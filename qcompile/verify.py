@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from qcompile import progress
 from qcompile.data import InputInfo, count_samples, iterate_batches
+from qcompile.graph import constant_array
 from qcompile.io import load_model, save_model
 from qcompile.quant_spec import CHANNEL_SCALE_KEY, read_channel_scale
 from qcompile.session import run, session
@@ -49,6 +50,22 @@ class _Accumulator:
     def result(self, name: str) -> OutputError:
         sqnr = float("inf") if self.noise == 0 else 10 * np.log10(max(self.signal, 1e-300) / self.noise)
         return OutputError(name, sqnr, float(np.mean(self.cosines)), self.max_abs)
+
+
+class _GridOverflow:
+    """How many reference values fall beyond a fixed quantization grid, and how far (in grid widths)."""
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = lo, hi
+        self.beyond = self.total = 0
+        self.peak = 0.0
+
+    def add(self, ref: np.ndarray) -> None:
+        self.beyond += int(np.count_nonzero((ref < self.lo) | (ref > self.hi)))
+        self.total += ref.size
+        if ref.size:
+            self.peak = max(self.peak, float(ref.max()) / self.hi if self.hi > 0 else 0.0,
+                            float(ref.min()) / self.lo if self.lo < 0 else 0.0)
 
 
 def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, data: str,
@@ -98,6 +115,24 @@ def _channel_scales(candidate: ir.Model, names: list[str]) -> dict[str, np.ndarr
             if CHANNEL_SCALE_KEY in value.metadata_props}
 
 
+def _grids(candidate: ir.Model, names: list[str]) -> dict[str, _GridOverflow]:
+    """The fixed grid of each named tensor quantized by one constant scale (not at run time), half a
+    step wider either side: the values beyond it are clipped, not rounded."""
+    grids = {}
+    for node in candidate.graph:
+        source = node.inputs[0] if node.op_type == "QuantizeLinear" and node.inputs else None
+        if source is None or source.name not in names:
+            continue
+        scale = constant_array(node.inputs[1])
+        zero = constant_array(node.inputs[2]) if len(node.inputs) > 2 else np.zeros((), np.uint8)
+        if scale is None or scale.size != 1 or zero is None or zero.dtype.kind not in "iu":
+            continue
+        step, low, high = float(scale.reshape(())), np.iinfo(zero.dtype).min, np.iinfo(zero.dtype).max
+        offset = float(zero.reshape(()))
+        grids[source.name] = _GridOverflow((low - offset - 0.5) * step, (high - offset + 0.5) * step)
+    return grids
+
+
 def _with_outputs(path: str | os.PathLike, names: list[str], folder: str) -> str:
     """A copy of the model in ``folder`` whose named node outputs are also graph outputs."""
     model = load_model(path)
@@ -113,13 +148,16 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
 
     ``sqnr_drop_db`` is how much SQNR the layer producing the tensor loses relative to its worst
     measured input, and ``added_noise`` the noise-to-signal ratio it adds (10^(-SQNR/10) out minus in):
-    the layer that adds the error, not just one that inherits it.
+    the layer that adds the error, not just one that inherits it. ``beyond_grid`` is the fraction of
+    the reference's values that the tensor's calibrated grid clips, and ``peak_over_grid`` the largest
+    value over the grid's end on its side (above 1: data the calibration did not cover); both None for
+    tensors quantized at run time.
     """
     reference_model, candidate_model = load_model(reference), load_model(candidate)
     names = _quantized_tensors(candidate_model, reference_model)
     if not names:
         return []
-    rescaled = _channel_scales(candidate_model, names)
+    rescaled, grids = _channel_scales(candidate_model, names), _grids(candidate_model, names)
     values = {v.name: v for v in candidate_model.graph.inputs}
     values.update((v.name, v) for node in candidate_model.graph for v in node.outputs)
     readers = {name: _readers(values.get(name)) for name in names}
@@ -134,6 +172,8 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
             refs = run(ref_session, names, feed, f"{reference} on {data}")
             cands = run(cand_session, names, feed, f"{candidate} on {data}")
             for name, ref, cand in zip(names, refs, cands):
+                if name in grids:  # in the candidate's units
+                    grids[name].add(ref * rescaled[name] if name in rescaled else ref)
                 if name in rescaled:  # back to the reference's units
                     cand = cand / rescaled[name]
                 accumulators[name].add(ref, cand)
@@ -146,8 +186,11 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
         upstream = _measured_upstream(node, sqnr)
         worst_input = min([EXACT_DB, *(sqnr[n] for n in upstream)])
         out_db = min(error["sqnr_db"], EXACT_DB)
+        grid = grids.get(name)
         error.update(layer=node.name, op_type=node.op_type, readers=readers[name], sqnr_drop_db=worst_input - out_db,
-                     added_noise=10 ** (-out_db / 10) - 10 ** (-worst_input / 10))
+                     added_noise=10 ** (-out_db / 10) - 10 ** (-worst_input / 10),
+                     beyond_grid=grid.beyond / max(grid.total, 1) if grid else None,
+                     peak_over_grid=grid.peak if grid else None)
         rows.append(error)
     return sorted(rows, key=lambda r: r["sqnr_db"])
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from qcompile.cli import main
+from qcompile.cli import _remedy, main
 from qcompile.io import save_model
 from qcompile.models import synthetic
 
@@ -141,9 +141,36 @@ def test_eval_lists_per_layer_error_worst_first_and_failed_verify_names_a_layer(
     readers = {row["layer"]: row["readers"] for row in layers}
     assert readers["block.depthwise.relu6"] == ["block.pointwise"]
     assert sorted(readers["stem.relu6"]) == ["block.depthwise", "block.residual"]
+    # the calibration data itself lies within the grids calibrated on it
+    assert all(row["beyond_grid"] == 0 and row["peak_over_grid"] <= 1 for row in layers)
 
     code = main(["compile", str(cnn_file), "-o", str(out), "--recipe", "w8a8", "--calib", str(calib), "--verify",
                  "--min-sqnr", "90", "--quiet"])
     assert code == 1
     line = _error_line(capsys)
     assert "the layer adding the most error is" in line and "try --exclude '" in line
+
+
+def test_eval_shows_how_much_of_the_data_overflows_the_calibrated_grids(cnn_file, tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", pixel_values=x)
+    np.savez(tmp_path / "wider.npz", pixel_values=4 * x)
+    out = tmp_path / "out.onnx"
+    assert main(["compile", str(cnn_file), "-o", str(out), "--recipe", "w8a8", "--calib", str(tmp_path / "calib.npz"),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+
+    assert main(["eval", str(cnn_file), str(out), "--data", str(tmp_path / "wider.npz"), "--json"]) == 0
+
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    overflowing = [row for row in layers if row["beyond_grid"] > 0]
+    assert overflowing and max(row["peak_over_grid"] for row in overflowing) > 1.5
+    worst = max(overflowing, key=lambda row: row["beyond_grid"])
+    assert "calibrate on data like these inputs" in _remedy(worst)
+    assert "calibrate" not in _remedy({**worst, "beyond_grid": 0.0})
+
+    # activations quantized at run time have no fixed grid to overflow
+    assert main(["compile", str(cnn_file), "-o", str(out), "--recipe", "w8a8-dynamic", "--quiet"]) == 0
+    assert main(["eval", str(cnn_file), str(out), "--data", str(tmp_path / "wider.npz"), "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert layers and all(row["beyond_grid"] is None for row in layers)
