@@ -19,6 +19,7 @@ from qcompile.graph import all_nodes, name_matches
 from qcompile.io import load_model, save_model
 from qcompile.layers import layer_precisions
 from qcompile.notes import notes
+from qcompile.passes.lowering.insert_qdq import MIN_OPSET_16BIT_QDQ
 from qcompile.pipeline import Pipeline, PassRecord, dump_to_folder
 from qcompile.recipes import TARGETS, Settings, get_recipe
 from qcompile.targets import cpu_profile
@@ -94,6 +95,21 @@ def unused_node_settings(nodes: tuple[NodeSettings, ...], recipe: str, pass_name
             for key in sorted(given) if NODE_SETTING_READERS[key] not in pass_names]
 
 
+def check_16bit_opset(settings: CompileConfig, model: ir.Model, pass_names: set[str]) -> None:
+    """Refuse before calibrating what `InsertQDQPass` would refuse after: 16-bit activations for target
+    portable in a model whose opset has no 16-bit QuantizeLinear/DequantizeLinear."""
+    opset = model.opset_imports.get("", 1)
+    if (settings.target != "portable" or opset >= MIN_OPSET_16BIT_QDQ
+            or NODE_SETTING_READERS["activation_bits"] not in pass_names):
+        return
+    names = [node.name for node in all_nodes(model)]
+    for pattern in (p for table in settings.nodes if table.activation_bits == 16 for p in table.match):
+        if any(name_matches(name, (pattern,)) for name in names):
+            raise UsageError(f"[[nodes]] match {pattern!r}: activation_bits = 16 needs 16-bit QuantizeLinear/"
+                             f"DequantizeLinear, which need opset {MIN_OPSET_16BIT_QDQ}, the model has opset {opset} "
+                             f"(or use target ort-cpu)")
+
+
 def unmatched_patterns(settings: CompileConfig, before: list[str], after: list[str]) -> list[str]:
     """A note for each --exclude / [[nodes]] pattern that names no node of the compiled model."""
     patterns = [("--exclude", p) for p in settings.exclude] + [("[[nodes]] match", p) for t in settings.nodes
@@ -129,6 +145,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
 
     input_path = Path(input)
     model = load_model(input_path)
+    check_16bit_opset(settings, model, names)
     input_nodes = [node.name for node in all_nodes(model)]
     dump = dump_to_folder(Path(dump_dir or "."), input_path.stem, set(dump_after)) if dump_after else None
     records = Pipeline(passes, verify_each=verify_each, dump_after=dump).run(model)

@@ -10,6 +10,7 @@ import qcompile
 from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.models import synthetic
+from qcompile.passes import CalibrateActivationsPass
 from qcompile.target_check import target_problems
 from qcompile.targets import PAIR_LIMIT, reduction_axes, worst_pair_sum
 
@@ -116,6 +117,15 @@ def test_qoperator_format_keeps_16bit_convs_on_qdq(tmp_path):
 def test_16bit_requests_a_target_or_model_cannot_take_are_usage_errors(tmp_path, toml, kwargs, message):
     with pytest.raises(UsageError, match=message):
         _compile(tmp_path, toml, **kwargs)
+
+
+def test_portable_below_opset_21_is_refused_before_calibrating(tmp_path, monkeypatch):
+    def no_calibration(self, model):
+        raise AssertionError("calibrated before refusing")
+
+    monkeypatch.setattr(CalibrateActivationsPass, "call", no_calibration)
+    with pytest.raises(UsageError, match="match 'block.pointwise': activation_bits = 16 needs .* opset 18"):
+        _compile(tmp_path, WIDE, target="portable")
 
 
 def test_recipe_level_entropy_gives_16bit_tensors_minmax_with_headroom(tmp_path):
