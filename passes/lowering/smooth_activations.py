@@ -114,10 +114,19 @@ def _fold_upstream(graph: ir.Graph, x: ir.Value, inverse: np.ndarray) -> list[tu
             for edit in edits:
                 edit()
             return rescaled
-        value, factor = result
+        value, factor = result[0], _without_leading_ones(result[1])
 
 
 _DONE = object()  # a rescale step that reached the op that absorbs the factor
+
+
+def _without_leading_ones(factor: np.ndarray) -> np.ndarray:
+    """(1, 1, 384) as (384,): constants rescaled by it keep their shape (ONNX Runtime fuses a bias Add
+    into the MatMul before it only while the bias is a vector)."""
+    shape = list(factor.shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape.pop(0)
+    return factor.reshape(shape)
 
 
 def _channel_vector(factor: np.ndarray, width: int) -> np.ndarray | None:

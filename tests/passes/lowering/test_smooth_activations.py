@@ -52,11 +52,13 @@ def test_the_function_is_unchanged_and_the_scales_are_folded_where_free(tmp_path
     # V's heads are rescaled per (head, dim): eval divides that back out.
     v_heads = read_channel_scale(nodes["v.transpose"].outputs[0].metadata_props[CHANNEL_SCALE_KEY])
     context = read_channel_scale(nodes["context.reshape"].outputs[0].metadata_props[CHANNEL_SCALE_KEY])
-    assert v_heads.shape == (1, 4, 1, 8) and context.shape == (32,)
+    assert v_heads.shape == (4, 1, 8) and context.shape == (32,)
     np.testing.assert_array_equal(v_heads.reshape(-1), context)
     before_v = next(n for n in before.graph if n.name == "v_proj").inputs[1].const_value.numpy()
     after_v = nodes["v_proj"].inputs[1].const_value.numpy()
     assert not np.allclose(after_v, before_v)
+    # V's bias stays a vector: ONNX Runtime fuses the bias Add into the MatMul only then
+    assert nodes["v_proj.bias_add"].inputs[1].const_value.shape == (32,)
 
 
 def test_the_context_gets_a_mul_where_v_feeds_something_else(tmp_path):
