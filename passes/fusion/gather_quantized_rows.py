@@ -4,7 +4,7 @@ ONNX Runtime does not fold a DequantizeLinear of an initializer, so the first fo
 whole embedding table on every run (MiniLM: 11.7 M values per inference). The rewrite reads the rows
 ``ids`` picks from the INT8 table and from the scale vector, and multiplies just them:
 
-    Mul(Cast(Gather(table_q, ids), float), Unsqueeze(Gather(row_scales, ids), -1))
+    Mul(Cast(Gather(table_q, ids), float), Gather(Reshape(row_scales, [-1, 1]), ids))
 
 Standard ops only; exact (the zero point must be 0, as the symmetric per-row spec makes it).
 """
@@ -38,12 +38,14 @@ class GatherQuantizedRows(RewriteRuleClassBase):
     def rewrite(self, op, table_q, scale, ids, table, rows, **_):
         name = rows.producer().name  # the layer keeps its name on the Gather of the table
         gathered = op.Gather(table_q, ids, axis=0)
-        scales = op.Gather(scale, ids, axis=0)
-        row_scales = op.Unsqueeze(scales, op.Constant(value_ints=[-1]))
+        # The scales as a column, so that the rows' scales come out of the Gather ready to broadcast: a
+        # Reshape of a constant, which ONNX Runtime folds when it loads the model.
+        column = op.Reshape(scale, op.Constant(value_ints=[-1, 1]))
+        row_scales = op.Gather(column, ids, axis=0)
         cast = op.Cast(gathered, to=table.dtype or ir.DataType.FLOAT)
         out = op.Mul(cast, row_scales)
-        for value, suffix in ((gathered, ""), (scales, ".scales"), (row_scales, ".scales_unsqueeze"),
-                              (cast, ".cast"), (out, ".dequantize")):
+        for value, suffix in ((gathered, ""), (column, ".scale_column"), (row_scales, ".scales"), (cast, ".cast"),
+                              (out, ".dequantize")):
             value.producer().name = name + suffix
         return out
 
