@@ -36,7 +36,7 @@ import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,24 +132,30 @@ def calibrate(model_path: str | os.PathLike, tensors: Sequence[str], data: str, 
         del model  # the session reads the copy; do not keep the graph (or its weights) alive
         sess = session(path)
 
-        def batches(description: str) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-            return _batches(sess, fetch, constants, data, inputs, options, progress.task(description, total))
+        def each_batch(description: str, handle: Callable[[dict[str, np.ndarray], int], None]) -> None:
+            _each_batch(sess, fetch, constants, data, inputs, options, progress.task(description, total), handle)
 
         stats = {n: _RangeStats(options.moving_average) for n in names}
         averages = {n: _Mean() for n in names if n in means}
-        for arrays, count in batches("calibrating (pass 1/2)" if two_pass else "calibrating"):
+
+        def take_ranges(arrays: dict[str, np.ndarray], count: int) -> None:
             for name in names:
                 stats[name].update(_as_float(arrays[name], name), count)
             for name, average in averages.items():
                 average.update(arrays[name])
+
+        each_batch("calibrating (pass 1/2)" if two_pass else "calibrating", take_ranges)
         hists = {}
         if two_pass:  # constant tensors need no histogram (`over` gives None)
             hists = {n: _Histogram.over(stats[n], options.num_bins, _folds(options.method, symmetric.get(n, False)))
                      for n in names}
             hists = {n: h for n, h in hists.items() if h is not None}
-            for arrays, _ in batches("calibrating (pass 2/2)"):
+
+            def take_histograms(arrays: dict[str, np.ndarray], _count: int) -> None:
                 for name, hist in hists.items():
                     hist.update(_as_float(arrays[name], name))
+
+            each_batch("calibrating (pass 2/2)", take_histograms)
     ranges = {}
     for name in names:
         lo, hi = _choose(options, stats[name], hists.get(name), symmetric.get(name, False))
@@ -169,16 +175,19 @@ def reduce_outputs(model_path: str | os.PathLike, inputs: list[InputInfo], outpu
     """
     sess = session(model_path)
     total = _sample_count(data, inputs, options)
-    combined, seen = {}, 0
-    for arrays, count in _batches(sess, list(outputs), {}, data, inputs, options, progress.task(description, total)):
+    combined, seen = {}, [0]
+
+    def combine(arrays: dict[str, np.ndarray], count: int) -> None:
         for name, how in outputs.items():
             array = arrays[name].astype(np.float64)
             if how == "mean":
                 combined[name] = combined.get(name, 0.0) + count * array
             else:
                 combined[name] = np.maximum(combined[name], array) if name in combined else array
-        seen += count
-    return {name: value / max(seen, 1) if outputs[name] == "mean" else value for name, value in combined.items()}
+        seen[0] += count
+
+    _each_batch(sess, list(outputs), {}, data, inputs, options, progress.task(description, total), combine)
+    return {name: value / max(seen[0], 1) if outputs[name] == "mean" else value for name, value in combined.items()}
 
 
 def _expose(model: ir.Model, names: list[str], fed: set[str]) -> dict[str, np.ndarray]:
@@ -211,9 +220,11 @@ def _expose(model: ir.Model, names: list[str], fed: set[str]) -> dict[str, np.nd
     return constants
 
 
-def _batches(sess, fetch: list[str], constants: dict[str, np.ndarray], data: str, inputs: list[InputInfo],
-             options: CalibrationOptions, task) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """(arrays by name, samples in the batch) for each batch: fetched outputs, feeds and constants.
+def _each_batch(sess, fetch: list[str], constants: dict[str, np.ndarray], data: str, inputs: list[InputInfo],
+                options: CalibrationOptions, task, handle: Callable[[dict[str, np.ndarray], int], None]) -> None:
+    """``handle(arrays by name, samples in the batch)`` for each batch: fetched outputs, feeds and
+    constants. One batch's activations are alive at a time: a generator would keep the last batch
+    (in its frame and the caller's loop variable) while the next one runs, twice the memory.
 
     ``task`` is a `progress.task`, advanced by the samples of each batch (the bar counts samples).
     """
@@ -221,7 +232,8 @@ def _batches(sess, fetch: list[str], constants: dict[str, np.ndarray], data: str
         for feed in iterate_batches(data, inputs, options.limit, options.seed):
             outputs = run(sess, fetch, feed, "the model on calibration data") if fetch else []
             count = _batch_samples(feed, inputs)
-            yield {**feed, **constants, **dict(zip(fetch, outputs))}, count
+            handle({**feed, **constants, **dict(zip(fetch, outputs))}, count)
+            del outputs
             advance(count)
 
 
