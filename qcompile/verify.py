@@ -53,7 +53,8 @@ class _Accumulator:
 
 
 class _GridOverflow:
-    """How many reference values fall beyond a fixed quantization grid, and how far (in grid widths)."""
+    """How many reference values fall beyond a fixed quantization grid, and the largest as a multiple of
+    the grid's end on its side."""
 
     def __init__(self, lo: float, hi: float):
         self.lo, self.hi = lo, hi

@@ -228,6 +228,9 @@ def _same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(map(_same_dim, a, b))
 
 
+# op type -> step(graph, node, its output, the output's factor, edits): _DONE where the node absorbs
+# the factor, (input, its factor) to go on up, None where it cannot; it appends the rewrites it needs to
+# edits, which run only once a chain ends in _DONE.
 _RESCALE_STEPS = {"Mul": _into_mul, "LayerNormalization": _into_layer_norm, "MatMul": _through_matmul,
                   "Add": _through_add, "Transpose": _through_transpose, "Reshape": _through_reshape}
 
