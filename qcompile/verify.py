@@ -178,6 +178,7 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
                 if name in rescaled:  # back to the reference's units
                     cand = cand / rescaled[name]
                 accumulators[name].add(ref, cand)
+            del refs, cands, ref, cand  # not alive while the next batch runs
     sqnr = {name: acc.result(name).sqnr_db for name, acc in accumulators.items()}
     producers = {v.name: node for node in reference_model.graph for v in node.outputs}
     rows = []
