@@ -252,26 +252,30 @@ def _smoothing(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray
     return np.clip(scale, MIN_SCALE, MAX_SCALE)
 
 
-def _noise(scale: np.ndarray, x_max: np.ndarray, x_energy: np.ndarray, weights: list[np.ndarray]) -> float:
-    """Estimated output noise of 8-bit X/s (per tensor) times sW (per output channel), W as (in, out)."""
+def _noise(scale: np.ndarray, x_max: np.ndarray, x_energy: np.ndarray, magnitudes: list[np.ndarray],
+           row_energy: np.ndarray) -> float:
+    """Estimated output noise of 8-bit X/s (per tensor) times sW (per output channel), from |W| as
+    (in, out) and sum_n W_jn^2 over every weight."""
     step_x = 2 * np.max(x_max / scale) / _STEPS
-    noise = 0.0
-    for w in weights:
-        scaled = w * scale[:, None]
-        step_w = 2 * np.abs(scaled).max(axis=0) / _STEPS
-        noise += step_x**2 / 12 * np.sum(scaled**2) + np.sum(step_w**2) / 12 * np.sum(x_energy / scale**2)
+    noise = step_x**2 / 12 * float(np.sum(scale**2 * row_energy))
+    weighted_energy = np.sum(x_energy / scale**2)
+    for magnitude in magnitudes:
+        step_w = 2 * (magnitude * scale[:, None].astype(magnitude.dtype)).max(axis=0).astype(np.float64) / _STEPS
+        noise += np.sum(step_w**2) / 12 * weighted_energy
     return float(noise)
 
 
 def _choose(x_max: np.ndarray, x_energy: np.ndarray, weights: list[np.ndarray], alpha: float | None):
     """(alpha, s) with the least estimated noise, or None where no smoothing is best."""
-    w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-    candidates = [(a, _smoothing(x_max, w_max, a)) for a in ((alpha,) if alpha is not None else ALPHAS)]
-    best = min(candidates, key=lambda c: _noise(c[1], x_max, x_energy, weights))
-    unsmoothed = _noise(np.ones_like(x_max), x_max, x_energy, weights)
-    if alpha is None and _noise(best[1], x_max, x_energy, weights) >= unsmoothed:
+    magnitudes = [np.abs(w) for w in weights]
+    row_energy = sum(np.sum(np.square(w, dtype=np.float64), axis=1) for w in weights)
+    w_max = np.max([m.max(axis=1) for m in magnitudes], axis=0).astype(np.float64)
+    scored = [(_noise(scale, x_max, x_energy, magnitudes, row_energy), a, scale)
+              for a, scale in ((a, _smoothing(x_max, w_max, a)) for a in ((alpha,) if alpha is not None else ALPHAS))]
+    noise, best_alpha, best_scale = min(scored, key=lambda c: c[0])
+    if alpha is None and noise >= _noise(np.ones_like(x_max), x_max, x_energy, magnitudes, row_energy):
         return None
-    return best
+    return best_alpha, best_scale
 
 
 class SmoothActivationsPass(ir.passes.InPlacePass):
@@ -308,7 +312,7 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
         chosen = []
         for x, x_max, x_energy in zip(activations, maxima, energies):
             layers = groups[x]
-            weights = [layer.inputs[1].const_value.numpy().astype(np.float64) for layer in layers]
+            weights = [layer.inputs[1].const_value.numpy() for layer in layers]
             choice = _choose(x_max, x_energy, weights, self.options.alpha)
             logger.debug("%s: channel max/median %.1f, alpha %s", x.name, x_max.max() / max(np.median(x_max), 1e-30),
                          choice and choice[0])
