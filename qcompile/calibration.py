@@ -175,19 +175,20 @@ def reduce_outputs(model_path: str | os.PathLike, inputs: list[InputInfo], outpu
     """
     sess = session(model_path)
     total = _sample_count(data, inputs, options)
-    combined, seen = {}, [0]
+    combined, seen = {}, 0
 
     def combine(arrays: dict[str, np.ndarray], count: int) -> None:
+        nonlocal seen
         for name, how in outputs.items():
             array = arrays[name].astype(np.float64)
             if how == "mean":
                 combined[name] = combined.get(name, 0.0) + count * array
             else:
                 combined[name] = np.maximum(combined[name], array) if name in combined else array
-        seen[0] += count
+        seen += count
 
     _each_batch(sess, list(outputs), {}, data, inputs, options, progress.task(description, total), combine)
-    return {name: value / max(seen[0], 1) if outputs[name] == "mean" else value for name, value in combined.items()}
+    return {name: value / max(seen, 1) if outputs[name] == "mean" else value for name, value in combined.items()}
 
 
 def _expose(model: ir.Model, names: list[str], fed: set[str]) -> dict[str, np.ndarray]:

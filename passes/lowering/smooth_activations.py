@@ -129,9 +129,15 @@ def _without_leading_ones(factor: np.ndarray) -> np.ndarray:
     return factor.reshape(shape)
 
 
+def _to_rank(factor: np.ndarray, rank: int) -> np.ndarray:
+    """``factor`` with leading 1-axes up to ``rank`` axes, as numpy broadcasts it."""
+    return factor.reshape((1,) * (rank - factor.ndim) + factor.shape)
+
+
 def _channel_vector(factor: np.ndarray, width: int) -> np.ndarray | None:
-    """``factor`` as a vector over ``width`` channels of the last axis; None if it varies along another."""
-    return factor.reshape(-1) if factor.shape[-1:] == (width,) and factor.size == width else None
+    """``factor`` if it is a vector over ``width`` channels of the last axis (`_fold_upstream` drops
+    leading 1-axes); None if it varies along another."""
+    return factor if factor.shape == (width,) else None
 
 
 def _into_mul(graph, node, value, factor, edits):
@@ -174,7 +180,7 @@ def _through_matmul(graph, node, value, factor, edits):
     rank = value.shape.rank() if value.shape is not None else None
     if rank is None or rank < 2 or b.shape is None or b.shape.rank() != rank or constant_array(a) is not None:
         return None
-    full = factor.reshape((1,) * (rank - factor.ndim) + factor.shape)
+    full = _to_rank(factor, rank)
     # Not where B is broadcast along an axis the factor varies on (grouped-query attention's V heads).
     broadcast = any(f != 1 and not _same_dim(d, out)
                     for i, (f, d, out) in enumerate(zip(full.shape, b.shape, value.shape)) if i != rank - 2)
@@ -197,8 +203,7 @@ def _through_transpose(graph, node, value, factor, edits):
     perm = node.attributes.get_ints("perm")
     if perm is None:
         return None
-    full = factor.reshape((1,) * (len(perm) - factor.ndim) + factor.shape)
-    return node.inputs[0], full.transpose(np.argsort(perm))
+    return node.inputs[0], _to_rank(factor, len(perm)).transpose(np.argsort(perm))
 
 
 def _through_reshape(graph, node, value, factor, edits):
@@ -213,7 +218,7 @@ def _through_reshape(graph, node, value, factor, edits):
     tail_before, tail_after = before[kept:], after[kept:]
     if not all(isinstance(d, int) for d in tail_before + tail_after) or np.prod(tail_before) != np.prod(tail_after):
         return None
-    full = factor.reshape((1,) * (len(after) - factor.ndim) + factor.shape)
+    full = _to_rank(factor, len(after))
     if any(d != 1 for d in full.shape[:kept]):
         return None
     tail = np.broadcast_to(full[(0,) * kept], tail_after).reshape(tail_before)
