@@ -8,6 +8,8 @@ from qcompile.graph import all_nodes
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "QLinearConv",
                 "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulBnb4"}
 DEQUANTIZE_OPS = {"DequantizeLinear"}
+# Ops that take (a, a_scale, a_zero_point, b, ...): their weight is input 3; every other op's is input 1.
+QLINEAR_WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3}
 
 
 def _operand_precision(value: ir.Value | None) -> str:
@@ -31,6 +33,7 @@ def layer_precisions(model: ir.Model) -> list[dict]:
         if node.op_type == "DynamicQuantizeMatMul" or (node.op_type == "MatMulInteger" and node.inputs[0].producer()
                                                        and node.inputs[0].producer().op_type == "DynamicQuantizeLinear"):
             activation = "uint8-dynamic"
-        weight = _operand_precision(node.inputs[1]) if len(node.inputs) > 1 else "?"
+        weight_input = QLINEAR_WEIGHT_INPUT.get(node.op_type, 1)
+        weight = _operand_precision(node.inputs[weight_input]) if len(node.inputs) > weight_input else "?"
         rows.append({"name": node.name, "op_type": node.op_type, "precision": f"w:{weight} a:{activation}"})
     return rows

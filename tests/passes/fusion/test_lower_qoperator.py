@@ -7,6 +7,7 @@ from helpers import apply, op_types, parse, random_feed, run
 import qcompile
 from qcompile.errors import UsageError
 from qcompile.io import save_model
+from qcompile.layers import layer_precisions
 from qcompile.models import synthetic
 from qcompile.passes import LowerQOperatorPass
 
@@ -39,6 +40,7 @@ def test_cnn_runs_on_qlinear_ops_with_the_qdq_models_numbers(tmp_path):
     ops = op_types(qop)
     assert ops.count("QLinearConv") == 3 and ops.count("QLinearAdd") == 1 and ops.count("QGemm") == 1
     assert not {"Conv", "Clip", "Add", "Gemm"} & set(ops)  # the ReLU6 clips are implied by the u8 output grids
+    assert {layer["precision"] for layer in layer_precisions(qop)} == {"w:int8 a:uint8"}
     feed = random_feed(qdq, batch=4, seed=3)
     assert _sqnr(_fake_quant(qdq, feed), run(qop, feed)[0]) > 30
     assert not LowerQOperatorPass()(qop).modified
