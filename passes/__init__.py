@@ -15,6 +15,7 @@ from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
 from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
 from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
+from qcompile.passes.canonicalize.upgrade_opset import UpgradeOpsetPass
 from qcompile.passes.fusion.fold_qdq import FoldQDQPass
 from qcompile.passes.fusion.fuse_dynamic_matmul import FuseDynamicMatMulPass
 from qcompile.passes.fusion.gather_quantized_rows import GatherQuantizedRowsPass
@@ -26,6 +27,7 @@ from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
 from qcompile.passes.lowering.smooth_activations import SmoothActivationsPass
 
 ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
+    UpgradeOpsetPass,
     InferShapesPass,
     FoldConstantsPass,
     EliminateIdentityPass,

@@ -26,6 +26,7 @@ from qcompile.passes import (
     FuseMatMulAddPass,
     GatherQuantizedRowsPass,
     InferShapesPass,
+    UpgradeOpsetPass,
     InsertQDQPass,
     LowerQOperatorPass,
     MaterializeTransposedWeightsPass,
@@ -110,6 +111,7 @@ class Recipe:
 def canonicalize() -> list[ir.passes.PassBase]:
     """The passes every recipe starts with."""
     return [
+        UpgradeOpsetPass(),
         InferShapesPass(),
         FoldConstantsPass(),
         EliminateIdentityPass(),
@@ -277,8 +279,8 @@ _W8A8_PARAMETERS = {
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
-        Recipe("canonicalize", "shape inference, constant folding, BN folding, MatMul+Add->Gemm, DCE; no quantization",
-               {}, lambda settings: canonicalize()),
+        Recipe("canonicalize", "opset raised to 13 where lower, shape inference, constant folding, BN folding, "
+               "MatMul+Add->Gemm, DCE; no quantization", {}, lambda settings: canonicalize()),
         Recipe("w8a16", "INT8 weight-only: per-channel symmetric INT8 weights behind DequantizeLinear, float activations",
                {"per_channel": _PER_CHANNEL, "bias_correction": _BIAS_CORRECTION, "embeddings": _EMBEDDINGS}, _w8a16),
         Recipe("w8a8", "static INT8: per-channel weights, per-tensor activations, calibrated", _W8A8_PARAMETERS, _w8a8),

@@ -64,7 +64,7 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         per_axis_ok = model.opset_imports.get("", 0) >= MIN_OPSET_PER_CHANNEL
         modified = False
-        in_subgraphs = 0
+        in_subgraphs = per_tensor_for_opset = 0
         for node in model.graph:
             if has_subgraph(node):
                 in_subgraphs += 1
@@ -79,11 +79,16 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
                 add_note(model, f"{weight.name}: left float, read by other ops than weighted ops on the same axis")
                 continue
             per_channel = settings_for(self.options.nodes, node.name).get("per_channel", self.options.per_channel)
+            per_tensor_for_opset += per_channel and not per_axis_ok
             weight.meta[QUANT_SPEC_KEY] = symmetric_weight_spec(
                 array, axis if per_channel and per_axis_ok else None, self.options.dtype, self.options.qmax,
                 *self._pair_limit(node, array.shape),
             )
             modified = True
+        if per_tensor_for_opset:
+            add_note(model, f"{per_tensor_for_opset} weights per tensor, not per channel: opset "
+                     f"{model.opset_imports.get('', 0)} has no per-channel DequantizeLinear (opset "
+                     f"{MIN_OPSET_PER_CHANNEL} has)")
         if in_subgraphs:
             add_note(model, f"{in_subgraphs} control-flow node(s): weights inside their subgraphs left float")
         return ir.passes.PassResult(model, modified=modified)
