@@ -1,6 +1,7 @@
 """Decide how each constant weight of Conv / ConvTranspose / MatMul / Gemm is quantized."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,15 +66,19 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
         per_axis_ok = model.opset_imports.get("", 0) >= MIN_OPSET_PER_CHANNEL
         modified = False
         in_subgraphs = per_tensor_for_opset = 0
+        other_ops: Counter[str] = Counter()
         for node in model.graph:
             if has_subgraph(node):
                 in_subgraphs += 1
             axis = weight_axis(node)
-            if axis is None or self._excluded(node) or node.op_type not in self.options.op_types:
+            if axis is None or self._excluded(node):
                 continue
             weight = node.inputs[1]
             array = constant_array(weight)
             if array is None or array.dtype != np.float32 or QUANT_SPEC_KEY in weight.meta:
+                continue
+            if node.op_type not in self.options.op_types:
+                other_ops[node.op_type] += 1
                 continue
             if not self._only_weight_uses(weight, axis):
                 add_note(model, f"{weight.name}: left float, read by other ops than weighted ops on the same axis")
@@ -85,6 +90,10 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
                 *self._pair_limit(node, array.shape),
             )
             modified = True
+        if other_ops:
+            add_note(model, f"{sum(other_ops.values())} layers left float "
+                     f"({', '.join(f'{n} {op}' for op, n in sorted(other_ops.items()))}): this recipe quantizes "
+                     f"the weights of {' and '.join(self.options.op_types)} only")
         if per_tensor_for_opset:
             add_note(model, f"{per_tensor_for_opset} weights per tensor, not per channel: opset "
                      f"{model.opset_imports.get('', 0)} has no per-channel DequantizeLinear (opset "

@@ -3,6 +3,7 @@ import pytest
 from helpers import apply, clone, op_types, random_feed, run
 
 from qcompile.models import synthetic
+from qcompile.notes import notes
 from qcompile.passes import AssignWeightSpecsPass, EliminateDeadCodePass, FuseDynamicMatMulPass, \
     FuseMatMulAddPass, QuantizeWeightsPass
 from qcompile.passes.analysis.assign_weight_specs import WeightSpecOptions
@@ -78,3 +79,12 @@ def test_biases_of_token_matmuls_go_into_the_fused_ops_and_qkv_share_one_quantiz
     np.testing.assert_allclose(run(model, feed)[0], run(unshared, feed)[0], rtol=1e-5, atol=1e-6)
     assert _sqnr(run(reference, feed)[0], run(model, feed)[0]) > 25
     assert not FuseDynamicMatMulPass(contrib=True)(model).modified
+
+
+def test_convolutions_stay_float_and_the_report_counts_them():
+    model = synthetic.cnn()
+    apply(model, AssignWeightSpecsPass(WeightSpecOptions(op_types=("MatMul", "Gemm"))), QuantizeWeightsPass(),
+          FuseDynamicMatMulPass(contrib=True), EliminateDeadCodePass())
+
+    assert op_types(model).count("Conv") == 3 and "DynamicQuantizeMatMul" in op_types(model)
+    assert notes(model) == ["3 layers left float (3 Conv): this recipe quantizes the weights of MatMul and Gemm only"]
