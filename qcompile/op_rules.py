@@ -12,6 +12,11 @@
 
 Non-compute ops are quantized only where their output feeds a quantized op: a Reshape in front of a
 LayerNormalization stays float, so quantization error is added only where it buys integer compute.
+
+The exception buys integer compute too: a quantized Conv's output is quantized even where the op
+that reads it is not (LeakyRelu, HardSwish, Sigmoid, ...). ONNX Runtime has no integer Conv with a
+float output, so without that Q it runs the Conv in float with its weight dequantized on every call,
+slower than the fp32 model. MatMul and Gemm have float-output integer kernels and need no such Q.
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ SHARED_OPS: dict[str, tuple[int, ...]] = {
     "Concat": (),  # every input: filled in by `quantized_inputs`
 }
 ELEMENTWISE_OPS: dict[str, tuple[int, ...]] = {"Add": (0, 1), "Mul": (0, 1)}
+# Compute ops whose integer kernel needs a quantized output, and the ops its output grid can absorb.
+QUANTIZED_OUTPUT_OPS = ("Conv",)
+CLIPS = ("Relu", "Clip")
 
 
 def candidate_inputs(op_type: str, num_inputs: int) -> tuple[int, ...]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from qcompile.graph import name_matches
-from qcompile.op_rules import COMPUTE_OPS, ELEMENTWISE_OPS, candidate_inputs
+from qcompile.op_rules import CLIPS, COMPUTE_OPS, ELEMENTWISE_OPS, QUANTIZED_OUTPUT_OPS, candidate_inputs
 
 # node.meta: the input indexes whose activation the node reads quantized.
 QUANTIZED_INPUTS_KEY = "qcompile.quantized_inputs"
@@ -28,11 +28,19 @@ def _is_activation(value: ir.Value | None) -> bool:
     return producer is None or producer.op_type not in ("DequantizeLinear", "Constant")
 
 
+def _mark(node: ir.Node, slots) -> bool:
+    if node.meta.get(QUANTIZED_INPUTS_KEY) == tuple(slots):
+        return False
+    node.meta[QUANTIZED_INPUTS_KEY] = tuple(slots)
+    return True
+
+
 class SelectQuantizedOpsPass(ir.passes.InPlacePass):
     """Mark the activation inputs of compute ops, and of the ops between them, for quantization.
 
     Walks the graph backwards: a non-compute op (Reshape, residual Add, Relu, ...) is quantized only
-    if its output feeds an op that is. Main graph only; control-flow subgraphs stay float.
+    if its output feeds an op that is. Then a quantized Conv's output is quantized for its readers, so
+    that ONNX Runtime can run the Conv on integers. Main graph only; control-flow subgraphs stay float.
     """
 
     name = "select-quantized-ops"
@@ -55,12 +63,31 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
             if node.op_type in ELEMENTWISE_OPS and len(slots) < 2:
                 continue  # Add/Mul with a constant: a bias or scale, not a residual join
             wanted.update(node.inputs[i] for i in slots)
-            if node.meta.get(QUANTIZED_INPUTS_KEY) != tuple(slots):
-                node.meta[QUANTIZED_INPUTS_KEY] = tuple(slots)
-                modified = True
+            modified |= _mark(node, slots)
+        for node in model.graph:
+            if node.op_type in QUANTIZED_OUTPUT_OPS and node.domain == "" and QUANTIZED_INPUTS_KEY in node.meta:
+                modified |= self._quantize_output(node.outputs[0], wanted)
         for value in wanted:
             value.meta[NEEDS_RANGE_KEY] = True
         return ir.passes.PassResult(model, modified=modified)
+
+    def _quantize_output(self, value: ir.Value, wanted: set[ir.Value]) -> bool:
+        """Quantize ``value`` for all its readers (`qcompile.op_rules`: quantized Conv outputs) where
+        each reader's output is quantized too. Not where that is Relu/Clip (their grid holds the clip
+        and ONNX Runtime fuses them into the integer Conv), and not in a head whose result goes on in
+        float (a Conv -> Sigmoid -> graph output keeps its output precision)."""
+        users = [(user, index) for user, index in value.uses() if not self._excluded(user)]
+        if value.is_graph_output() or not users:
+            return False
+        if not all(any(out in wanted for out in user.outputs) for user, _ in users):
+            return False
+        if all(user.op_type in CLIPS for user, _ in users):
+            return False
+        wanted.add(value)
+        modified = False
+        for user, index in users:
+            modified |= _mark(user, sorted({*user.meta.get(QUANTIZED_INPUTS_KEY, ()), index}))
+        return modified
 
     def _excluded(self, node: ir.Node) -> bool:
         return name_matches(node.name, self.options.exclude)

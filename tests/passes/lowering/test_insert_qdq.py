@@ -122,3 +122,36 @@ def test_activation_with_an_absurd_range_stays_float_with_a_note(tmp_path):
     result = qcompile.compile(source, recipe="w8a8", calib=str(tmp_path / "calib.npz"))
     assert any("h: range [1, 1e+30] is too wide for 8 bits; left float" in note for note in result.report["notes"])
     assert "QuantizeLinear" not in op_types(result.model)
+
+
+def _conv_activations() -> "ir.Model":
+    """Convs followed by activations that no integer Conv absorbs, and a head: Conv -> Sigmoid -> output."""
+    rng = np.random.default_rng(0)
+    weights = [", ".join(f"{v:.3f}" for v in rng.normal(0, 0.3, 4 * 4 * 9)) for _ in range(4)]
+    return parse(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4, 8, 8] x) => (float[N, 4, 8, 8] y)
+            <float[4, 4, 3, 3] w0 = {{{weights[0]}}}, float[4, 4, 3, 3] w1 = {{{weights[1]}}},
+             float[4, 4, 3, 3] w2 = {{{weights[2]}}}, float[4, 4, 3, 3] w3 = {{{weights[3]}}}> {{
+            c0 = Conv<pads = [1, 1, 1, 1]>(x, w0)
+            a0 = LeakyRelu<alpha = 0.1>(c0)
+            c1 = Conv<pads = [1, 1, 1, 1]>(a0, w1)
+            s1 = Sigmoid(c1)
+            a1 = Mul(c1, s1)
+            c2 = Conv<pads = [1, 1, 1, 1]>(a1, w2)
+            a2 = HardSwish(c2)
+            c3 = Conv<pads = [1, 1, 1, 1]>(a2, w3)
+            y = Sigmoid(c3)
+        }}""")
+
+
+def test_convs_before_other_activations_get_quantized_outputs_so_ort_runs_them_on_integers(tmp_path):
+    result, out = _compile(tmp_path, _conv_activations)
+
+    convs = [n for n in result.model.graph if n.op_type == "Conv"]
+    readers = [[user.op_type for user, _ in conv.outputs[0].uses()] for conv in convs[:3]]
+    assert readers == [["QuantizeLinear"]] * 3
+    assert [user.op_type for user, _ in convs[3].outputs[0].uses()] == ["Sigmoid"]  # the head stays float
+    assert _ort_optimized_ops(out, tmp_path).count("QLinearConv") == 3
+    feed = random_feed(result.model, batch=4, seed=7)
+    assert _sqnr(run(_conv_activations(), feed)[0], run(result.model, feed)[0]) > 25
