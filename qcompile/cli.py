@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True)
     e.add_argument("--size", type=int, default=None, help="samples to use")
     e.add_argument("--layers", type=int, default=10, help="how many of the worst quantized tensors to list")
+    e.add_argument("--target", default="ort-cpu",
+                   help="the target CANDIDATE was compiled for: tensorrt and ort-cuda models run with Q/DQ "
+                        "computed as ONNX defines them, not on ONNX Runtime's CPU integer kernels")
     e.add_argument("--json", action="store_true")
 
     sub.add_parser("recipes", help="list recipes and their options")
@@ -169,6 +172,7 @@ def _print_compile_summary(report: dict) -> None:
         if "latency_ms" in verification:
             lat = verification["latency_ms"]
             table.add_row("latency", f"{lat['reference']:.2f} ms -> {lat['candidate']:.2f} ms ({lat['ratio']:.2f}x)")
+        table.add_row("checked on", verification["runtime"])
     for note in report["notes"]:
         table.add_row("note", escape(note))
     out.print(table)
@@ -245,13 +249,21 @@ def _cmd_diff(args) -> int:
 def _cmd_eval(args) -> int:
     from qcompile.data import model_inputs
     from qcompile.io import load_model
+    from qcompile.recipes import TARGETS
+    from qcompile.targets import QDQ_SEMANTICS_TARGETS, runtime_description
     from qcompile.verify import blame, compare_models, layer_errors
 
     load_model(args.candidate)  # one clear line for a bad file, before ONNX Runtime sees it
     inputs = model_inputs(load_model(args.reference))
+    if args.target not in TARGETS:
+        raise UsageError(f"unknown target {args.target!r} (one of {', '.join(TARGETS)})")
+    integer_kernels = args.target not in QDQ_SEMANTICS_TARGETS
     with progress.display(err):
-        result = compare_models(args.reference, args.candidate, args.data, inputs, args.size)
-        result["layers"] = layer_errors(args.reference, args.candidate, args.data, inputs, args.size)
+        result = compare_models(args.reference, args.candidate, args.data, inputs, args.size,
+                                integer_kernels=integer_kernels)
+        result["layers"] = layer_errors(args.reference, args.candidate, args.data, inputs, args.size,
+                                        integer_kernels=integer_kernels)
+    result["runtime"] = runtime_description(args.target)
     if args.json:
         out.print_json(json.dumps(result))
         return 0
@@ -263,6 +275,7 @@ def _cmd_eval(args) -> int:
         lat = result["latency_ms"]
         out.print(f"latency: reference {lat['reference']:.2f} ms, candidate {lat['candidate']:.2f} ms "
                   f"({lat['ratio']:.2f}x), median over {result['samples']} samples")
+    out.print(f"checked on {result['runtime']}")
     if result["layers"]:
         layers = Table("quantized tensor", "producer", "SQNR dB", "added by this layer dB", "cosine",
                        "beyond its grid", title=f"worst {min(args.layers, len(result['layers']))} of "

@@ -22,7 +22,7 @@ from qcompile.notes import notes
 from qcompile.passes.lowering.insert_qdq import MIN_OPSET_16BIT_QDQ
 from qcompile.pipeline import Pipeline, PassRecord, dump_to_folder
 from qcompile.recipes import TARGETS, Settings, get_recipe
-from qcompile.targets import cpu_profile
+from qcompile.targets import QDQ_SEMANTICS_TARGETS, cpu_profile, runtime_description
 from qcompile.verify import blame, compare_models, layer_errors
 
 
@@ -69,11 +69,13 @@ class CompileResult:
             if output is None:
                 output = save_model(self.model, Path(tmp) / "candidate.onnx")
             inputs = model_inputs(load_model(self._input))
-            result = compare_models(self._input, output, data, inputs, limit, seed)
+            integer_kernels = self.report["target"] not in QDQ_SEMANTICS_TARGETS
+            result = compare_models(self._input, output, data, inputs, limit, seed, integer_kernels)
+            result["runtime"] = runtime_description(self.report["target"])
             result["min_sqnr_db"] = min_sqnr
             result["passed"] = min_sqnr is None or all(o["sqnr_db"] >= min_sqnr for o in result["outputs"])
             if not result["passed"]:  # say which layer is to blame
-                result["layers"] = layer_errors(self._input, output, data, inputs, limit, seed)
+                result["layers"] = layer_errors(self._input, output, data, inputs, limit, seed, integer_kernels)
                 result["blame"] = blame(result["layers"])
         self.report["verification"] = result
         return result

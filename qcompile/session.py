@@ -7,11 +7,18 @@ from qcompile.errors import UsageError
 from qcompile.runtime import onnxruntime
 
 
-def session(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
-    """An `onnxruntime.InferenceSession` for ``path`` (external data is read from beside it)."""
+def session(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
+            integer_kernels: bool = True):
+    """An `onnxruntime.InferenceSession` for ``path`` (external data is read from beside it).
+
+    ``integer_kernels=False`` keeps ONNX Runtime from fusing Q/DQ groups into its integer ops, so
+    the model computes Q/DQ as ONNX defines them (see `qcompile.targets.QDQ_SEMANTICS_TARGETS`).
+    """
     ort = onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures reach the user as exceptions, not as ORT's log lines
+    if not integer_kernels:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         options.intra_op_num_threads = threads
     try:

@@ -38,6 +38,18 @@ from qcompile.errors import UsageError
 # The largest |q0 + q1| of a same-signed weight pair whose products with u8 activations fit in int16.
 PAIR_LIMIT = 128
 
+# Targets whose runtime computes Q/DQ as ONNX defines them (INT8 products added in 32 bits) and whose
+# weights use the full INT8 range. Checked with ONNX Runtime on a CPU, their models run without ORT's
+# integer fusions: on x86 without VNNI those would saturate and show errors the target never makes.
+QDQ_SEMANTICS_TARGETS = ("tensorrt", "ort-cuda")
+
+
+def runtime_description(target: str) -> str:
+    """How a model compiled for ``target`` is run when it is checked on this machine."""
+    if target in QDQ_SEMANTICS_TARGETS:
+        return f"ONNX Runtime CPU with Q/DQ computed as ONNX defines them, as {target} does (no latency: not {target}'s)"
+    return "ONNX Runtime CPU"
+
 
 @dataclass(frozen=True)
 class CpuProfile:

@@ -70,9 +70,11 @@ class _GridOverflow:
 
 
 def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, data: str,
-                   inputs: list[InputInfo], limit: int | None = None, seed: int = 0) -> dict:
-    """Run both models on ``data``; per-output errors of the candidate and both models' latency."""
-    ref_session, cand_session = session(reference), session(candidate)
+                   inputs: list[InputInfo], limit: int | None = None, seed: int = 0,
+                   integer_kernels: bool = True) -> dict:
+    """Run both models on ``data``; per-output errors of the candidate, and both models' latency where
+    the candidate runs on ONNX Runtime's integer kernels (without them it says nothing of speed)."""
+    ref_session, cand_session = session(reference), session(candidate, integer_kernels=integer_kernels)
     names = [o.name for o in ref_session.get_outputs()]
     accumulators = {name: _Accumulator() for name in names}
     ref_times, cand_times = [], []
@@ -90,11 +92,11 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
     if not ref_times:
         return {"outputs": [], "samples": 0}
     ref_ms, cand_ms = 1e3 * statistics.median(ref_times), 1e3 * statistics.median(cand_times)
-    return {
-        "samples": count_samples(data, inputs, limit),
-        "outputs": [asdict(acc.result(name)) for name, acc in accumulators.items()],
-        "latency_ms": {"reference": ref_ms, "candidate": cand_ms, "ratio": cand_ms / ref_ms},
-    }
+    result = {"samples": count_samples(data, inputs, limit),
+              "outputs": [asdict(acc.result(name)) for name, acc in accumulators.items()]}
+    if integer_kernels:
+        result["latency_ms"] = {"reference": ref_ms, "candidate": cand_ms, "ratio": cand_ms / ref_ms}
+    return result
 
 
 def _quantized_tensors(candidate: ir.Model, reference: ir.Model) -> list[str]:
@@ -144,7 +146,7 @@ def _with_outputs(path: str | os.PathLike, names: list[str], folder: str) -> str
 
 
 def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, data: str, inputs: list[InputInfo],
-                 limit: int | None = None, seed: int = 0) -> list[dict]:
+                 limit: int | None = None, seed: int = 0, integer_kernels: bool = True) -> list[dict]:
     """Error of the candidate at each tensor it quantizes, worst first.
 
     ``sqnr_drop_db`` is how much SQNR the layer producing the tensor loses relative to its worst
@@ -168,7 +170,7 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
         (Path(tmp) / "reference").mkdir()
         (Path(tmp) / "candidate").mkdir()
         ref_session = session(_with_outputs(reference, names, f"{tmp}/reference"))
-        cand_session = session(_with_outputs(candidate, names, f"{tmp}/candidate"))
+        cand_session = session(_with_outputs(candidate, names, f"{tmp}/candidate"), integer_kernels=integer_kernels)
         for feed in progress.track(iterate_batches(data, inputs, limit, seed), "per-layer error"):
             refs = run(ref_session, names, feed, f"{reference} on {data}")
             cands = run(cand_session, names, feed, f"{candidate} on {data}")

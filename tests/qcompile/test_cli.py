@@ -174,3 +174,28 @@ def test_eval_shows_how_much_of_the_data_overflows_the_calibrated_grids(cnn_file
     assert main(["eval", str(cnn_file), str(out), "--data", str(tmp_path / "wider.npz"), "--json"]) == 0
     layers = json.loads(capsys.readouterr().out)["layers"]
     assert layers and all(row["beyond_grid"] is None for row in layers)
+
+
+def test_tensorrt_models_are_checked_with_onnx_qdq_semantics_not_cpu_integer_kernels(cnn_file, tmp_path, capsys):
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", pixel_values=x)
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert main(["compile", str(cnn_file), "-o", str(out), "--recipe", "w8a8", "--target", "tensorrt", "--calib",
+                 str(tmp_path / "calib.npz"), "--verify", "--report", str(report_path), "--quiet"]) == 0
+    assert main(["eval", str(cnn_file), str(out), "--data", str(tmp_path / "calib.npz"), "--target", "tensorrt",
+                 "--json"]) == 0
+
+    # TensorRT adds INT8 products in 32 bits: the Q/DQ graph as ONNX defines it, run op by op
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    expected = ort.InferenceSession(str(cnn_file), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
+    actual = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": x})[0]
+    sqnr = 10 * np.log10(np.sum(expected**2) / np.sum((expected - actual) ** 2))
+    verification = json.loads(report_path.read_text())["verification"]
+    evaluation = json.loads(capsys.readouterr().out)
+    for result in (verification, evaluation):
+        assert result["outputs"][0]["sqnr_db"] == pytest.approx(sqnr, abs=0.05)
+        assert "latency_ms" not in result and "as tensorrt does" in result["runtime"]
