@@ -30,8 +30,8 @@ def layer_precisions(model: ir.Model) -> list[dict]:
         if node.op_type not in WEIGHTED_OPS:
             continue
         activation = _operand_precision(node.inputs[0]) if node.inputs else "?"
-        if node.op_type == "DynamicQuantizeMatMul" or (node.op_type == "MatMulInteger" and node.inputs[0].producer()
-                                                       and node.inputs[0].producer().op_type == "DynamicQuantizeLinear"):
+        producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        if node.op_type == "DynamicQuantizeMatMul" or (producer and producer.op_type == "DynamicQuantizeLinear"):
             activation = "uint8-dynamic"
         weight_input = QLINEAR_WEIGHT_INPUT.get(node.op_type, 1)
         weight = _operand_precision(node.inputs[weight_input]) if len(node.inputs) > weight_input else "?"

@@ -130,6 +130,9 @@ def share_input_quantization(graph: ir.Graph) -> bool:
         quantize = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{nodes[0].name}_shared_quantize")
         graph.insert_before(nodes[0], quantize)
         x_q, x_scale, x_zero_point = quantize.outputs
+        x_q.dtype, x_q.shape = ir.DataType.UINT8, x.shape
+        x_scale.dtype, x_scale.shape = ir.DataType.FLOAT, ir.Shape([])
+        x_zero_point.dtype, x_zero_point.shape = ir.DataType.UINT8, ir.Shape([])
         for node in nodes:
             weight_q, scale, zero_point, *bias = node.inputs[1:]
             matmul = ir.node("MatMulIntegerToFloat", [x_q, weight_q, x_scale, scale, x_zero_point, zero_point, *bias],

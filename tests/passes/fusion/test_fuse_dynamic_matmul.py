@@ -1,7 +1,9 @@
 import numpy as np
+import onnx_ir as ir
 import pytest
 from helpers import apply, clone, op_types, random_feed, run
 
+from qcompile.layers import layer_precisions
 from qcompile.models import synthetic
 from qcompile.notes import notes
 from qcompile.passes import AssignWeightSpecsPass, EliminateDeadCodePass, FuseDynamicMatMulPass, \
@@ -74,6 +76,9 @@ def test_biases_of_token_matmuls_go_into_the_fused_ops_and_qkv_share_one_quantiz
     assert len(shared) == 3 and len(separate) == 3  # q/k/v; o_proj, fc1, fc2
     assert len({n.inputs[0] for n in shared}) == 1 and shared[0].inputs[0].producer().op_type == "DynamicQuantizeLinear"
     assert all(len(n.inputs) == 7 for n in shared) and all(len(n.inputs) == 5 for n in separate)  # with biases
+    assert shared[0].inputs[0].dtype == ir.DataType.UINT8
+    assert {row["precision"] for row in layer_precisions(model) if row["op_type"] != "MatMul"} == {
+        "w:int8 a:uint8-dynamic"}
     assert not any(n.op_type == "Add" and n.inputs[0].producer() in shared + separate for n in model.graph)
     feed = random_feed(model, batch=2)
     np.testing.assert_allclose(run(model, feed)[0], run(unshared, feed)[0], rtol=1e-5, atol=1e-6)
