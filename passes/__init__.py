@@ -9,6 +9,7 @@ from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass
 from qcompile.passes.analysis.calibrate_activations import CalibrateActivationsPass
 from qcompile.passes.analysis.correct_bias import CorrectBiasPass
 from qcompile.passes.analysis.select_quantized_ops import SelectQuantizedOpsPass
+from qcompile.passes.analysis.share_clip_grids import ShareClipGridsPass
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.canonicalize.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
@@ -39,6 +40,7 @@ ALL_PASSES: tuple[type[ir.passes.PassBase], ...] = (
     SmoothActivationsPass,
     SelectQuantizedOpsPass,
     CalibrateActivationsPass,
+    ShareClipGridsPass,
     AssignWeightSpecsPass,
     AssignEmbeddingSpecsPass,
     CorrectBiasPass,

@@ -20,6 +20,20 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """The interval a Relu or Clip keeps its input in (infinite where unbounded); None if not constant."""
+    if node.op_type == "Relu":
+        return 0.0, np.inf
+    bounds = [-np.inf, np.inf]
+    for i, value in enumerate(node.inputs[1:3]):
+        if value is not None:
+            array = constant_array(value)
+            if array is None:
+                return None
+            bounds[i] = float(array)
+    return bounds[0], bounds[1]
+
+
 def name_matches(name: str | None, patterns: Iterable[str]) -> bool:
     """True if ``name`` matches one of the user's fnmatch patterns (``--exclude``, ``[[nodes]] match``)."""
     return any(fnmatch.fnmatchcase(name or "", pattern) for pattern in patterns)

@@ -76,6 +76,13 @@ class QuantSpec:
         lo, hi = _RANGES[self.dtype]
         return (lo if self.qmin is None else self.qmin, hi if self.qmax is None else self.qmax)
 
+    @property
+    def grid_range(self) -> tuple[float, float]:
+        """The smallest and largest value a per-tensor grid holds."""
+        lo, hi = self.bounds
+        zero_point, scale = float(self.zero_point), float(self.scale)
+        return (lo - zero_point) * scale, (hi - zero_point) * scale
+
     def _broadcast(self, param: np.ndarray, rank: int) -> np.ndarray:
         if self.axis is None:
             return param
@@ -130,6 +137,12 @@ def _reduce_to(per_row: np.ndarray, axis: int | None, reduction_axes: tuple[int,
         return per_row.max(initial=0.0)
     keep = others.index(axis)
     return per_row.max(axis=tuple(i for i in range(per_row.ndim) if i != keep), initial=0.0)
+
+
+def grid_within(grid: tuple[float, float], bounds: tuple[float, float]) -> bool:
+    """True if every value of ``grid`` (lo, hi) lies inside ``bounds`` (up to float rounding): a Relu or
+    Clip with those bounds then changes nothing that the grid's saturation has not done already."""
+    return grid[0] >= bounds[0] - 1e-6 * abs(bounds[0]) and grid[1] <= bounds[1] + 1e-6 * abs(bounds[1])
 
 
 def activation_spec(lo: float, hi: float, dtype: ir.DataType, method: str) -> QuantSpec:

@@ -32,6 +32,7 @@ from qcompile.passes import (
     MaterializeTransposedWeightsPass,
     QuantizeWeightsPass,
     SelectQuantizedOpsPass,
+    ShareClipGridsPass,
 )
 from qcompile.passes.analysis.assign_embedding_specs import EmbeddingSpecOptions
 from qcompile.passes.analysis.calibrate_activations import CalibrateOptions
@@ -222,6 +223,7 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
         SelectQuantizedOpsPass(SelectOptions(exclude=settings.excluded)),
         CalibrateActivationsPass(CalibrateOptions(data, activation_dtype, calibration, nodes=settings.nodes,
                                                   record_means=_corrects_bias(settings))),
+        *([] if settings.target == "tensorrt" else [ShareClipGridsPass()]),  # TensorRT fuses Conv + Relu itself
         AssignWeightSpecsPass(weights),
         *_embeddings(settings),
         *_bias_correction(settings),

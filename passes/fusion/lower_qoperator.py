@@ -20,8 +20,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from qcompile.graph import constant_array
+from qcompile.graph import clip_bounds, constant_array
 from qcompile.passes.fusion.fold_qdq import merge_duplicates
+from qcompile.quant_spec import grid_within
 
 ACTIVATIONS = (None, "Relu", "Clip")
 
@@ -41,18 +42,11 @@ def _check_activation(activated: ir.Value | None, y_scale: ir.Value, y_zero_poin
     info = np.iinfo(zero_point.dtype)
     grid_lo = (float(info.min) - float(zero_point)) * float(scale)
     grid_hi = (float(info.max) - float(zero_point)) * float(scale)
-    node = activated.producer()
-    lo, hi = 0.0 if node.op_type == "Relu" else -np.inf, np.inf
-    if node.op_type == "Clip":
-        bounds = list(node.inputs[1:3])
-        if any(v is not None and constant_array(v) is None for v in bounds):
-            return result.fail("the Clip bounds are not constant")
-        if len(bounds) > 0 and bounds[0] is not None:
-            lo = float(constant_array(bounds[0]))
-        if len(bounds) > 1 and bounds[1] is not None:
-            hi = float(constant_array(bounds[1]))
-    if grid_lo < lo - 1e-6 * abs(lo) or grid_hi > hi + 1e-6 * abs(hi):
-        return result.fail(f"the output grid [{grid_lo:.4g}, {grid_hi:.4g}] reaches past the bounds [{lo}, {hi}]")
+    bounds = clip_bounds(activated.producer())
+    if bounds is None:
+        return result.fail("the Clip bounds are not constant")
+    if not grid_within((grid_lo, grid_hi), bounds):
+        return result.fail(f"the output grid [{grid_lo:.4g}, {grid_hi:.4g}] reaches past the bounds {list(bounds)}")
     return result
 
 
