@@ -28,6 +28,22 @@ def _is_activation(value: ir.Value | None) -> bool:
     return producer is None or producer.op_type not in ("DequantizeLinear", "Constant")
 
 
+def data_dependent_values(graph: ir.Graph) -> set[ir.Value]:
+    """The values that depend on the graph inputs' contents, not only on their shapes.
+
+    Positions and masks that an export computes from Shape -> Range (RoPE's angles, say) are exact
+    integers whose range grows with the sequence length: calibration cannot cover them, and
+    rounding them ruins what reads them. They are left float.
+    """
+    dependent = set(graph.inputs)
+    for node in graph:
+        if node.op_type in ("Shape", "Size") and node.domain == "":
+            continue
+        if any(value in dependent for value in node.inputs):
+            dependent.update(node.outputs)
+    return dependent
+
+
 def _mark(node: ir.Node, slots) -> bool:
     if node.meta.get(QUANTIZED_INPUTS_KEY) == tuple(slots):
         return False
@@ -52,10 +68,12 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         wanted: set[ir.Value] = set()
         modified = False
+        dependent = data_dependent_values(model.graph)
         for node in reversed(list(model.graph)):
             if node.domain != "" or self._excluded(node):
                 continue
-            slots = [i for i in candidate_inputs(node.op_type, len(node.inputs)) if _is_activation(node.inputs[i])]
+            slots = [i for i in candidate_inputs(node.op_type, len(node.inputs))
+                     if _is_activation(node.inputs[i]) and node.inputs[i] in dependent]
             if not slots:
                 continue
             if node.op_type not in COMPUTE_OPS and not any(out in wanted for out in node.outputs):

@@ -155,3 +155,34 @@ def test_convs_before_other_activations_get_quantized_outputs_so_ort_runs_them_o
     assert _ort_optimized_ops(out, tmp_path).count("QLinearConv") == 3
     feed = random_feed(result.model, batch=4, seed=7)
     assert _sqnr(run(_conv_activations(), feed)[0], run(result.model, feed)[0]) > 25
+
+
+ROPE_ANGLES = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[N, S, 4] x) => (float[N, S, 4] y)
+    <float[4, 4] w = {0.5, -0.2, 0.1, 0.3, 0.2, 0.4, -0.3, 0.1, -0.1, 0.2, 0.6, -0.4, 0.3, -0.5, 0.2, 0.7},
+     float[1, 4, 1] inv_freq = {1.0, 0.3, 0.1, 0.03}, int64 zero = {0}, int64 one = {1}, int64[2] axes = {0, 1}> {
+    shape = Shape(x)
+    seq = Gather<axis = 0>(shape, one)
+    steps = Range(zero, seq, one)
+    positions = Cast<to = 1>(steps)
+    row = Unsqueeze(positions, axes)
+    angles = MatMul(inv_freq, row)
+    turned = Transpose<perm = [0, 2, 1]>(angles)
+    waves = Cos(turned)
+    h = MatMul(x, w)
+    y = Add(h, waves)
+}
+"""
+
+
+def test_positions_computed_from_shapes_stay_float_beyond_the_calibrated_length(tmp_path):
+    source, calib = tmp_path / "in.onnx", tmp_path / "calib.npz"
+    save_model(parse(ROPE_ANGLES), source)
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 6, 4)).astype(np.float32))  # 6 positions
+    model = qcompile.compile(source, recipe="w8a8", calib=str(calib)).model
+
+    angles = next(node for node in model.graph if node.op_type == "MatMul" and node.inputs[0].const_value is not None)
+    assert angles.inputs[1].producer().op_type == "Unsqueeze"  # the positions reach it unquantized
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 64, 4)).astype(np.float32)}  # 64 positions
+    assert _sqnr(run(parse(ROPE_ANGLES), feed)[0], run(model, feed)[0]) > 20  # 1.8 dB with quantized positions
