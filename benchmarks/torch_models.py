@@ -1,10 +1,13 @@
 """Models written in torch and exported by torch's two ONNX exporters, for `torch_exports.py`.
 
 Runs under a Python that has torch and onnxscript (the benchmark uses Quark's venv, which has both);
-not imported by the project. Usage: python torch_models.py MODEL EXPORTER OUTPUT.onnx [WEIGHTS.pth]
+not imported by the project. Usage: python torch_models.py MODEL EXPORTER OUTPUT.onnx [WEIGHTS]
 
 * mobilenetv2: torchvision's MobileNetV2 written out (torchvision is not installed), loading the real
-  ImageNet state dict from WEIGHTS.pth;
+  ImageNet state dict from WEIGHTS (.pth);
+* minilm and smollm2: HF transformers' BertModel and LlamaForCausalLM written out (eager attention, no
+  KV cache, tied head as x @ embedding.T), loading the real weights from WEIGHTS (.npz with HF names
+  and a "config" JSON entry; `torch_exports.py` writes it from the weight packages);
 * unet and yolo: random weights with random BatchNorm statistics. They are there for their
   architecture: LeakyRelu / HardSwish / SiLU after convolutions, ConvTranspose, Resize, Concat of skip
   connections, Split, MaxPool pyramids; their accuracy numbers say how close the integer model
@@ -14,6 +17,7 @@ EXPORTER: dynamo (torch's default opset), dynamo18, torchscript17, torchscript11
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -119,8 +123,120 @@ class Yolo(nn.Module):
         return torch.cat([box, cls.sigmoid()], 1).flatten(2)
 
 
+class BertLayer(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        hidden, self.heads = c["hidden"], c["heads"]
+        self.query, self.key, self.value, self.attn_out = (nn.Linear(hidden, hidden) for _ in range(4))
+        self.attn_norm, self.ffn_norm = nn.LayerNorm(hidden, c["eps"]), nn.LayerNorm(hidden, c["eps"])
+        self.ffn_in, self.ffn_out = nn.Linear(hidden, c["intermediate"]), nn.Linear(c["intermediate"], hidden)
+
+    def heads_first(self, x):
+        return x.view(*x.shape[:2], self.heads, -1).transpose(1, 2)
+
+    def forward(self, h, mask):
+        q, k, v = (self.heads_first(layer(h)) for layer in (self.query, self.key, self.value))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask
+        context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(h.shape)
+        h = self.attn_norm(self.attn_out(context) + h)
+        return self.ffn_norm(self.ffn_out(nn.functional.gelu(self.ffn_in(h))) + h)
+
+
+class MiniLM(nn.Module):
+    """BertModel's encoder: last_hidden_state, with HF's additive (1 - mask) * float-min attention mask."""
+
+    def __init__(self, c: dict):
+        super().__init__()
+        self.word, self.position, self.token_type = (nn.Embedding(n, c["hidden"]) for n in (c["vocab"],
+                                                      c["max_positions"], c["types"]))
+        self.norm = nn.LayerNorm(c["hidden"], c["eps"])
+        self.layers = nn.ModuleList(BertLayer(c) for _ in range(c["layers"]))
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        positions = torch.arange(input_ids.shape[1])[None]
+        h = self.norm(self.word(input_ids) + self.token_type(token_type_ids) + self.position(positions))
+        mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        for layer in self.layers:
+            h = layer(h, mask)
+        return h
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(hidden)), eps
+
+    def forward(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        hidden, self.heads, self.kv_heads = c["hidden"], c["heads"], c["kv_heads"]
+        dim = hidden // self.heads
+        self.q_proj, self.o_proj = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, hidden, bias=False)
+        self.k_proj, self.v_proj = (nn.Linear(hidden, self.kv_heads * dim, bias=False) for _ in range(2))
+        self.gate_proj, self.up_proj = (nn.Linear(hidden, c["intermediate"], bias=False) for _ in range(2))
+        self.down_proj = nn.Linear(c["intermediate"], hidden, bias=False)
+        self.input_norm, self.post_norm = RMSNorm(hidden, c["eps"]), RMSNorm(hidden, c["eps"])
+
+    def forward(self, h, cos, sin, mask):
+        x = self.input_norm(h)
+        q, k, v = (proj(x).view(*x.shape[:2], -1, x.shape[-1] // self.heads).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        repeat = self.heads // self.kv_heads  # repeat_kv: Unsqueeze -> Expand -> Reshape, as HF writes it
+        k, v = (t[:, :, None].expand(-1, -1, repeat, -1, -1).reshape(t.shape[0], -1, *t.shape[2:]) for t in (k, v))
+        scores = q @ k.transpose(2, 3) * q.shape[-1] ** -0.5 + mask
+        h = h + self.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(h.shape))
+        x = self.post_norm(h)
+        return h + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SmolLM2(nn.Module):
+    """LlamaForCausalLM: RoPE computed from positions at run time, causal float-min mask, tied head."""
+
+    def __init__(self, c: dict):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c["vocab"], c["hidden"])
+        self.layers = nn.ModuleList(LlamaLayer(c) for _ in range(c["layers"]))
+        self.norm = RMSNorm(c["hidden"], c["eps"])
+        dim = c["hidden"] // c["heads"]
+        self.register_buffer("inv_freq", 1.0 / c["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim), False)
+
+    def forward(self, input_ids):
+        seq = input_ids.shape[1]
+        angles = (self.inv_freq[None, :, None] @ torch.arange(seq)[None, None].float()).transpose(1, 2)
+        angles = torch.cat((angles, angles), -1)[:, None]
+        cos, sin = angles.cos(), angles.sin()
+        mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None]
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return self.norm(h) @ self.embed_tokens.weight.T
+
+
+def load_npz(model_type: type[nn.Module], path: str) -> nn.Module:
+    import json
+
+    import numpy as np
+
+    with np.load(path) as data:
+        model = model_type(json.loads(str(data["config"])))
+        model.load_state_dict({k: torch.from_numpy(data[k]) for k in data.files if k != "config"}, strict=True)
+    return model
+
+
 def build(name: str, weights: str | None) -> nn.Module:
     torch.manual_seed(0)
+    if name in ("minilm", "smollm2"):
+        return load_npz({"minilm": MiniLM, "smollm2": SmolLM2}[name], weights).eval()
     model = {"mobilenetv2": MobileNetV2, "unet": UNet, "yolo": Yolo}[name]()
     if weights:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=False))
@@ -135,20 +251,29 @@ def build(name: str, weights: str | None) -> nn.Module:
 
 
 SIZES = {"mobilenetv2": 224, "unet": 64, "yolo": 128}
-INPUT, OUTPUT = "pixel_values", "output"
+TEXT_INPUTS = {"minilm": ("input_ids", "attention_mask", "token_type_ids"), "smollm2": ("input_ids",)}
+
+
+def example(name: str) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...], dict[int, str]]:
+    """Example inputs, their names, and the dynamic axes of each (batch; sequence for text)."""
+    if name in TEXT_INPUTS:
+        names = TEXT_INPUTS[name]
+        return tuple(torch.ones(2, 16, dtype=torch.int64) for _ in names), names, {0: "batch", 1: "sequence"}
+    size = SIZES[name]
+    return (torch.randn(1, 3, size, size),), ("pixel_values",), {0: "batch"}
 
 
 def export(name: str, exporter: str, output: str, weights: str | None) -> None:
-    model, size = build(name, weights), SIZES[name]
-    x = torch.randn(1, 3, size, size)
+    model = build(name, weights)
+    args, names, axes = example(name)
     if exporter.startswith("dynamo"):
-        opset = {"dynamo18": 18}.get(exporter)
-        torch.onnx.export(model, (x,), output, dynamo=True, opset_version=opset, input_names=[INPUT],
-                          output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+        dims = {axis: torch.export.Dim(label, min=1, max=1024) for axis, label in axes.items()}
+        torch.onnx.export(model, args, output, dynamo=True, opset_version={"dynamo18": 18}.get(exporter),
+                          input_names=list(names), output_names=["output"], dynamic_shapes=tuple(dims for _ in names))
     else:
-        torch.onnx.export(model, (x,), output, dynamo=False, opset_version=int(exporter.removeprefix("torchscript")),
-                          input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+        torch.onnx.export(model, args, output, dynamo=False, opset_version=int(exporter.removeprefix("torchscript")),
+                          input_names=list(names), output_names=["output"],
+                          dynamic_axes={n: axes for n in (*names, "output")})
 
 
 if __name__ == "__main__":
