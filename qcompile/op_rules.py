@@ -10,8 +10,8 @@
   output's zero point at the clip minimum, QuantizeLinear's saturation is the clip, and ONNX Runtime
   removes the Clip and fuses the Conv into a QLinearConv.
 
-Only tensors that depend on the inputs' contents are quantized: positions or masks computed from
-shapes alone (Shape -> Range -> RoPE angles) stay float (`data_dependent_values`).
+Compute ops quantize only inputs that depend on the inputs' contents: positions computed from shapes
+alone (Shape -> Range -> MatMul for RoPE's angles) stay float (`data_dependent_values`).
 
 Non-compute ops are quantized only where their output feeds a quantized op: a Reshape in front of a
 LayerNormalization stays float, so quantization error is added only where it buys integer compute.

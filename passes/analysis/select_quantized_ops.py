@@ -31,9 +31,10 @@ def _is_activation(value: ir.Value | None) -> bool:
 def data_dependent_values(graph: ir.Graph) -> set[ir.Value]:
     """The values that depend on the graph inputs' contents, not only on their shapes.
 
-    Positions and masks that an export computes from Shape -> Range (RoPE's angles, say) are exact
-    integers whose range grows with the sequence length: calibration cannot cover them, and
-    rounding them ruins what reads them. They are left float.
+    Positions that an export computes from Shape -> Range and feeds to a MatMul (RoPE's angles, say)
+    are exact integers whose range grows with the sequence length: calibration cannot cover them, and
+    rounding them ruins what reads them, so compute ops never quantize such inputs. (Elementwise joins
+    still may: cos/sin tables sliced by length stay within [-1, 1].)
     """
     dependent = set(graph.inputs)
     for node in graph:
@@ -72,8 +73,8 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
         for node in reversed(list(model.graph)):
             if node.domain != "" or self._excluded(node):
                 continue
-            slots = [i for i in candidate_inputs(node.op_type, len(node.inputs))
-                     if _is_activation(node.inputs[i]) and node.inputs[i] in dependent]
+            slots = [i for i in candidate_inputs(node.op_type, len(node.inputs)) if _is_activation(node.inputs[i])
+                     and (node.op_type not in COMPUTE_OPS or node.inputs[i] in dependent)]
             if not slots:
                 continue
             if node.op_type not in COMPUTE_OPS and not any(out in wanted for out in node.outputs):
