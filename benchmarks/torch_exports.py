@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from int8 import QUARK_VENV, RESULTS_DIR, THREADS, _sqnr_db, machine_info, machine_slug, quark_venv, say  # noqa: E402
+from int8 import (QUARK_VENV, RESULTS_DIR, THREADS, _cosines, _sqnr_db, machine_info, machine_slug,  # noqa: E402
+                  quark_venv, say)
 
 MODELS = {"mobilenetv2": ("dynamo", "dynamo18", "torchscript17", "torchscript11"),
           "minilm": ("dynamo", "torchscript17"),
@@ -201,8 +202,7 @@ def scores(name: str, path: Path, evaluation: dict[str, np.ndarray], reference: 
     if name == "minilm":  # sentence embeddings: mean over the attended tokens
         mask = evaluation["attention_mask"][..., None].astype(np.float64)
         pooled = [(o * mask).sum(1) / mask.sum(1) for o in (reference, out)]
-        cosines = (pooled[0] * pooled[1]).sum(1) / np.linalg.norm(pooled[0], axis=1) / np.linalg.norm(pooled[1], axis=1)
-        return {"cosine": float(cosines.mean())}, out
+        return {"cosine": float(_cosines(*pooled).mean())}, out
     result = {"sqnr_db": _sqnr_db(reference, out)}
     if name == "mobilenetv2":
         result["top1"] = float(np.mean(out.argmax(-1) == reference.argmax(-1)))

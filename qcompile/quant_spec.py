@@ -79,9 +79,7 @@ class QuantSpec:
     @property
     def grid_range(self) -> tuple[float, float]:
         """The smallest and largest value a per-tensor grid holds."""
-        lo, hi = self.bounds
-        zero_point, scale = float(self.zero_point), float(self.scale)
-        return (lo - zero_point) * scale, (hi - zero_point) * scale
+        return grid_range(self.scale, self.zero_point, *self.bounds)
 
     def _broadcast(self, param: np.ndarray, rank: int) -> np.ndarray:
         if self.axis is None:
@@ -137,6 +135,11 @@ def _reduce_to(per_row: np.ndarray, axis: int | None, reduction_axes: tuple[int,
         return per_row.max(initial=0.0)
     keep = others.index(axis)
     return per_row.max(axis=tuple(i for i in range(per_row.ndim) if i != keep), initial=0.0)
+
+
+def grid_range(scale, zero_point, qmin: int, qmax: int) -> tuple[float, float]:
+    """The smallest and largest value of the per-tensor grid (scale, zero_point) over [qmin, qmax]."""
+    return (qmin - float(zero_point)) * float(scale), (qmax - float(zero_point)) * float(scale)
 
 
 def grid_within(grid: tuple[float, float], bounds: tuple[float, float]) -> bool:

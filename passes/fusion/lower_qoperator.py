@@ -22,7 +22,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSe
 
 from qcompile.graph import clip_bounds, constant_array
 from qcompile.passes.fusion.fold_qdq import merge_duplicates
-from qcompile.quant_spec import grid_within
+from qcompile.quant_spec import grid_range, grid_within
 
 ACTIVATIONS = (None, "Relu", "Clip")
 
@@ -40,8 +40,7 @@ def _check_activation(activated: ir.Value | None, y_scale: ir.Value, y_zero_poin
     if scale is None or zero_point is None:
         return result.fail("the output grid is not constant")
     info = np.iinfo(zero_point.dtype)
-    grid_lo = (float(info.min) - float(zero_point)) * float(scale)
-    grid_hi = (float(info.max) - float(zero_point)) * float(scale)
+    grid_lo, grid_hi = grid_range(scale, zero_point, int(info.min), int(info.max))
     bounds = clip_bounds(activated.producer())
     if bounds is None:
         return result.fail("the Clip bounds are not constant")
