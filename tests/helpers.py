@@ -6,6 +6,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from qcompile.io import runtime_ir_version
 from qcompile.pipeline import Pipeline
 
 
@@ -19,6 +20,7 @@ def clone(model: ir.Model) -> ir.Model:
 
 def run(model: ir.Model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     proto = ir.serde.serialize_model(model)
+    proto.ir_version = runtime_ir_version(model)  # text models without one get onnx's newest
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, feed)
 

@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from qcompile.calibration import MEAN_KEY, CalibrationOptions
 from qcompile.graph import constant_array, register_constant
+from qcompile.io import runtime_ir_version
 from qcompile.notes import add_note
 from qcompile.probes import add_reduced_output, measure, node_by_name
 from qcompile.quant_spec import QUANT_SPEC_KEY, QuantSpec
@@ -90,7 +91,7 @@ def _shifts_from_means(model: ir.Model, layers: list[ir.Node], errors: list[np.n
         graph.inputs.append(x)
         feed[x.name] = mean[None]
         names.append(_append_shift(graph, layer, x, error, opset)[0])
-    proto = ir.serde.serialize_model(ir.Model(graph, ir_version=model.ir_version))
+    proto = ir.serde.serialize_model(ir.Model(graph, ir_version=runtime_ir_version(model)))
     ort = onnxruntime()
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return [shift.astype(np.float64) for shift in run(sess, names, feed, "bias correction on the mean inputs")]
