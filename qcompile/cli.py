@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -20,8 +21,40 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, not argparse's usage block, then exit 2 like every usage error."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _whole_number(minimum: int):
+    """An argparse type: a whole number of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {minimum} or more, got {value}")
+        return value
+    return parse
+
+
+_count, _seed = _whole_number(1), _whole_number(0)  # samples or rows; a random seed
+
+
+def _decibels(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of dB, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number of dB, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qcompile", description="A quantization compiler for ONNX models.")
+    parser = _Parser(prog="qcompile", description="A quantization compiler for ONNX models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -33,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--config", help="a TOML file with recipe, target, options, exclude")
     c.add_argument("--target", help="ort-cpu (default), ort-cuda, tensorrt, portable")
     c.add_argument("--calib", help="calibration data: .npz, a folder of .npz, or 'random'")
-    c.add_argument("--calib-size", type=int)
+    c.add_argument("--calib-size", type=_count)
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="recipe parameter")
     c.add_argument("--exclude", action="append", default=[], metavar="NODE_OR_PATTERN")
     budget = c.add_mutually_exclusive_group()
@@ -43,11 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--html", help="write an HTML report here")
     c.add_argument("--verify", action="store_true", help="compare against the input model")
     c.add_argument("--verify-data", default=None, help="data for --verify (default: --calib, else random)")
-    c.add_argument("--verify-size", type=int, default=None, help="samples used by --verify")
-    c.add_argument("--min-sqnr", type=float, help="with --verify: exit 1 if any output's SQNR is lower (dB)")
+    c.add_argument("--verify-size", type=_count, default=None, help="samples used by --verify")
+    c.add_argument("--min-sqnr", type=_decibels, help="with --verify: exit 1 if any output's SQNR is lower (dB)")
     c.add_argument("--verify-each", action="store_true", help="run the ONNX checker and invariants after every pass")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--quiet", action="store_true")
 
     i = sub.add_parser("inspect", help="op histogram, precision per layer, size breakdown")
@@ -65,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("reference")
     e.add_argument("candidate")
     e.add_argument("--data", required=True)
-    e.add_argument("--size", type=int, default=None, help="samples to use")
-    e.add_argument("--layers", type=int, default=10, help="how many of the worst quantized tensors to list")
+    e.add_argument("--size", type=_count, default=None, help="samples to use")
+    e.add_argument("--layers", type=_count, default=10, help="how many of the worst quantized tensors to list")
     e.add_argument("--target", default="ort-cpu",
                    help="the target CANDIDATE was compiled for: tensorrt and ort-cuda models run with Q/DQ "
                         "computed as ONNX defines them, not on ONNX Runtime's CPU integer kernels")
@@ -94,8 +127,10 @@ def _cmd_compile(args) -> int:
         raise UsageError("--budget / --max-loss need the `auto` mixed-precision recipe, which is not built yet")
     if args.html:
         raise UsageError("--html reports are not built yet; use --report REPORT.json")
-    if args.min_sqnr is not None and not args.verify:
-        raise UsageError("--min-sqnr needs --verify")
+    for flag, value in (("--min-sqnr", args.min_sqnr), ("--verify-data", args.verify_data),
+                        ("--verify-size", args.verify_size)):
+        if value is not None and not args.verify:
+            raise UsageError(f"{flag} needs --verify")
     output = Path(args.output)
     if output.exists() and output.resolve() == Path(args.input).resolve():
         raise UsageError(f"{output}: is the input model; qcompile never overwrites its input")
@@ -111,7 +146,11 @@ def _cmd_compile(args) -> int:
         result.save(output)
         if args.verify:
             data = args.verify_data or args.calib or "random"
-            result.verify(data, limit=args.verify_size, seed=args.seed, min_sqnr=args.min_sqnr)
+            try:
+                result.verify(data, limit=args.verify_size, seed=args.seed, min_sqnr=args.min_sqnr)
+            except BaseException:  # the command fails: leave no output behind
+                _discard(output)
+                raise
     report = result.report
     if args.report:
         _write_json(Path(args.report), report)
@@ -136,6 +175,12 @@ class _nothing:
         return False
 
 
+def _discard(model: Path) -> None:
+    """Remove a model this run wrote, with its external data."""
+    for path in (model, model.with_name(model.name + ".data")):
+        path.unlink(missing_ok=True)
+
+
 def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK):
@@ -146,6 +191,9 @@ def _write_json(path: Path, data: dict) -> None:
     _check_writable(path)
     with tempfile.NamedTemporaryFile("w", dir=path.parent or ".", delete=False, suffix=".tmp") as f:
         json.dump(data, f, indent=2, default=str)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # as an ordinary file, not the temporary file's 0600
     os.replace(f.name, path)
 
 
@@ -251,7 +299,7 @@ def _cmd_eval(args) -> int:
     from qcompile.io import load_model
     from qcompile.recipes import TARGETS
     from qcompile.targets import QDQ_SEMANTICS_TARGETS, runtime_description
-    from qcompile.verify import blame, compare_models, layer_errors
+    from qcompile.verify import MIN_BLAME_DROP_DB, blame, compare_models, layer_errors
 
     load_model(args.candidate)  # one clear line for a bad file, before ONNX Runtime sees it
     inputs = model_inputs(load_model(args.reference))
@@ -274,7 +322,7 @@ def _cmd_eval(args) -> int:
     if "latency_ms" in result:
         lat = result["latency_ms"]
         out.print(f"latency: reference {lat['reference']:.2f} ms, candidate {lat['candidate']:.2f} ms "
-                  f"({lat['ratio']:.2f}x), median over {result['samples']} samples")
+                  f"({lat['ratio']:.2f}x), median of {lat['runs']} interleaved runs on one feed")
     out.print(f"checked on {result['runtime']}")
     if result["layers"]:
         layers = Table("quantized tensor", "producer", "SQNR dB", "added by this layer dB", "cosine",
@@ -284,7 +332,10 @@ def _cmd_eval(args) -> int:
             layers.add_row(escape(row["name"]), escape(f"{row['layer']} ({row['op_type']})"), f"{row['sqnr_db']:.2f}",
                            f"{row['sqnr_drop_db']:.2f}", f"{row['cosine']:.5f}", _overflow(row) or "-")
         out.print(layers)
-        out.print(f"the layer that adds the most error: {escape(_remedy(blame(result['layers'])))}")
+        culprit = blame(result["layers"])
+        out.print(f"the layer that adds the most error: {escape(_remedy(culprit))}" if culprit else
+                  f"no quantized tensor loses {MIN_BLAME_DROP_DB} dB or more against its inputs: the error arises "
+                  f"where no quantized tensor is measured (weights of layers whose output stays float)")
     return 0
 
 

@@ -19,10 +19,11 @@ from qcompile.graph import all_nodes, name_matches
 from qcompile.io import load_model, save_model
 from qcompile.layers import layer_precisions
 from qcompile.notes import notes
+from qcompile.op_rules import COMPUTE_OPS
 from qcompile.passes.lowering.insert_qdq import MIN_OPSET_16BIT_QDQ
 from qcompile.pipeline import Pipeline, PassRecord, dump_to_folder
 from qcompile.recipes import TARGETS, Settings, get_recipe
-from qcompile.targets import QDQ_SEMANTICS_TARGETS, cpu_profile, runtime_description
+from qcompile.targets import CPU_TARGETS, QDQ_SEMANTICS_TARGETS, cpu_profile, runtime_description
 from qcompile.verify import blame, compare_models, layer_errors
 
 
@@ -112,6 +113,20 @@ def check_16bit_opset(settings: CompileConfig, model: ir.Model, pass_names: set[
                              f"(or use target ort-cpu)")
 
 
+def check_float32(model: ir.Model, path: Path) -> None:
+    """Refuse a model whose matmuls or convolutions compute in another float type: the passes quantize
+    float32 values (ONNX Runtime has no float16 QuantizeLinear / QLinear* kernels on the CPU)."""
+    for node in all_nodes(model):
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        dtype = next((v.dtype for v in node.inputs if v is not None and v.dtype is not None and v.dtype.is_floating_point()
+                      and v.dtype != ir.DataType.FLOAT), None)
+        if dtype is not None:
+            which = f"{node.op_type} {node.name!r}" if node.name else f"an unnamed {node.op_type}"
+            raise UsageError(f"{path}: {which} computes in {dtype.name.lower()}; qcompile "
+                             f"quantizes float32 models: export the model in float32")
+
+
 def unmatched_patterns(settings: CompileConfig, before: list[str], after: list[str]) -> list[str]:
     """A note for each --exclude / [[nodes]] pattern that names no node of the compiled model."""
     patterns = [("--exclude", p) for p in settings.exclude] + [("[[nodes]] match", p) for t in settings.nodes
@@ -147,6 +162,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
 
     input_path = Path(input)
     model = load_model(input_path)
+    check_float32(model, input_path)
     check_16bit_opset(settings, model, names)
     input_nodes = [node.name for node in all_nodes(model)]
     dump = dump_to_folder(Path(dump_dir or "."), input_path.stem, set(dump_after)) if dump_after else None
@@ -155,6 +171,9 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
                      if calib and not DATA_PASSES & names else []) + unused_node_settings(settings.nodes, chosen.name,
                                                                                           names)
     unused_inputs += unmatched_patterns(settings, input_nodes, [node.name for node in all_nodes(model)])
+    if "cpu" in settings.options and settings.target not in CPU_TARGETS:
+        unused_inputs.append(f"option cpu={settings.options['cpu']} was not used: it is for targets "
+                             f"{' and '.join(CPU_TARGETS)}, and {settings.target} computes Q/DQ as ONNX defines them")
     report = {
         "recipe": chosen.name,
         "options": resolved,
@@ -166,7 +185,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         "size_bytes": {"before": file_bytes(input_path), "after": None},
         "layers": layer_precisions(model),
         "notes": notes(model) + unused_inputs,
-        "cpu": asdict(cpu_profile(resolved["cpu"])) if settings.target in ("ort-cpu", "portable") and "cpu" in resolved
+        "cpu": asdict(cpu_profile(resolved["cpu"])) if settings.target in CPU_TARGETS and "cpu" in resolved
         else None,
         "verification": None,
         "versions": versions(),

@@ -51,8 +51,7 @@ def iterate_batches(data: str, inputs: list[InputInfo], limit: int | None = None
     remaining = limit if limit is not None else float("inf")
     for arrays, source in _sources(data, inputs, seed, limit):
         count = _check_arrays(arrays, inputs, source)
-        # Batches only where every input has a free batch axis that the arrays' sample axis maps onto.
-        batch = MAX_BATCH if all(i.batched and arrays[i.name].ndim == len(i.dims) for i in inputs) else 1
+        batch = _batch_size(arrays, inputs)
         for start in range(0, count, batch):
             take = int(min(batch, count - start, remaining))
             if take <= 0:
@@ -83,10 +82,20 @@ def _npz_samples(file: Path, key: str) -> int:
     return shape[0] if shape else 0
 
 
+def _batch_size(arrays: dict[str, np.ndarray], inputs: list[InputInfo]) -> int:
+    """Samples per feed: batches where every input's batch axis is free and the arrays' sample axis maps onto
+    it; a fixed batch axis of B takes B samples at a time (`_check_arrays` saw that the counts divide)."""
+    on_batch_axis = [i for i in inputs if arrays[i.name].ndim == len(i.dims)]
+    fixed = {i.dims[0] for i in on_batch_axis if not i.batched}
+    if fixed:
+        return fixed.pop()
+    return MAX_BATCH if len(on_batch_axis) == len(inputs) else 1
+
+
 def _sample(array: np.ndarray, info: InputInfo, start: int, take: int) -> np.ndarray:
     if len(info.dims) == array.ndim:  # the model has a batch axis: slices keep it
         return array[start:start + take]
-    return array[start]
+    return np.asarray(array[start])  # a 0-d array, not a numpy scalar, for scalar inputs
 
 
 def _sources(data: str, inputs: list[InputInfo], seed: int, limit: int | None):
@@ -124,14 +133,33 @@ def _check_arrays(arrays: dict[str, np.ndarray], inputs: list[InputInfo], source
         if array.ndim != len(sample_dims) + 1 or any(
             isinstance(want, int) and want != got for want, got in zip(sample_dims, array.shape[1:])
         ):
-            raise UsageError(
-                f"{source}: input {info.name!r} has shape {array.shape}, the model expects "
-                f"(N, {', '.join(str(d) for d in sample_dims)}) for its input {info.describe()}"
-            )
+            raise UsageError(f"{source}: input {info.name!r} has shape {array.shape}, the model expects "
+                             f"{_expected_shape(info)} for its input {info.describe()}")
+        if array.ndim == len(info.dims) and not info.batched and array.shape[0] % info.dims[0]:
+            raise UsageError(f"{source}: input {info.name!r} has {array.shape[0]} samples along the model's fixed "
+                             f"batch axis of {info.dims[0]}: give a multiple of {info.dims[0]}, or arrays of shape "
+                             f"(N, {', '.join(_dim(d) for d in info.dims)})")
         counts.add(array.shape[0])
     if len(counts) != 1:
         raise UsageError(f"{source}: arrays have different sample counts {sorted(counts)}")
-    return counts.pop()
+    count = counts.pop()
+    if count == 0:
+        raise UsageError(f"{source}: holds no samples (its arrays' leading axis is 0)")
+    return count
+
+
+def _dim(d: int | str | None) -> str:
+    return "?" if d is None else str(d)
+
+
+def _expected_shape(info: InputInfo) -> str:
+    """The data shapes that fit an input: the sample axis either is its batch axis or comes before it."""
+    if not info.dims:
+        return "(N,)"
+    on_batch_axis = f"(N{''.join(', ' + _dim(d) for d in info.dims[1:])})"
+    if info.batched or info.dims[0] == 1:
+        return on_batch_axis
+    return f"(N, {', '.join(_dim(d) for d in info.dims)}) or {on_batch_axis}"
 
 
 def _random_arrays(inputs: list[InputInfo], count: int, seed: int) -> dict[str, np.ndarray]:
@@ -139,8 +167,10 @@ def _random_arrays(inputs: list[InputInfo], count: int, seed: int) -> dict[str, 
     rng = np.random.default_rng(seed)
     arrays = {}
     for info in inputs:
-        # The leading (batch) axis carries the samples; other symbolic dims become 16.
-        shape = (count, *(d if isinstance(d, int) else 16 for d in info.dims[1:]))
+        # The leading (batch) axis carries the samples, or comes before a fixed batch axis other than 1;
+        # other symbolic dims become 16.
+        dims = info.dims if info.dims and not info.batched and info.dims[0] != 1 else info.dims[1:]
+        shape = (count, *(d if isinstance(d, int) else 16 for d in dims))
         if np.issubdtype(info.dtype, np.integer):
             arrays[info.name] = (np.ones(shape) if "mask" in info.name else rng.integers(0, 2, shape)).astype(info.dtype)
         elif info.dtype == np.bool_:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from qcompile.calibration import CalibrationOptions, Method
-from qcompile.config import NodeSettings
+from qcompile.config import CALIB_METHODS, NodeSettings
 from qcompile.errors import UsageError
 from qcompile.passes import (
     AssignBiasSpecsPass,
@@ -43,7 +43,7 @@ from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeOptions
 from qcompile.passes.lowering.materialize_transposed_weights import MaterializeOptions
 from qcompile.passes.lowering.smooth_activations import SmoothOptions
 from qcompile.passes.analysis.select_quantized_ops import SelectOptions
-from qcompile.targets import cpu_profile
+from qcompile.targets import CPU_TARGETS, cpu_profile
 from qcompile.passes.analysis.assign_weight_specs import WeightSpecOptions
 
 TARGETS = ("ort-cpu", "ort-cuda", "tensorrt", "portable")
@@ -124,8 +124,12 @@ def canonicalize() -> list[ir.passes.PassBase]:
 
 
 def _calibration(settings: Settings) -> CalibrationOptions:
-    return CalibrationOptions(method=Method(settings.options.get("calib_method", "minmax")),
-                              percentile=settings.options.get("percentile", 99.999), limit=settings.calib_size,
+    method, percentile = settings.options.get("calib_method", "minmax"), settings.options.get("percentile", 99.999)
+    if method not in CALIB_METHODS:
+        raise UsageError(f"option calib_method: expected one of {', '.join(CALIB_METHODS)}, got {method!r}")
+    if not 0 < percentile <= 100:
+        raise UsageError(f"option percentile: expected a number in (0, 100], got {percentile}")
+    return CalibrationOptions(method=Method(method), percentile=percentile, limit=settings.calib_size,
                               seed=settings.seed)
 
 
@@ -167,7 +171,7 @@ def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
     """Weight specs for integer kernels: on ort-cpu and portable ONNX (which ONNX Runtime's CPU kernels
     may run), as the deployment CPU needs (`qcompile.targets`)."""
     dtype, qmax, pair_limit = ir.DataType.INT8, 127, None
-    if settings.target in ("ort-cpu", "portable"):
+    if settings.target in CPU_TARGETS:
         profile = cpu_profile(settings.options["cpu"])
         dtype = ir.DataType.UINT8 if profile.weight_dtype == "uint8" else ir.DataType.INT8
         qmax, pair_limit = profile.weight_qmax, profile.pair_limit

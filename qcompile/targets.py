@@ -42,6 +42,8 @@ PAIR_LIMIT = 128
 # weights use the full INT8 range. Checked with ONNX Runtime on a CPU, their models run without ORT's
 # integer fusions: on x86 without VNNI those would saturate and show errors the target never makes.
 QDQ_SEMANTICS_TARGETS = ("tensorrt", "ort-cuda")
+# Targets whose models ONNX Runtime's CPU integer kernels may run: their weights follow the `cpu` option.
+CPU_TARGETS = ("ort-cpu", "portable")
 
 
 def runtime_description(target: str) -> str:

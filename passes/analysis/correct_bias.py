@@ -142,7 +142,15 @@ class CorrectBiasPass(ir.passes.InPlacePass):
 
             shifts.update(zip(probed, measure(model, add_probes, self.options.data, self.options.calibration,
                                               "bias correction")))
+        # NaN / Inf in the calibration data make a mean that would turn the bias into garbage.
+        skipped = [layer.name for i, layer in enumerate(layers) if not np.isfinite(shifts[i]).all()]
         for i, layer in enumerate(layers):
-            _subtract(model.graph, layer, shifts[i])
-        add_note(model, f"bias correction: {len(layers)} layers, mean output shift of weight rounding removed")
-        return ir.passes.PassResult(model, modified=True)
+            if layer.name not in skipped:
+                _subtract(model.graph, layer, shifts[i])
+        corrected = len(layers) - len(skipped)
+        if corrected:
+            add_note(model, f"bias correction: {corrected} layers, mean output shift of weight rounding removed")
+        if skipped:
+            add_note(model, f"bias correction skipped for {len(skipped)} layers whose inputs had NaN or Inf on the "
+                            f"calibration data: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}")
+        return ir.passes.PassResult(model, modified=corrected > 0)

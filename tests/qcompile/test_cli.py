@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ import pytest
 from qcompile.cli import _remedy, main
 from qcompile.io import save_model
 from qcompile.models import synthetic
+from qcompile.verify import LATENCY_ROUNDS, blame
+from tests.helpers import parse
 
 
 @pytest.fixture
@@ -95,6 +98,16 @@ def test_dump_after_writes_the_intermediate_model(cnn_file, tmp_path):
     (["compile", "{cnn}", "-o", "{out}", "--verify", "--verify-data", "{wrong_shape}"],
      "input 'pixel_values' has shape \\(4, 3, 16, 16\\), the model expects \\(N, 3, 32, 32\\)"),
     (["compile", "{cnn}", "-o", "{out}", "--verify", "--verify-data", "{wrong_name}"], "no array for model input"),
+    (["compile", "{cnn}", "-o", "{out}", "--verify", "--verify-data", "{nan}"], "'pixel_values' has NaN or Inf"),
+    (["compile", "{cnn}", "-o", "{out}", "--verify-data", "{nan}"], "--verify-data needs --verify"),
+    (["compile", "{cnn}", "-o", "{out}", "--recipe", "w8a8", "--calib", "random", "--option", "calib_method=foo"],
+     "option calib_method: expected one of minmax, percentile, entropy, mse"),
+    (["compile", "{cnn}", "-o", "{out}", "--calib", "{empty}"], "holds no samples"),
+    (["compile", "{fp16}", "-o", "{out}"], "unnamed MatMul computes in float16; qcompile quantizes float32 models"),
+    (["compile", "{cnn}", "-o", "{out}", "--seed", "-1"], "argument --seed: expected 0 or more, got -1"),
+    (["compile", "{cnn}", "-o", "{out}", "--verify", "--verify-size", "0"], "--verify-size: expected 1 or more"),
+    (["compile", "{cnn}", "-o", "{out}", "--verify", "--min-sqnr", "nan"], "--min-sqnr: expected a finite number"),
+    (["eval", "{cnn}", "{cnn}", "--data", "random", "--layers", "-1"], "--layers: expected 1 or more"),
     (["inspect", "{garbage}"], "not an ONNX model"),
     (["diff", "{cnn}", "{missing}"], "no such file"),
 ])
@@ -103,17 +116,28 @@ def test_bad_input_is_one_line_and_exit_2(cnn_file, tmp_path, capsys, args, mess
     garbage.write_text("not a model")
     np.savez(tmp_path / "wrong_shape.npz", pixel_values=np.zeros((4, 3, 16, 16), np.float32))
     np.savez(tmp_path / "wrong_name.npz", image=np.zeros((4, 3, 32, 32), np.float32))
+    np.savez(tmp_path / "nan.npz", pixel_values=np.full((4, 3, 32, 32), np.nan, np.float32))
+    np.savez(tmp_path / "empty.npz", pixel_values=np.zeros((0, 3, 32, 32), np.float32))
+    fp16 = tmp_path / "fp16.onnx"
+    save_model(parse("""<ir_version: 10, opset_import: ["" : 17]>
+        g (float16[N, 4] x) => (float16[N, 2] y) <float16[4, 2] w = {1, 2, 3, 4, 5, 6, 7, 8}> { y = MatMul (x, w) }"""),
+               fp16)
     paths = {"missing": tmp_path / "missing.onnx", "garbage": garbage, "cnn": cnn_file, "out": tmp_path / "o.onnx",
-             "tmp": tmp_path, "wrong_shape": tmp_path / "wrong_shape.npz", "wrong_name": tmp_path / "wrong_name.npz"}
+             "tmp": tmp_path, "wrong_shape": tmp_path / "wrong_shape.npz", "wrong_name": tmp_path / "wrong_name.npz",
+             "nan": tmp_path / "nan.npz", "empty": tmp_path / "empty.npz", "fp16": fp16}
     digest = _digest(cnn_file)
 
-    code = main([a.format(**paths) for a in args])
+    try:
+        code = main([a.format(**paths) for a in args])
+    except SystemExit as exc:  # argparse's errors
+        code = exc.code
 
     assert code == 2
     line = _error_line(capsys)
-    assert line.startswith("qcompile: error: ")
+    assert line.startswith(("qcompile: error: ", f"qcompile {args[0]}: error: "))
     assert __import__("re").search(message, line), line
     assert _digest(cnn_file) == digest
+    assert not (tmp_path / "o.onnx").exists()  # nothing left behind, even where only verification failed
 
 
 def test_recipes_and_passes_list(capsys):
@@ -199,3 +223,30 @@ def test_tensorrt_models_are_checked_with_onnx_qdq_semantics_not_cpu_integer_ker
     for result in (verification, evaluation):
         assert result["outputs"][0]["sqnr_db"] == pytest.approx(sqnr, abs=0.05)
         assert "latency_ms" not in result and "as tensorrt does" in result["runtime"]
+
+
+def test_eval_of_a_model_against_itself_times_interleaved_runs_and_blames_no_layer(cnn_file, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    assert main(["compile", str(cnn_file), "-o", str(out), "--recipe", "w8a8", "--calib", "random", "--quiet"]) == 0
+    capsys.readouterr()
+
+    assert main(["eval", str(out), str(out), "--data", "random", "--json"]) == 0
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["latency_ms"]["runs"] >= LATENCY_ROUNDS
+    assert result["layers"] and blame(result["layers"]) is None  # no tensor differs
+
+
+def test_the_cpu_option_is_noted_as_unused_on_targets_that_do_not_read_it_and_reports_are_not_private(
+        cnn_file, tmp_path):
+    report = tmp_path / "report.json"
+    assert main(["compile", str(cnn_file), "-o", str(tmp_path / "o.onnx"), "--recipe", "w8a8", "--calib", "random",
+                 "--target", "tensorrt", "--option", "cpu=vnni", "--report", str(report), "--quiet"]) == 0
+    assert any(note.startswith("option cpu=vnni was not used") for note in json.loads(report.read_text())["notes"])
+    umask = os.umask(0o022)
+    try:
+        assert main(["compile", str(cnn_file), "-o", str(tmp_path / "o.onnx"), "--report", str(report),
+                     "--quiet"]) == 0
+    finally:
+        os.umask(umask)
+    assert report.stat().st_mode & 0o777 == 0o644

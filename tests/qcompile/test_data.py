@@ -50,3 +50,33 @@ def test_random_data_follows_declared_shapes():
     batches = list(iterate_batches("random", inputs, limit=3))
     assert len(batches) == 3
     assert batches[0]["x"].shape == (1, 3, 8, 8) and np.all(batches[0]["mask"] == 1)
+
+
+def test_a_fixed_batch_axis_takes_that_many_samples_per_feed(tmp_path):
+    inputs = [InputInfo("x", np.dtype(np.float32), (4, 6))]
+    x = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    np.savez(tmp_path / "x.npz", x=x)
+    batches = [b["x"] for b in iterate_batches(str(tmp_path / "x.npz"), inputs)]
+    assert [b.shape for b in batches] == [(4, 6), (4, 6)]
+    np.testing.assert_array_equal(np.concatenate(batches), x)
+    assert [b["x"].shape for b in iterate_batches("random", inputs, limit=2)] == [(4, 6), (4, 6)]
+    np.savez(tmp_path / "odd.npz", x=x[:6])
+    with pytest.raises(UsageError, match="6 samples along the model's fixed batch axis of 4: give a multiple of 4"):
+        list(iterate_batches(str(tmp_path / "odd.npz"), inputs))
+
+
+def test_scalar_inputs_are_fed_as_0d_arrays(tmp_path):
+    inputs = [InputInfo("flag", np.dtype(np.bool_), ())]
+    np.savez(tmp_path / "f.npz", flag=np.array([True, False]))
+    fed = [b["flag"] for b in iterate_batches(str(tmp_path / "f.npz"), inputs)]
+    assert all(isinstance(f, np.ndarray) and f.shape == () for f in fed) and [bool(f) for f in fed] == [True, False]
+
+
+def test_empty_data_and_a_wrong_rank_are_usage_errors(tmp_path):
+    np.savez(tmp_path / "empty.npz", ids=np.zeros((0, 5), np.int64))
+    with pytest.raises(UsageError, match="holds no samples"):
+        list(iterate_batches(str(tmp_path / "empty.npz"), TOKENS))
+    images = [InputInfo("x", np.dtype(np.float32), ("N", 3, 8, 8))]
+    np.savez(tmp_path / "flat.npz", x=np.zeros((16, 2, 16), np.float32))
+    with pytest.raises(UsageError, match=r"shape \(16, 2, 16\), the model expects \(N, 3, 8, 8\) for its input"):
+        list(iterate_batches(str(tmp_path / "flat.npz"), images))

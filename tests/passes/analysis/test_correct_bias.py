@@ -6,6 +6,7 @@ from helpers import apply, clone, run
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.calibration import MEAN_KEY, CalibrationOptions
+from qcompile.notes import notes
 from qcompile.passes import (AssignWeightSpecsPass, CalibrateActivationsPass, CorrectBiasPass, QuantizeWeightsPass,
                              SelectQuantizedOpsPass)
 from qcompile.passes.analysis import correct_bias
@@ -127,3 +128,14 @@ def test_mean_inputs_from_calibration_give_the_probed_correction_without_a_run(t
     for bias in ("b_conv", "b_fc"):
         np.testing.assert_allclose(model.graph.initializers[bias].const_value.numpy(),
                                    probed.graph.initializers[bias].const_value.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_layers_whose_calibration_inputs_hold_nan_keep_their_bias_and_get_a_note(tmp_path):
+    _, x = _data(tmp_path)
+    x[3, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    model = _quantize(_model(), str(tmp_path / "nan.npz"))
+    for name in ("b_conv", "b_fc"):
+        bias = next(v for v in model.graph.initializers.values() if v.name.startswith(name)).const_value.numpy()
+        assert np.isfinite(bias).all()
+    assert any("bias correction skipped for 2 layers whose inputs had NaN or Inf" in n for n in notes(model))
