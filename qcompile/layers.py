@@ -23,8 +23,25 @@ def _operand_precision(value: ir.Value | None) -> str:
         value.dtype, value.dtype.name.lower())
 
 
+# Ops through which a stored weight reaches its layer.
+WEIGHT_PATH_OPS = DEQUANTIZE_OPS | {"Transpose", "Reshape", "Cast"}
+
+
+def _stored(value: ir.Value) -> bool:
+    """Whether ``value`` is a constant, possibly dequantized, transposed or reshaped: a weight, not an activation."""
+    while value.const_value is None and value.producer() is not None:
+        producer = value.producer()
+        if producer.op_type == "Constant":
+            return True
+        if producer.op_type not in WEIGHT_PATH_OPS or not producer.inputs or producer.inputs[0] is None:
+            return False
+        value = producer.inputs[0]
+    return value.const_value is not None
+
+
 def layer_precisions(model: ir.Model) -> list[dict]:
-    """One row per weighted layer: name, op type, and the precision of its activation and weight."""
+    """One row per weighted layer: name, op type, and the precision of its activation and weight
+    ("a:... x a:..." for a product of two activations, such as attention's)."""
     rows = []
     for node in all_nodes(model):
         if node.op_type not in WEIGHTED_OPS:
@@ -34,6 +51,9 @@ def layer_precisions(model: ir.Model) -> list[dict]:
         if node.op_type == "DynamicQuantizeMatMul" or (producer and producer.op_type == "DynamicQuantizeLinear"):
             activation = "uint8-dynamic"
         weight_input = QLINEAR_WEIGHT_INPUT.get(node.op_type, 1)
-        weight = _operand_precision(node.inputs[weight_input]) if len(node.inputs) > weight_input else "?"
-        rows.append({"name": node.name, "op_type": node.op_type, "precision": f"w:{weight} a:{activation}"})
+        operand = node.inputs[weight_input] if len(node.inputs) > weight_input else None
+        weight = _operand_precision(operand)
+        precision = (f"a:{activation} x a:{weight}" if operand is not None and not _stored(operand)
+                     else f"w:{weight} a:{activation}")
+        rows.append({"name": node.name, "op_type": node.op_type, "precision": precision})
     return rows
