@@ -122,6 +122,7 @@ def _parse_options(pairs: list[str]) -> dict[str, str]:
 
 def _cmd_compile(args) -> int:
     import qcompile
+    from qcompile.io import check_not_input, external_data_path, load_model
 
     if args.budget is not None or args.max_loss is not None:
         raise UsageError("--budget / --max-loss need the `auto` mixed-precision recipe, which is not built yet")
@@ -132,10 +133,14 @@ def _cmd_compile(args) -> int:
         if value is not None and not args.verify:
             raise UsageError(f"{flag} needs --verify")
     output = Path(args.output)
-    if output.exists() and output.resolve() == Path(args.input).resolve():
-        raise UsageError(f"{output}: is the input model; qcompile never overwrites its input")
+    load_model(args.input)  # one clear line for a bad file, before the paths are checked against it
+    check_not_input(output, Path(args.input), with_data=True)
     if args.report:
-        _check_writable(Path(args.report))
+        report = Path(args.report)
+        check_not_input(report, Path(args.input))
+        if report.resolve() in (output.resolve(), external_data_path(output).resolve()):
+            raise UsageError(f"--report {report}: is where the compiled model goes")
+        _check_writable(report)
     console = None if args.quiet else err
     with progress.display(console) if console else _nothing():
         result = qcompile.compile(

@@ -16,7 +16,7 @@ from qcompile.config import CompileConfig, NodeSettings
 from qcompile.data import model_inputs
 from qcompile.errors import UsageError
 from qcompile.graph import all_nodes, name_matches
-from qcompile.io import load_model, save_model
+from qcompile.io import check_not_input, load_model, model_files, save_model
 from qcompile.layers import layer_precisions
 from qcompile.notes import notes
 from qcompile.op_rules import COMPUTE_OPS
@@ -29,16 +29,7 @@ from qcompile.verify import blame, compare_models, layer_errors
 
 def file_bytes(path: str | os.PathLike) -> int:
     """Size of a model file plus the external data files it references."""
-    path = Path(path)
-    total = path.stat().st_size
-    proto = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in onnx.external_data_helper._get_all_tensors(proto)
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return total + sum((path.parent / loc).stat().st_size for loc in locations)
+    return sum(file.stat().st_size for file in model_files(path))
 
 
 def versions() -> dict:
@@ -55,9 +46,11 @@ class CompileResult:
     _input: Path | None = None
 
     def save(self, path: str | os.PathLike) -> Path:
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(f"save: expected a file path, got {path!r}")
         path = Path(path)
-        if self._input is not None and path.resolve() == self._input.resolve():
-            raise UsageError(f"{path}: is the input model; qcompile never overwrites its input")
+        if self._input is not None:
+            check_not_input(path, self._input, with_data=True)
         save_model(self.model, path)
         self.report["output"] = str(path)
         self.report["size_bytes"]["after"] = file_bytes(path)

@@ -1,6 +1,8 @@
 """What must hold after every pass (checked by `--verify-each` and always in the test suite)."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -22,9 +24,17 @@ def verify_model(model: ir.Model, after: str = "") -> None:
 
     if tensor_bytes(model) < CHECKER_LIMIT_BYTES:
         try:
-            onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+            # The checker finds external data files relative to the working directory.
+            with contextlib.chdir(_external_data_dir(model) or "."):
+                onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ir.passes.InvariantError(f"ONNX checker failed{where}: {exc}") from None
+
+
+def _external_data_dir(model: ir.Model) -> str | None:
+    """The folder of the (input's) external data files the model's initializers still point into."""
+    return next((str(v.const_value.base_dir) for v in model.graph.initializers.values()
+                 if isinstance(v.const_value, ir.ExternalTensor)), None)
 
 
 def _check_graph(graph: ir.Graph, outer: set[ir.Value]) -> None:

@@ -88,7 +88,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
             isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     model.ir_version = runtime_ir_version(model)
-    data_name = f"{path.name}.data"
+    data_name = external_data_path(path).name
     tmp_dir = Path(tempfile.mkdtemp(prefix=".qcompile-", dir=parent))
     try:
         tmp_model = tmp_dir / path.name
@@ -109,3 +109,29 @@ def runtime_ir_version(model: ir.Model) -> int:
     if model.opset_imports.get("", 0) <= MAX_OPSET_FOR_IR_10:
         return min(model.ir_version, MAX_IR_VERSION)
     return model.ir_version
+
+
+def external_data_path(path: Path) -> Path:
+    """Where `save_model` puts a model's external data: ``<name>.data`` beside it."""
+    return path.with_name(f"{path.name}.data")
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """A model file and the external data files it references."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for tensor in onnx.external_data_helper._get_all_tensors(proto)
+                 for entry in tensor.external_data if entry.key == "location"}
+    return [path, *(path.parent / location for location in sorted(locations))]
+
+
+def check_not_input(output: Path, input: Path, with_data: bool = False) -> None:
+    """Refuse to write ``output`` (and, ``with_data``, its external data file) where it would replace the
+    input model or the input's external data."""
+    protected = {file.resolve(): file for file in model_files(input)}
+    for path in (output, external_data_path(output)) if with_data else (output,):
+        hit = protected.get(path.resolve())
+        if hit is not None:
+            what = "the input model" if hit == input else "the input model's external data"
+            where = f"{output}:" if path == output else f"{output}: its external data file {path.name}"
+            raise UsageError(f"{where} is {what}; qcompile never overwrites its input")

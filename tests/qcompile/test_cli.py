@@ -250,3 +250,20 @@ def test_the_cpu_option_is_noted_as_unused_on_targets_that_do_not_read_it_and_re
     finally:
         os.umask(umask)
     assert report.stat().st_mode & 0o777 == 0o644
+
+
+def test_no_output_lands_on_the_input_or_its_external_data(tmp_path, capsys):
+    save_model(synthetic.cnn(), tmp_path / "a.onnx", external_data=True)
+    (tmp_path / "a.onnx").rename(tmp_path / "b.onnx")  # b.onnx still reads a.onnx.data
+    model, data = tmp_path / "b.onnx", tmp_path / "a.onnx.data"
+    digests = _digest(model), _digest(data)
+    for args in (["-o", str(tmp_path / "a.onnx")],  # its data would be a.onnx.data
+                 ["-o", str(data)],
+                 ["-o", str(tmp_path / "c.onnx"), "--report", str(model)],
+                 ["-o", str(tmp_path / "c.onnx"), "--report", str(data)],
+                 ["-o", str(tmp_path / "c.onnx"), "--report", str(tmp_path / "c.onnx")]):
+        assert main(["compile", str(model), *args, "--quiet"]) == 2
+        assert "qcompile never overwrites its input" in _error_line(capsys) or args[-1].endswith("c.onnx")
+    assert (_digest(model), _digest(data)) == digests
+    assert main(["compile", str(model), "-o", str(tmp_path / "c.onnx"), "--quiet"]) == 0
+    assert (_digest(model), _digest(data)) == digests
