@@ -1,10 +1,12 @@
 """The public compile entry point: load, run a recipe's pipeline, report, save, verify."""
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,12 @@ class CompileResult:
 
     def verify(self, data: str, limit: int | None = None, seed: int = 0, min_sqnr: float | None = None) -> dict:
         """Compare against the input model on ``data``; saves to a temp folder if not saved yet."""
+        data = str(_path("data", data))
+        limit = None if limit is None else _whole("limit", limit, 1)
+        seed = _whole("seed", seed, 0)
+        if min_sqnr is not None and (isinstance(min_sqnr, bool) or not isinstance(min_sqnr, (int, float))
+                                     or not math.isfinite(min_sqnr)):
+            raise UsageError(f"min_sqnr: expected a finite number of dB, got {min_sqnr!r}")
         output = self.report.get("output")
         with tempfile.TemporaryDirectory() as tmp:
             if output is None:
@@ -106,6 +114,26 @@ def check_16bit_opset(settings: CompileConfig, model: ir.Model, pass_names: set[
                              f"(or use target ort-cpu)")
 
 
+def _path(what: str, value) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"{what}: expected a file path, got {value!r}")
+    return Path(value)
+
+
+def _names(what: str, value) -> tuple[str, ...]:
+    """A tuple of names from one name or an iterable of them (a lone string is not its letters)."""
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, Iterable) or not all(isinstance(name, str) for name in names):
+        raise UsageError(f"{what}: expected a name or a list of names, got {value!r}")
+    return tuple(names)
+
+
+def _whole(what: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{what}: expected a whole number of at least {minimum}, got {value!r}")
+    return value
+
+
 def check_float32(model: ir.Model, path: Path) -> None:
     """Refuse a model whose matmuls or convolutions compute in another float type: the passes quantize
     float32 values (ONNX Runtime has no float16 QuantizeLinear / QLinear* kernels on the CPU)."""
@@ -140,6 +168,13 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
             dump_after: tuple[str, ...] = (), dump_dir: str | os.PathLike | None = None,
             seed: int = 0) -> CompileResult:
     """Compile ``input`` with a recipe; nothing is written until `CompileResult.save`."""
+    input = _path("input", input)
+    calib = None if calib is None else str(_path("calib", calib))
+    exclude, dump_after = _names("exclude", exclude), _names("dump_after", dump_after)
+    calib_size = None if calib_size is None else _whole("calib_size", calib_size, 1)
+    seed = _whole("seed", seed, 0)
+    if options is not None and not isinstance(options, Mapping):
+        raise UsageError(f"options: expected a dict of option names to values, got {options!r}")
     settings = CompileConfig.load(config) if config else CompileConfig()
     settings = settings.merged(recipe=recipe, target=target, options=options or {}, exclude=exclude)
     if settings.target not in TARGETS:

@@ -60,6 +60,8 @@ class Parameter:
         if not isinstance(text, str):
             if type(text) is kind or (kind is float and type(text) is int):
                 return kind(text)
+            if kind is str and type(text) in (int, float):  # smoothquant=0.5: a number where text is allowed
+                return str(text)
             raise UsageError(f"option {key}: expected {kind.__name__}, got {text!r}")
         if kind is bool:
             if text.lower() not in ("true", "false"):

@@ -14,6 +14,8 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
     ``integer_kernels=False`` keeps ONNX Runtime from fusing Q/DQ groups into its integer ops, so
     the model computes Q/DQ as ONNX defines them (see `qcompile.targets.QDQ_SEMANTICS_TARGETS`).
     """
+    if isinstance(providers, str):
+        providers = [providers]
     ort = onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures reach the user as exceptions, not as ORT's log lines

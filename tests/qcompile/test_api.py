@@ -1,0 +1,57 @@
+"""The Python API takes what README shows and turns any other argument into one UsageError."""
+import numpy as np
+import pytest
+
+import qcompile
+from qcompile.errors import UsageError
+from qcompile.io import save_model
+from qcompile.models import synthetic
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    path = tmp_path / "cnn.onnx"
+    save_model(synthetic.cnn(), path)
+    return path
+
+
+def test_a_lone_name_is_one_pattern_not_its_letters(cnn, tmp_path):
+    result = qcompile.compile(cnn, recipe="w8a8", calib="random", exclude="block.*", dump_after="insert-qdq",
+                              dump_dir=tmp_path, options={"smoothquant": 0.5})
+    precisions = {layer["name"]: layer["precision"] for layer in result.report["layers"]}
+    assert all(p.startswith("w:fp32") for name, p in precisions.items() if name.startswith("block."))
+    assert any(not p.startswith("w:fp32") for name, p in precisions.items() if not name.startswith("block."))
+    assert not any("matches no node" in note for note in result.report["notes"])
+    assert (tmp_path / "cnn.after-insert-qdq.onnx").is_file()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"input": None}, "input: expected a file path"),
+    ({"options": ["per_channel=false"]}, "options: expected a dict"),
+    ({"exclude": None}, "exclude: expected a name or a list of names"),
+    ({"calib_size": "8"}, "calib_size: expected a whole number of at least 1"),
+    ({"seed": -1}, "seed: expected a whole number of at least 0"),
+])
+def test_wrong_compile_arguments_are_usage_errors(cnn, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        qcompile.compile(**{"input": cnn, "recipe": "w8a8", "calib": "random", **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"limit": 0}, "limit: expected a whole number of at least 1"),
+    ({"limit": "8"}, "limit: expected a whole number of at least 1"),
+    ({"min_sqnr": "20"}, "min_sqnr: expected a finite number of dB"),
+    ({"data": None}, "data: expected a file path"),
+])
+def test_wrong_verify_arguments_are_usage_errors(cnn, kwargs, message):
+    result = qcompile.compile(cnn, recipe="w8a16")
+    with pytest.raises(UsageError, match=message):
+        result.verify(**{"data": "random", **kwargs})
+    with pytest.raises(UsageError, match="save: expected a file path"):
+        result.save(None)
+
+
+def test_session_takes_one_provider_by_name(cnn):
+    session = qcompile.session(cnn, providers="CPUExecutionProvider")
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert session.run(None, {"pixel_values": np.zeros((1, 3, 32, 32), np.float32)})[0].shape[0] == 1
