@@ -303,10 +303,11 @@ def _cmd_eval(args) -> int:
     from qcompile.data import model_inputs
     from qcompile.io import load_model
     from qcompile.recipes import TARGETS
-    from qcompile.targets import QDQ_SEMANTICS_TARGETS, runtime_description
+    from qcompile.target_check import checked_on
+    from qcompile.targets import QDQ_SEMANTICS_TARGETS
     from qcompile.verify import MIN_BLAME_DROP_DB, blame, compare_models, layer_errors
 
-    load_model(args.candidate)  # one clear line for a bad file, before ONNX Runtime sees it
+    candidate = load_model(args.candidate)  # one clear line for a bad file, before ONNX Runtime sees it
     inputs = model_inputs(load_model(args.reference))
     if args.target not in TARGETS:
         raise UsageError(f"unknown target {args.target!r} (one of {', '.join(TARGETS)})")
@@ -316,7 +317,7 @@ def _cmd_eval(args) -> int:
                                 integer_kernels=integer_kernels)
         result["layers"] = layer_errors(args.reference, args.candidate, args.data, inputs, args.size,
                                         integer_kernels=integer_kernels)
-    result["runtime"] = runtime_description(args.target)
+    result["runtime"] = checked_on(candidate, args.target)
     if args.json:
         out.print_json(json.dumps(result))
         return 0

@@ -25,7 +25,8 @@ from qcompile.op_rules import COMPUTE_OPS
 from qcompile.passes.lowering.insert_qdq import MIN_OPSET_16BIT_QDQ
 from qcompile.pipeline import Pipeline, PassRecord, dump_to_folder
 from qcompile.recipes import TARGETS, Settings, get_recipe
-from qcompile.targets import CPU_TARGETS, QDQ_SEMANTICS_TARGETS, cpu_profile, runtime_description
+from qcompile.target_check import checked_on
+from qcompile.targets import CPU_TARGETS, QDQ_SEMANTICS_TARGETS, cpu_profile
 from qcompile.verify import blame, compare_models, layer_errors
 
 
@@ -73,7 +74,7 @@ class CompileResult:
             inputs = model_inputs(load_model(self._input))
             integer_kernels = self.report["target"] not in QDQ_SEMANTICS_TARGETS
             result = compare_models(self._input, output, data, inputs, limit, seed, integer_kernels)
-            result["runtime"] = runtime_description(self.report["target"])
+            result["runtime"] = checked_on(self.model, self.report["target"])
             result["min_sqnr_db"] = min_sqnr
             result["passed"] = min_sqnr is None or all(o["sqnr_db"] >= min_sqnr for o in result["outputs"])
             if not result["passed"]:  # say which layer is to blame

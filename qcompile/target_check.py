@@ -17,7 +17,8 @@ import onnx_ir as ir
 
 from qcompile.graph import all_nodes, constant_array
 from qcompile.passes.analysis.assign_weight_specs import weight_axis
-from qcompile.targets import PAIR_LIMIT, reduction_axes, worst_pair_sum
+from qcompile.targets import (PAIR_LIMIT, QDQ_SEMANTICS_TARGETS, has_vnni, reduction_axes, runtime_description,
+                              worst_pair_sum)
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 ORT_DOMAINS = (*STANDARD_DOMAINS, "com.microsoft")
@@ -40,6 +41,19 @@ def target_problems(model: ir.Model, target: str) -> list[str]:
         if target in ("ort-cpu", "portable"):
             problems.extend(f"{where}: {p}" for p in _avx2_saturation(node))
     return problems
+
+
+def checked_on(model: ir.Model, target: str) -> str:
+    """How ``model``, compiled for ``target``, is run when checked on this machine
+    (`targets.runtime_description`), and whether this CPU computes its integer ops worse than ``target``."""
+    line = runtime_description(target)
+    if target in QDQ_SEMANTICS_TARGETS and not has_vnni():
+        saturating = [node for node in all_nodes(model) if node.op_type in INTEGER_OPS and _avx2_saturation(node)]
+        if saturating:
+            line += (f"; but its {len(saturating)} integer ops ({_op(saturating[0])} {saturating[0].name}, ...) ran "
+                     f"on this CPU's u8 x s8 kernels, which saturate without VNNI: the error shown is larger than "
+                     f"{target}'s")
+    return line
 
 
 def _op(node: ir.Node) -> str:
@@ -85,7 +99,8 @@ def _avx2_saturation(node: ir.Node) -> list[str]:
     else:
         return []
     weight, zero_point = constant_array(weight), constant_array(zero_point)
-    if weight is None or weight.dtype != np.int8 or activation != ir.DataType.UINT8:
+    # INT8 activations are shifted to UINT8 by ONNX Runtime's x86 kernels: the same pair sums.
+    if weight is None or weight.dtype != np.int8 or activation not in (ir.DataType.UINT8, ir.DataType.INT8):
         return []
     if zero_point is not None and np.any(zero_point != zero_point.flat[0]):
         return []  # distinct per-channel zero points: not a layout qcompile or ONNX Runtime's quantizer writes

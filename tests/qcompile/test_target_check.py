@@ -5,7 +5,8 @@ import qcompile
 from qcompile.cli import main
 from qcompile.io import save_model
 from qcompile.models import synthetic
-from qcompile.target_check import target_problems
+from qcompile import target_check
+from qcompile.target_check import checked_on, target_problems
 
 
 @pytest.fixture
@@ -52,3 +53,20 @@ def test_inspect_target_exit_codes(cnn, tmp_path, capsys):
     assert "problem(s)" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "cpu.onnx"), "--target", "tpu"]) == 2
     assert "unknown target 'tpu'" in capsys.readouterr().err
+
+
+def test_a_tensorrt_build_with_int8_activations_is_flagged_for_cpus_without_vnni(cnn):
+    problems = target_problems(_compile(cnn, target="tensorrt"), "ort-cpu")
+    assert problems and all("saturates" in p for p in problems)
+
+
+def test_verifying_integer_ops_for_a_gpu_target_on_a_cpu_without_vnni_says_the_error_is_the_cpus(
+        tmp_path, monkeypatch):
+    source = save_model(synthetic.mlp(), tmp_path / "mlp.onnx")
+    cuda_build = qcompile.compile(source, recipe="w8a8-dynamic", target="ort-cuda").model
+    monkeypatch.setattr(target_check, "has_vnni", lambda: False)
+    assert "saturate without VNNI: the error shown is larger than ort-cuda's" in checked_on(cuda_build, "ort-cuda")
+    cpu_build = qcompile.compile(source, recipe="w8a8-dynamic").model  # pair-limited weights: exact
+    assert "saturate" not in checked_on(cpu_build, "ort-cuda")
+    monkeypatch.setattr(target_check, "has_vnni", lambda: True)
+    assert "saturate" not in checked_on(cuda_build, "ort-cuda")
