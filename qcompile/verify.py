@@ -16,6 +16,7 @@ from qcompile.data import InputInfo, count_samples, iterate_batches
 from qcompile.errors import UsageError
 from qcompile.graph import constant_array
 from qcompile.io import load_model, save_model
+from qcompile.op_rules import SHARED_OPS
 from qcompile.quant_spec import CHANNEL_SCALE_KEY, read_channel_scale
 from qcompile.session import run, session
 
@@ -225,12 +226,13 @@ QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 
 
 def _readers(value: ir.Value | None) -> list[str]:
-    """The nodes that read ``value``, through its quantize / dequantize nodes: where its quantization is
-    decided (`--exclude` or [[nodes]] settings), unlike at its producer."""
+    """The nodes that read ``value``, through its quantize / dequantize nodes and the ops that pass it on
+    in the same grid (Reshape, Transpose, ...): where its quantization is decided (`--exclude` or [[nodes]]
+    settings), unlike at its producer or at a Reshape between."""
     found, stack = [], [value] if value is not None else []
     while stack:
         for user, _ in stack.pop().uses():
-            if user.op_type in QUANTIZE_OPS:
+            if user.op_type in QUANTIZE_OPS or (user.op_type in SHARED_OPS and user.domain in ("", "ai.onnx")):
                 stack.append(user.outputs[0])
             elif user.name not in found:
                 found.append(user.name)
