@@ -56,9 +56,13 @@ def _decibels(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qcompile", description="A quantization compiler for ONNX models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    # --debug after the command too; SUPPRESS keeps a subcommand from resetting one given before it
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compile", help="compile a model with a recipe")
+    c = sub.add_parser("compile", parents=[debug], help="compile a model with a recipe")
     c.add_argument("input")
     c.add_argument("-o", "--output", required=True)
     group = c.add_mutually_exclusive_group()
@@ -83,18 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--quiet", action="store_true")
 
-    i = sub.add_parser("inspect", help="op histogram, precision per layer, size breakdown")
+    i = sub.add_parser("inspect", parents=[debug], help="op histogram, precision per layer, size breakdown")
     i.add_argument("model")
     i.add_argument("--json", action="store_true")
     i.add_argument("--target", help="also check what ort-cpu, ort-cuda, tensorrt or portable would reject "
                                     "(exit 1 if anything)")
 
-    d = sub.add_parser("diff", help="what changed between two models, and which pass did it")
+    d = sub.add_parser("diff", parents=[debug], help="what changed between two models, and which pass did it")
     d.add_argument("before")
     d.add_argument("after")
     d.add_argument("--json", action="store_true")
 
-    e = sub.add_parser("eval", help="per-output SQNR / cosine / max-abs and latency of a candidate vs a reference")
+    e = sub.add_parser("eval", parents=[debug], help="per-output SQNR / cosine / max-abs and latency of a candidate vs a reference")
     e.add_argument("reference")
     e.add_argument("candidate")
     e.add_argument("--data", required=True)
@@ -105,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                         "computed as ONNX defines them, not on ONNX Runtime's CPU integer kernels")
     e.add_argument("--json", action="store_true")
 
-    sub.add_parser("recipes", help="list recipes and their options")
-    sub.add_parser("passes", help="list passes")
+    sub.add_parser("recipes", parents=[debug], help="list recipes and their options")
+    sub.add_parser("passes", parents=[debug], help="list passes")
     return parser
 
 

@@ -100,6 +100,14 @@ def unused_node_settings(nodes: tuple[NodeSettings, ...], recipe: str, pass_name
             for key in sorted(given) if NODE_SETTING_READERS[key] not in pass_names]
 
 
+def unused_percentiles(nodes: tuple[NodeSettings, ...], recipe_method: str | None) -> list[str]:
+    """A note for each [[nodes]] percentile whose nodes are not calibrated by percentile."""
+    return [f"[[nodes]] match {list(table.match)}: percentile = {table.percentile} was not used: these nodes are "
+            f"calibrated with {table.calib_method or recipe_method}, not percentile"
+            for table in nodes if table.percentile is not None and recipe_method is not None
+            and (table.calib_method or recipe_method) != "percentile"]
+
+
 def check_16bit_opset(settings: CompileConfig, model: ir.Model, pass_names: set[str]) -> None:
     """Refuse before calibrating what `InsertQDQPass` would refuse after: 16-bit activations for target
     portable in a model whose opset has no 16-bit QuantizeLinear/DequantizeLinear."""
@@ -141,8 +149,8 @@ def check_float32(model: ir.Model, path: Path) -> None:
     for node in all_nodes(model):
         if node.op_type not in COMPUTE_OPS:
             continue
-        dtype = next((v.dtype for v in node.inputs if v is not None and v.dtype is not None and v.dtype.is_floating_point()
-                      and v.dtype != ir.DataType.FLOAT), None)
+        dtype = next((v.dtype for v in node.inputs if v is not None and v.dtype is not None
+                      and v.dtype.is_floating_point() and v.dtype != ir.DataType.FLOAT), None)
         if dtype is not None:
             which = f"{node.op_type} {node.name!r}" if node.name else f"an unnamed {node.op_type}"
             raise UsageError(f"{path}: {which} computes in {dtype.name.lower()}; qcompile "
@@ -199,6 +207,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
     unused_inputs = ([f"recipe {chosen.name} as set up reads no data: --calib {calib} was not used"]
                      if calib and not DATA_PASSES & names else []) + unused_node_settings(settings.nodes, chosen.name,
                                                                                           names)
+    unused_inputs += unused_percentiles(settings.nodes, resolved.get("calib_method"))
     unused_inputs += unmatched_patterns(settings, input_nodes, [node.name for node in all_nodes(model)])
     if "cpu" in settings.options and settings.target not in CPU_TARGETS:
         unused_inputs.append(f"option cpu={settings.options['cpu']} was not used: it is for targets "

@@ -50,8 +50,9 @@ def _node_text(node: ir.Node) -> tuple:
 
 def _passes_that_touched(node: ir.Node) -> str:
     # A layer a pass rebuilt under its old name is "created" by that pass, then maybe changed by others.
-    passes = [node.metadata_props.get(CREATED_BY, ""), node.metadata_props.get(CHANGED_BY, "")]
-    return ",".join(p for p in passes if p) or "?"
+    fields = [node.metadata_props.get(CREATED_BY, ""), node.metadata_props.get(CHANGED_BY, "")]
+    passes = dict.fromkeys(name for field in fields for name in field.split(",") if name)  # once each, in order
+    return ",".join(passes) or "?"
 
 
 def diff(before: ir.Model, after: ir.Model) -> dict:

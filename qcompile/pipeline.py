@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,12 +103,17 @@ def _record_provenance(model: ir.Model, before: dict[ir.Node, tuple], name: str)
 
 
 def dump_to_folder(folder: Path, stem: str, wanted: set[str]) -> Callable[[str, ir.Model], None]:
-    """A `dump_after` hook that saves a copy of the model after each pass named in ``wanted``."""
+    """A `dump_after` hook that saves a copy of the model after each pass named in ``wanted``; a pass that
+    runs again (infer-shapes) is dumped each time, as ``after-NAME``, ``after-NAME-2``, ..."""
     from qcompile.io import save_model
+
+    runs: Counter[str] = Counter()
 
     def dump(name: str, model: ir.Model) -> None:
         if name in wanted:
-            path = folder / f"{stem}.after-{name}.onnx"
+            runs[name] += 1
+            suffix = f"-{runs[name]}" if runs[name] > 1 else ""
+            path = folder / f"{stem}.after-{name}{suffix}.onnx"
             save_model(model, path)
             logger.info("dumped the model after %s to %s", name, path)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from qcompile.cli import _remedy, main
+from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.models import synthetic
 from qcompile.verify import LATENCY_ROUNDS, blame
@@ -65,6 +66,12 @@ def test_diff_names_the_pass_behind_each_change(cnn_file, tmp_path, capsys):
     assert {(r["op_type"], r["created_by"]) for r in result["added"]} == {("DequantizeLinear", "quantize-weights")}
     changed = {r["name"]: r["changed_by"] for r in result["changed"]}
     assert changed["stem"] == "fold-batch-norm,quantize-weights"
+    # a node a pass rebuilt under its old name, then changed again, is counted once for that pass
+    assert main(["compile", str(cnn_file), "-o", str(out), "--recipe", "w8a8", "--calib", "random", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["diff", str(cnn_file), str(out), "--json"]) == 0
+    passes = [r["changed_by"].split(",") for r in json.loads(capsys.readouterr().out)["changed"]]
+    assert passes and all(len(set(p)) == len(p) for p in passes)
 
 
 def test_inspect_reports_ops_sizes_and_precisions(cnn_file, capsys):
@@ -80,8 +87,10 @@ def test_inspect_reports_ops_sizes_and_precisions(cnn_file, capsys):
 
 def test_dump_after_writes_the_intermediate_model(cnn_file, tmp_path):
     assert main(["compile", str(cnn_file), "-o", str(tmp_path / "o.onnx"), "--dump-after", "fold-batch-norm",
-                 "--quiet"]) == 0
+                 "--dump-after", "infer-shapes", "--quiet"]) == 0
     assert (tmp_path / "cnn.after-fold-batch-norm.onnx").is_file()
+    # infer-shapes runs twice in canonicalization: both dumps are kept
+    assert (tmp_path / "cnn.after-infer-shapes.onnx").is_file() and (tmp_path / "cnn.after-infer-shapes-2.onnx").is_file()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -267,3 +276,10 @@ def test_no_output_lands_on_the_input_or_its_external_data(tmp_path, capsys):
     assert (_digest(model), _digest(data)) == digests
     assert main(["compile", str(model), "-o", str(tmp_path / "c.onnx"), "--quiet"]) == 0
     assert (_digest(model), _digest(data)) == digests
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, where):
+    command = ["compile", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx")]
+    with pytest.raises(UsageError, match="no such file"):
+        main(["--debug", *command] if where == "before" else [*command, "--debug"])

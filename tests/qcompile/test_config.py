@@ -120,8 +120,11 @@ def test_node_settings_a_recipe_does_not_read_are_noted(cnn, tmp_path):
     notes = qcompile.compile(path, calib=calib, config=config).report["notes"]
     assert any("calib_method" in n and "calibrate-activations" in n for n in notes)
     assert not any("per_channel" in n and "not used" in n for n in notes)  # w8a16 reads it
-    config.write_text('recipe = "w8a8"\n[[nodes]]\nmatch = ["*"]\ncalib_method = "percentile"\n')
+    config.write_text('recipe = "w8a8"\n[[nodes]]\nmatch = ["*"]\ncalib_method = "percentile"\npercentile = 99.9\n')
     assert not any("[[nodes]]" in n for n in qcompile.compile(path, calib=calib, config=config).report["notes"])
+    config.write_text('recipe = "w8a8"\n[[nodes]]\nmatch = ["*"]\npercentile = 99.9\n')
+    notes = qcompile.compile(path, calib=calib, config=config).report["notes"]
+    assert any("percentile = 99.9 was not used: these nodes are calibrated with minmax" in n for n in notes)
 
 
 def test_patterns_that_name_no_node_of_the_compiled_model_are_noted(cnn, tmp_path):
