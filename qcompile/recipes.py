@@ -199,7 +199,8 @@ def _smoothing(settings: Settings) -> list[ir.passes.PassBase]:
     if settings.options["smoothquant"] == "off" or settings.calib is None:
         return []
     alpha = _alpha(settings.options["smoothquant"])
-    return [SmoothActivationsPass(SmoothOptions(settings.calib, alpha, settings.excluded, _calibration(settings)))]
+    return [SmoothActivationsPass(SmoothOptions(settings.calib, alpha, settings.excluded, _calibration(settings),
+                                                settings.options["per_channel"]))]
 
 
 def _qoperator(settings: Settings) -> list[ir.passes.PassBase]:
