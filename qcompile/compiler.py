@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 import qcompile
 from qcompile.config import CompileConfig, NodeSettings
-from qcompile.data import model_inputs
+from qcompile.data import count_samples, model_inputs
 from qcompile.errors import UsageError
 from qcompile.graph import all_nodes, name_matches
 from qcompile.io import check_not_input, load_model, model_files, save_model
@@ -209,12 +209,16 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
                                                                                           names)
     unused_inputs += unused_percentiles(settings.nodes, resolved.get("calib_method"))
     unused_inputs += unmatched_patterns(settings, input_nodes, [node.name for node in all_nodes(model)])
+    available = (count_samples(calib, model_inputs(model), calib_size) if calib and calib_size and DATA_PASSES & names
+                 else None)
+    if available is not None and available < calib_size:
+        unused_inputs.append(f"--calib-size {calib_size}: {calib} holds {available} samples; all of them were used")
     if "cpu" in settings.options and settings.target not in CPU_TARGETS:
         unused_inputs.append(f"option cpu={settings.options['cpu']} was not used: it is for targets "
                              f"{' and '.join(CPU_TARGETS)}, and {settings.target} computes Q/DQ as ONNX defines them")
     report = {
         "recipe": chosen.name,
-        "options": resolved,
+        "options": {k: v for k, v in resolved.items() if k != "cpu" or settings.target in CPU_TARGETS},
         "node_settings": [asdict(table) for table in settings.nodes],
         "target": settings.target,
         "input": str(input_path),

@@ -223,18 +223,22 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
 
 EXACT_DB = 100.0  # the SQNR credited to unquantized inputs (graph inputs)
 QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+SELF_QUANTIZING_OPS = ("DynamicQuantizeMatMul",)  # reads a float tensor and quantizes it itself
 
 
 def _readers(value: ir.Value | None) -> list[str]:
-    """The nodes that read ``value``, through its quantize / dequantize nodes and the ops that pass it on
-    in the same grid (Reshape, Transpose, ...): where its quantization is decided (`--exclude` or [[nodes]]
-    settings), unlike at its producer or at a Reshape between."""
-    found, stack = [], [value] if value is not None else []
+    """The nodes that read ``value`` quantized, through its quantize / dequantize nodes and the ops that
+    pass it on in the same grid (Reshape, Transpose, ...): where its quantization is decided (`--exclude`
+    or [[nodes]] settings), unlike at its producer, at a Reshape between, or at a reader of the float value."""
+    found, stack = [], [(value, False)] if value is not None else []
     while stack:
-        for user, _ in stack.pop().uses():
-            if user.op_type in QUANTIZE_OPS or (user.op_type in SHARED_OPS and user.domain in ("", "ai.onnx")):
-                stack.append(user.outputs[0])
-            elif user.name not in found:
+        current, quantized = stack.pop()
+        for user, _ in current.uses():
+            if user.op_type in QUANTIZE_OPS:
+                stack.append((user.outputs[0], True))
+            elif user.op_type in SHARED_OPS and user.domain in ("", "ai.onnx"):
+                stack.append((user.outputs[0], quantized))
+            elif (quantized or user.op_type in SELF_QUANTIZING_OPS) and user.name not in found:
                 found.append(user.name)
     return found
 

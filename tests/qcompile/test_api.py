@@ -55,3 +55,14 @@ def test_session_takes_one_provider_by_name(cnn):
     session = qcompile.session(cnn, providers="CPUExecutionProvider")
     assert session.get_providers() == ["CPUExecutionProvider"]
     assert session.run(None, {"pixel_values": np.zeros((1, 3, 32, 32), np.float32)})[0].shape[0] == 1
+
+
+def test_a_calib_size_beyond_the_data_is_noted_and_tensorrt_reports_no_cpu_option(cnn, tmp_path):
+    np.savez(tmp_path / "calib.npz", pixel_values=np.zeros((4, 3, 32, 32), np.float32))
+    result = qcompile.compile(cnn, recipe="w8a8", calib=str(tmp_path / "calib.npz"), calib_size=100,
+                              target="tensorrt")
+    assert any(n.startswith("--calib-size 100:") and "holds 4 samples" in n for n in result.report["notes"])
+    assert "cpu" not in result.report["options"]
+    result = qcompile.compile(cnn, recipe="w8a8", calib="random", calib_size=100)
+    assert not any(n.startswith("--calib-size") for n in result.report["notes"])
+    assert result.report["options"]["cpu"] == "any"
