@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("after")
     d.add_argument("--json", action="store_true")
 
-    e = sub.add_parser("eval", parents=[debug], help="per-output SQNR / cosine / max-abs and latency of a candidate vs a reference")
+    e = sub.add_parser("eval", parents=[debug],
+                       help="per-output SQNR / cosine / max-abs and latency of a candidate vs a reference")
     e.add_argument("reference")
     e.add_argument("candidate")
     e.add_argument("--data", required=True)
@@ -186,7 +187,9 @@ class _nothing:
 
 def _discard(model: Path) -> None:
     """Remove a model this run wrote, with its external data."""
-    for path in (model, model.with_name(model.name + ".data")):
+    from qcompile.io import external_data_path
+
+    for path in (model, external_data_path(model)):
         path.unlink(missing_ok=True)
 
 

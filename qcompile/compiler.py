@@ -177,7 +177,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
             dump_after: tuple[str, ...] = (), dump_dir: str | os.PathLike | None = None,
             seed: int = 0) -> CompileResult:
     """Compile ``input`` with a recipe; nothing is written until `CompileResult.save`."""
-    input = _path("input", input)
+    input_path = _path("input", input)
     calib = None if calib is None else str(_path("calib", calib))
     exclude, dump_after = _names("exclude", exclude), _names("dump_after", dump_after)
     calib_size = None if calib_size is None else _whole("calib_size", calib_size, 1)
@@ -197,7 +197,6 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
     if unknown:
         raise UsageError(f"--dump-after {unknown[0]}: recipe {chosen.name} has no such pass ({', '.join(sorted(names))})")
 
-    input_path = Path(input)
     model = load_model(input_path)
     check_float32(model, input_path)
     check_16bit_opset(settings, model, names)
