@@ -87,6 +87,9 @@ def _batch_size(arrays: dict[str, np.ndarray], inputs: list[InputInfo]) -> int:
     it; a fixed batch axis of B takes B samples at a time (`_check_arrays` saw that the counts divide)."""
     on_batch_axis = [i for i in inputs if arrays[i.name].ndim == len(i.dims)]
     fixed = {i.dims[0] for i in on_batch_axis if not i.batched}
+    if len(fixed) > 1 or (fixed - {1} and len(on_batch_axis) < len(inputs)):
+        raise UsageError(f"inputs {', '.join(i.name for i in inputs)}: their sample axes do not fit one batch; give "
+                         f"each input's arrays an extra leading sample axis (N, *its shape)")
     if fixed:
         return fixed.pop()
     return MAX_BATCH if len(on_batch_axis) == len(inputs) else 1

@@ -80,3 +80,12 @@ def test_empty_data_and_a_wrong_rank_are_usage_errors(tmp_path):
     np.savez(tmp_path / "flat.npz", x=np.zeros((16, 2, 16), np.float32))
     with pytest.raises(UsageError, match=r"shape \(16, 2, 16\), the model expects \(N, 3, 8, 8\) for its input"):
         list(iterate_batches(str(tmp_path / "flat.npz"), images))
+
+
+def test_inputs_whose_sample_axes_cannot_share_a_batch_are_a_usage_error(tmp_path):
+    inputs = [InputInfo("x", np.dtype(np.float32), (4, 6)), InputInfo("y", np.dtype(np.float32), (4, 6))]
+    np.savez(tmp_path / "mixed.npz", x=np.zeros((8, 6), np.float32), y=np.zeros((8, 4, 6), np.float32))
+    with pytest.raises(UsageError, match="do not fit one batch"):
+        list(iterate_batches(str(tmp_path / "mixed.npz"), inputs))
+    np.savez(tmp_path / "nested.npz", x=np.zeros((2, 4, 6), np.float32), y=np.zeros((2, 4, 6), np.float32))
+    assert [b["x"].shape for b in iterate_batches(str(tmp_path / "nested.npz"), inputs)] == [(4, 6), (4, 6)]
