@@ -145,7 +145,7 @@ class CorrectBiasPass(ir.passes.InPlacePass):
         # NaN / Inf in the calibration data make a mean that would turn the bias into garbage.
         skipped = [layer.name for i, layer in enumerate(layers) if not np.isfinite(shifts[i]).all()]
         for i, layer in enumerate(layers):
-            if layer.name not in skipped:
+            if np.isfinite(shifts[i]).all():
                 _subtract(model.graph, layer, shifts[i])
         corrected = len(layers) - len(skipped)
         if corrected:
