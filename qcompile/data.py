@@ -32,7 +32,7 @@ class InputInfo:
         return bool(self.dims) and not isinstance(self.dims[0], int)
 
     def describe(self) -> str:
-        return "(" + ", ".join(str(d) if d is not None else "?" for d in self.dims) + ")"
+        return "(" + ", ".join(_dim(d) for d in self.dims) + ")"
 
 
 def model_inputs(model: ir.Model) -> list[InputInfo]:

@@ -87,8 +87,8 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
         cand_outputs = run(cand_session, names, feed, f"{candidate} on {data}")
         for name, ref, cand in zip(names, ref_outputs, cand_outputs):
             accumulators[name].add(ref, cand)
-    if first_feed is None:
-        return {"outputs": [], "samples": 0}
+    if first_feed is None:  # never pass a bound on nothing
+        raise UsageError(f"{data}: no samples to verify on")
     result = {"samples": count_samples(data, inputs, limit),
               "outputs": [asdict(acc.result(name)) for name, acc in accumulators.items()]}
     if integer_kernels:  # both sessions ran the first feed above: warmed up
