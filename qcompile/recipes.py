@@ -131,8 +131,24 @@ def _calibration(settings: Settings) -> CalibrationOptions:
         raise UsageError(f"option calib_method: expected one of {', '.join(CALIB_METHODS)}, got {method!r}")
     if not 0 < percentile <= 100:
         raise UsageError(f"option percentile: expected a number in (0, 100], got {percentile}")
-    return CalibrationOptions(method=Method(method), percentile=percentile, limit=settings.calib_size,
-                              seed=settings.seed)
+    moving_average = _fraction("moving_average", settings.options.get("moving_average", "off"))
+    if moving_average is not None and method != "minmax":
+        raise UsageError(f"option moving_average: it averages min/max, so it needs calib_method=minmax, not {method}")
+    return CalibrationOptions(method=Method(method), percentile=percentile, moving_average=moving_average,
+                              limit=settings.calib_size, seed=settings.seed)
+
+
+def _fraction(key: str, text: str, auto: bool = False) -> float | None:
+    """A number in (0, 1], or None for "off" (and for "auto" where ``auto`` allows it)."""
+    if text == "off" or (auto and text == "auto"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise UsageError(f"option {key}: expected {'auto, ' if auto else ''}off or a number in (0, 1], got {text!r}")
+    return value
 
 
 def _corrects_bias(settings: Settings) -> bool:
@@ -181,24 +197,12 @@ def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
                              nodes=settings.nodes, dtype=dtype, qmax=qmax, pair_limit=pair_limit, **options)
 
 
-def _alpha(text: str) -> float | None:
-    if text == "auto":
-        return None
-    try:
-        alpha = float(text)
-    except ValueError:
-        alpha = -1.0
-    if not 0 < alpha <= 1:
-        raise UsageError(f"option smoothquant: expected auto, off or a number in (0, 1], got {text!r}")
-    return alpha
-
-
 def _smoothing(settings: Settings) -> list[ir.passes.PassBase]:
     """SmoothQuant where it is asked for and there is data to measure it on (w8a8-dynamic takes --calib
     for this and bias correction only)."""
     if settings.options["smoothquant"] == "off" or settings.calib is None:
         return []
-    alpha = _alpha(settings.options["smoothquant"])
+    alpha = _fraction("smoothquant", settings.options["smoothquant"], auto=True)
     return [SmoothActivationsPass(SmoothOptions(settings.calib, alpha, settings.excluded, _calibration(settings),
                                                 settings.options["per_channel"]))]
 
@@ -275,6 +279,8 @@ _W8A8_PARAMETERS = {
     "per_channel": _PER_CHANNEL,
     "calib_method": Parameter("minmax", "activation ranges: minmax, percentile, entropy, mse"),
     "percentile": Parameter(99.999, "with calib_method=percentile: the percentile of |x| kept"),
+    "moving_average": Parameter("off", "with calib_method=minmax: c in (0, 1] to average the min/max of each batch "
+                                       "(up to 8 samples) as m += c * (batch - m), rather than take the extremes"),
     "cpu": _CPU,
     "bias_correction": _BIAS_CORRECTION,
     "equalize": Parameter(True, "rescale Conv -> Relu/Clip -> depthwise Conv chains so that every channel of the "

@@ -6,6 +6,7 @@ import qcompile
 from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.models import synthetic
+from tests.helpers import parse
 
 
 @pytest.fixture
@@ -66,3 +67,21 @@ def test_a_calib_size_beyond_the_data_is_noted_and_tensorrt_reports_no_cpu_optio
     result = qcompile.compile(cnn, recipe="w8a8", calib="random", calib_size=100)
     assert not any(n.startswith("--calib-size") for n in result.report["notes"])
     assert result.report["options"]["cpu"] == "any"
+
+
+def test_moving_average_option_averages_the_batch_ranges_of_minmax(tmp_path):
+    model = tmp_path / "matmul.onnx"
+    save_model(parse("""<ir_version: 10, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 2] y) <float[4, 2] w = {1, -2, 3, 4, -5, 6, 7, 8}> { y = MatMul (x, w) }"""),
+               model)
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 4)).astype(np.float32)
+    x[:8, 0], x[8:, 0] = (-1, 1, 0, 0, 0, 0, 0, 0), (-3, 3, 0, 0, 0, 0, 0, 0)  # batches of 8: [-1, 1], [-3, 3]
+    np.savez(tmp_path / "calib.npz", x=x)
+
+    def input_scale(**options) -> float:
+        compiled = qcompile.compile(model, recipe="w8a8", calib=tmp_path / "calib.npz", options=options).model
+        quantize = next(n for n in compiled.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x")
+        return float(quantize.inputs[1].const_value.numpy())
+
+    assert input_scale() == pytest.approx(6 / 255, rel=1e-6)
+    assert input_scale(moving_average=0.5) == pytest.approx(4 / 255, rel=1e-6)  # -1 + 0.5 (-3 + 1), 1 + 0.5 (3 - 1)
