@@ -121,6 +121,9 @@ def configurations() -> list[Config]:
     # 2026-11-22), next to the default's pair-limited INT8 weights on the faster u8 x s8 kernels.
     configs.append(Config("qc-w8a8-minmax-u8u8", "qcompile", "qcompile w8a8 minmax, cpu=u8u8",
                           {"recipe": "w8a8", "options": {"cpu": "u8u8"}, "calib": True}))
+    # min/max averaged over the calibration batches (`moving_average`; Quark's transformer preset does this).
+    configs.append(Config("qc-w8a8-minmax-ema", "qcompile", "qcompile w8a8 minmax, moving_average=0.01",
+                          {"recipe": "w8a8", "options": {"moving_average": 0.01}, "calib": True}))
     configs.append(Config("qc-w8a8-dynamic", "qcompile", "qcompile w8a8-dynamic",
                           {"recipe": "w8a8-dynamic", "options": {}, "calib": True}, quick=True))
     configs.append(Config("qc-w8a16", "qcompile", "qcompile w8a16 (weight-only)",
