@@ -16,6 +16,7 @@ from rich.table import Table
 
 from qcompile import progress
 from qcompile.errors import UsageError, VerificationFailed
+from qcompile.report.console import print_compile_summary
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -110,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                         "computed as ONNX defines them, not on ONNX Runtime's CPU integer kernels")
     e.add_argument("--json", action="store_true")
 
-    sub.add_parser("recipes", parents=[debug], help="list recipes and their options")
+    r = sub.add_parser("recipes", parents=[debug], help="list recipes and their options; NAME: its passes and options")
+    r.add_argument("name", nargs="?", help="a recipe: show its pass list and typed options")
     sub.add_parser("passes", parents=[debug], help="list passes")
     return parser
 
@@ -161,18 +163,18 @@ def _cmd_compile(args) -> int:
             except BaseException:  # the command fails: leave no output behind
                 _discard(output)
                 raise
-    report = result.report
+    report = result.typed_report
     if args.report:
-        _write_json(Path(args.report), report)
+        _write_json(Path(args.report), report.to_json())
     if not args.quiet:
-        _print_compile_summary(report)
-    verification = report.get("verification")
-    if verification and not verification["passed"]:
-        worst = min(verification["outputs"], key=lambda o: o["sqnr_db"])
-        culprit = verification.get("blame")
+        print_compile_summary(report, out)
+    verification = report.verification
+    if verification and not verification.passed:
+        worst = min(verification.outputs, key=lambda o: o.sqnr_db)
+        culprit = verification.blame
         hint = f"; the layer adding the most error is {_remedy(culprit)}" if culprit else ""
         raise VerificationFailed(
-            f"output {worst['name']!r} has SQNR {worst['sqnr_db']:.1f} dB, below --min-sqnr {args.min_sqnr}{hint}"
+            f"output {worst.name!r} has SQNR {worst.sqnr_db:.1f} dB, below --min-sqnr {args.min_sqnr}{hint}"
         )
     return 0
 
@@ -209,46 +211,16 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(f.name, path)
 
 
-def _mb(n: int | None) -> str:
-    return "?" if n is None else f"{n / 1e6:.2f} MB"
-
-
-def _print_compile_summary(report: dict) -> None:
-    table = Table(title=f"qcompile {report['recipe']} -> {report['output']}", show_header=False)
-    size = report["size_bytes"]
-    table.add_row("size", f"{_mb(size['before'])} -> {_mb(size['after'])} "
-                          f"({size['after'] / size['before']:.2f}x)" if size["after"] else _mb(size["before"]))
-    table.add_row("passes", f"{sum(p['seconds'] for p in report['passes']):.2f} s, "
-                            f"{sum(p['modified'] for p in report['passes'])}/{len(report['passes'])} modified")
-    precisions: dict[str, int] = {}
-    for layer in report["layers"]:
-        precisions[layer["precision"]] = precisions.get(layer["precision"], 0) + 1
-    table.add_row("layers", ", ".join(f"{n} x {p}" for p, n in precisions.items()) or "none")
-    verification = report.get("verification")
-    if verification:
-        for o in verification["outputs"]:
-            table.add_row(f"output {o['name']}", f"SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.5f}, "
-                                                f"max |err| {o['max_abs']:.3g}")
-        if "latency_ms" in verification:
-            lat = verification["latency_ms"]
-            table.add_row("latency", f"{lat['reference']:.2f} ms -> {lat['candidate']:.2f} ms ({lat['ratio']:.2f}x)")
-        table.add_row("checked on", verification["runtime"])
-    for note in report["notes"]:
-        table.add_row("note", escape(note))
-    out.print(table)
-
-
 def _cmd_inspect(args) -> int:
     from qcompile.inspection import describe
     from qcompile.io import load_model
-    from qcompile.recipes import TARGETS
     from qcompile.target_check import target_problems
+    from qcompile.targets import get_target
 
-    if args.target is not None and args.target not in TARGETS:
-        raise UsageError(f"unknown target {args.target!r} (one of {', '.join(TARGETS)})")
+    target = get_target(args.target) if args.target is not None else None
     model = load_model(args.model)
     info = describe(model)
-    problems = target_problems(model, args.target) if args.target else []
+    problems = target_problems(model, target) if target else []
     if args.target:
         info["target"] = {"name": args.target, "problems": problems}
     if args.json:
@@ -309,22 +281,17 @@ def _cmd_diff(args) -> int:
 def _cmd_eval(args) -> int:
     from qcompile.data import model_inputs
     from qcompile.io import load_model
-    from qcompile.recipes import TARGETS
     from qcompile.target_check import checked_on
-    from qcompile.targets import QDQ_SEMANTICS_TARGETS
+    from qcompile.targets import get_target
     from qcompile.verify import MIN_BLAME_DROP_DB, blame, compare_models, layer_errors
 
     candidate = load_model(args.candidate)  # one clear line for a bad file, before ONNX Runtime sees it
     inputs = model_inputs(load_model(args.reference))
-    if args.target not in TARGETS:
-        raise UsageError(f"unknown target {args.target!r} (one of {', '.join(TARGETS)})")
-    integer_kernels = args.target not in QDQ_SEMANTICS_TARGETS
+    target = get_target(args.target)
     with progress.display(err):
-        result = compare_models(args.reference, args.candidate, args.data, inputs, args.size,
-                                integer_kernels=integer_kernels)
-        result["layers"] = layer_errors(args.reference, args.candidate, args.data, inputs, args.size,
-                                        integer_kernels=integer_kernels)
-    result["runtime"] = checked_on(candidate, args.target)
+        result = compare_models(args.reference, args.candidate, args.data, inputs, target, args.size)
+        result["layers"] = layer_errors(args.reference, args.candidate, args.data, inputs, target, args.size)
+    result["runtime"] = checked_on(candidate, target)
     if args.json:
         out.print_json(json.dumps(result))
         return 0
@@ -375,21 +342,44 @@ CLIPPED_HINT = 1e-3
 
 
 def _cmd_recipes(args) -> int:
-    from qcompile.recipes import RECIPES
+    from qcompile.recipes import all_recipes, get_recipe
+    from qcompile.recipes.base import option_help
 
+    if args.name:
+        return _show_recipe(get_recipe(args.name))
     table = Table("recipe", "what it does", "options (default)", "status")
-    for recipe in RECIPES.values():
-        options = ", ".join(f"{k}={str(p.default).lower()}" for k, p in recipe.parameters.items()) or "-"
-        table.add_row(recipe.name, recipe.summary, options, "ready" if recipe.build else "planned")
+    for recipe in all_recipes():
+        options = ", ".join(f"{k}={str(default).lower()}" for k, (default, _) in option_help(recipe.options).items())
+        table.add_row(recipe.name, recipe.summary, options or "-", "ready" if recipe.build else "planned")
     out.print(table)
     return 0
 
 
+def _show_recipe(recipe) -> int:
+    """A recipe's typed options and the passes it runs with its defaults (target ort-cpu, calibration data given)."""
+    from qcompile.calibration import CalibrationData
+    from qcompile.pipeline import pass_name
+    from qcompile.recipes import Settings
+    from qcompile.recipes.base import option_help
+
+    out.print(f"[bold]{recipe.name}[/]: {escape(recipe.summary)}")
+    options = Table("option", "default", "what it does", title=f"options ({recipe.options.__name__})")
+    for key, (default, help_text) in option_help(recipe.options).items():
+        options.add_row(key, str(default).lower(), escape(help_text))
+    out.print(options)
+    passes = Table("#", "pass", "options", title="passes (defaults, target ort-cpu, --calib DATA)")
+    settings = Settings(options=recipe.resolve_options({}), calib=CalibrationData("DATA"))
+    for i, p in enumerate(recipe.build(settings), 1):
+        passes.add_row(str(i), pass_name(p), escape(repr(p.options)) if hasattr(p, "options") else "")
+    out.print(passes)
+    return 0
+
+
 def _cmd_passes(args) -> int:
-    from qcompile.passes import REGISTRY, summary
+    from qcompile.passes import registry, summary
 
     table = Table("pass", "what it does", "module")
-    for name, pass_type in REGISTRY.items():
+    for name, pass_type in registry().items():
         table.add_row(name, summary(pass_type), pass_type.__module__.removeprefix("qcompile.passes."))
     out.print(table)
     return 0

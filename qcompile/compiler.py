@@ -7,26 +7,28 @@ import platform
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
-import qcompile
+from qcompile import __version__
+from qcompile.calibration import CalibrationData
 from qcompile.config import CompileConfig, NodeSettings
-from qcompile.data import count_samples, model_inputs
+from qcompile.data import model_inputs
 from qcompile.errors import UsageError
 from qcompile.graph import all_nodes, name_matches
 from qcompile.io import check_not_input, load_model, model_files, save_model
 from qcompile.layers import layer_precisions
 from qcompile.notes import notes
 from qcompile.op_rules import COMPUTE_OPS
-from qcompile.passes.lowering.insert_qdq import MIN_OPSET_16BIT_QDQ
-from qcompile.pipeline import Pipeline, PassRecord, dump_to_folder
-from qcompile.recipes import TARGETS, Settings, get_recipe
+from qcompile.pipeline import Pipeline, dump_to_folder, pass_name
+from qcompile.recipes import Settings, get_recipe
+from qcompile.report import Latency, Layer, OutputError, PassRecord, Report, SizeBytes, Verification
 from qcompile.target_check import checked_on
-from qcompile.targets import CPU_TARGETS, QDQ_SEMANTICS_TARGETS, cpu_profile
+from qcompile.targets import TARGETS, get_target
+from qcompile.targets.x86 import cpu_profile
 from qcompile.verify import blame, compare_models, layer_errors
 
 
@@ -38,15 +40,20 @@ def file_bytes(path: str | os.PathLike) -> int:
 def versions() -> dict:
     from qcompile.runtime import onnxruntime
 
-    return {"qcompile": qcompile.__version__, "onnx": onnx.__version__, "onnx_ir": ir.__version__,
+    return {"qcompile": __version__, "onnx": onnx.__version__, "onnx_ir": ir.__version__,
             "onnxruntime": onnxruntime().__version__, "python": platform.python_version()}
 
 
 @dataclass
 class CompileResult:
     model: ir.Model
-    report: dict = field(default_factory=dict)
+    typed_report: Report
     _input: Path | None = None
+
+    @property
+    def report(self) -> dict:
+        """The report as `--report` writes it (a new dict on each access; `typed_report` is the source)."""
+        return self.typed_report.to_json()
 
     def save(self, path: str | os.PathLike) -> Path:
         if not isinstance(path, (str, os.PathLike)):
@@ -55,8 +62,8 @@ class CompileResult:
         if self._input is not None:
             check_not_input(path, self._input, with_data=True)
         save_model(self.model, path)
-        self.report["output"] = str(path)
-        self.report["size_bytes"]["after"] = file_bytes(path)
+        self.typed_report.output = str(path)
+        self.typed_report.size_bytes.after = file_bytes(path)
         return path
 
     def verify(self, data: str, limit: int | None = None, seed: int = 0, min_sqnr: float | None = None) -> dict:
@@ -67,37 +74,44 @@ class CompileResult:
         if min_sqnr is not None and (isinstance(min_sqnr, bool) or not isinstance(min_sqnr, (int, float))
                                      or not math.isfinite(min_sqnr)):
             raise UsageError(f"min_sqnr: expected a finite number of dB, got {min_sqnr!r}")
-        output = self.report.get("output")
+        output = self.typed_report.output
+        target = get_target(self.typed_report.target)
         with tempfile.TemporaryDirectory() as tmp:
             if output is None:
                 output = save_model(self.model, Path(tmp) / "candidate.onnx")
             inputs = model_inputs(load_model(self._input))
-            integer_kernels = self.report["target"] not in QDQ_SEMANTICS_TARGETS
-            result = compare_models(self._input, output, data, inputs, limit, seed, integer_kernels)
-            result["runtime"] = checked_on(self.model, self.report["target"])
-            result["min_sqnr_db"] = min_sqnr
-            result["passed"] = min_sqnr is None or all(o["sqnr_db"] >= min_sqnr for o in result["outputs"])
-            if not result["passed"]:  # say which layer is to blame
-                result["layers"] = layer_errors(self._input, output, data, inputs, limit, seed, integer_kernels)
-                result["blame"] = blame(result["layers"])
-        self.report["verification"] = result
-        return result
+            compared = compare_models(self._input, output, data, inputs, target, limit, seed)
+            outputs = [OutputError(**o) for o in compared["outputs"]]
+            latency = compared.get("latency_ms")
+            verification = Verification(compared["samples"], outputs, checked_on(self.model, target),
+                                        Latency(**latency) if latency else None, min_sqnr,
+                                        min_sqnr is None or all(o.sqnr_db >= min_sqnr for o in outputs))
+            if not verification.passed:  # say which layer is to blame
+                verification.layers = layer_errors(self._input, output, data, inputs, target, limit, seed)
+                verification.blame = blame(verification.layers)
+        self.typed_report.verification = verification
+        return verification.to_json()
 
 
-# Passes that run the model on the calibration data.
-DATA_PASSES = {"calibrate-activations", "correct-bias", "smooth-activations", "equalize-depthwise-inputs"}
+def unused_node_settings(nodes: tuple[NodeSettings, ...], recipe: str,
+                         passes: list[ir.passes.PassBase]) -> list[str]:
+    """A note for each [[nodes]] key that no pass of the recipe reads (a pass names the keys it reads in
+    its ``node_settings``)."""
+    read = {key for p in passes for key in getattr(p, "node_settings", ())}
+    given = {key for table in nodes for key in ("calib_method", "percentile", "activation_bits", "per_channel")
+             if getattr(table, key) is not None}
+    if not given - read:
+        return []
+    from qcompile.passes import registry  # every pass module: only to name the readers in the note
+
+    readers = {key: " or ".join(name for name, p in registry().items() if key in getattr(p, "node_settings", ()))
+               for key in given - read}
+    return [f"[[nodes]] {key}: recipe {recipe} does not run {readers[key]}, so it was not used"
+            for key in sorted(readers)]
 
 
-# [[nodes]] keys and the pass that reads them.
-NODE_SETTING_READERS = {"calib_method": "calibrate-activations", "percentile": "calibrate-activations",
-                        "activation_bits": "calibrate-activations", "per_channel": "assign-weight-specs"}
-
-
-def unused_node_settings(nodes: tuple[NodeSettings, ...], recipe: str, pass_names: set[str]) -> list[str]:
-    """A note for each [[nodes]] key that no pass of the recipe reads."""
-    given = {key for table in nodes for key in NODE_SETTING_READERS if getattr(table, key) is not None}
-    return [f"[[nodes]] {key}: recipe {recipe} does not run {NODE_SETTING_READERS[key]}, so it was not used"
-            for key in sorted(given) if NODE_SETTING_READERS[key] not in pass_names]
+def _reads_data(passes: list[ir.passes.PassBase]) -> bool:
+    return any(getattr(p, "reads_calibration_data", False) for p in passes)
 
 
 def unused_percentiles(nodes: tuple[NodeSettings, ...], recipe_method: str | None) -> list[str]:
@@ -106,21 +120,6 @@ def unused_percentiles(nodes: tuple[NodeSettings, ...], recipe_method: str | Non
             f"calibrated with {table.calib_method or recipe_method}, not percentile"
             for table in nodes if table.percentile is not None and recipe_method is not None
             and (table.calib_method or recipe_method) != "percentile"]
-
-
-def check_16bit_opset(settings: CompileConfig, model: ir.Model, pass_names: set[str]) -> None:
-    """Refuse before calibrating what `InsertQDQPass` would refuse after: 16-bit activations for target
-    portable in a model whose opset has no 16-bit QuantizeLinear/DequantizeLinear."""
-    opset = model.opset_imports.get("", 1)
-    if (settings.target != "portable" or opset >= MIN_OPSET_16BIT_QDQ
-            or NODE_SETTING_READERS["activation_bits"] not in pass_names):
-        return
-    names = [node.name for node in all_nodes(model)]
-    for pattern in (p for table in settings.nodes if table.activation_bits == 16 for p in table.match):
-        if any(name_matches(name, (pattern,)) for name in names):
-            raise UsageError(f"[[nodes]] match {pattern!r}: activation_bits = 16 needs 16-bit QuantizeLinear/"
-                             f"DequantizeLinear, which need opset {MIN_OPSET_16BIT_QDQ}, the model has opset {opset} "
-                             f"(or use target ort-cpu)")
 
 
 def _path(what: str, value) -> Path:
@@ -186,52 +185,50 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         raise UsageError(f"options: expected a dict of option names to values, got {options!r}")
     settings = CompileConfig.load(config) if config else CompileConfig()
     settings = settings.merged(recipe=recipe, target=target, options=options or {}, exclude=exclude)
-    if settings.target not in TARGETS:
-        raise UsageError(f"unknown target {settings.target!r} (one of {', '.join(TARGETS)})")
+    chosen_target = get_target(settings.target)
     chosen = get_recipe(settings.recipe)
     resolved = chosen.resolve_options(settings.options)
-    passes = chosen.build(Settings(settings.target, resolved, tuple(settings.exclude), calib, calib_size, seed,
-                                   settings.nodes))
-    names = {getattr(p, "name", "") for p in passes}
+    data = CalibrationData(calib, calib_size, seed) if calib else None
+    passes = chosen.build(Settings(chosen_target, resolved, tuple(settings.exclude), data, settings.nodes))
+    names = {pass_name(p) for p in passes}
     unknown = [d for d in dump_after if d not in names]
     if unknown:
         raise UsageError(f"--dump-after {unknown[0]}: recipe {chosen.name} has no such pass ({', '.join(sorted(names))})")
 
     model = load_model(input_path)
     check_float32(model, input_path)
-    check_16bit_opset(settings, model, names)
     input_nodes = [node.name for node in all_nodes(model)]
     dump = dump_to_folder(Path(dump_dir or "."), input_path.stem, set(dump_after)) if dump_after else None
     records = Pipeline(passes, verify_each=verify_each, dump_after=dump).run(model)
+    reads_data = _reads_data(passes)
     unused_inputs = ([f"recipe {chosen.name} as set up reads no data: --calib {calib} was not used"]
-                     if calib and not DATA_PASSES & names else []) + unused_node_settings(settings.nodes, chosen.name,
-                                                                                          names)
-    unused_inputs += unused_percentiles(settings.nodes, resolved.get("calib_method"))
+                     if calib and not reads_data else []) + unused_node_settings(settings.nodes, chosen.name, passes)
+    unused_inputs += unused_percentiles(settings.nodes, getattr(resolved, "calib_method", None))
     unused_inputs += unmatched_patterns(settings, input_nodes, [node.name for node in all_nodes(model)])
-    available = (count_samples(calib, model_inputs(model), calib_size) if calib and calib_size and DATA_PASSES & names
-                 else None)
+    available = data.samples(model_inputs(model)) if data and calib_size and reads_data else None
     if available is not None and available < calib_size:
         unused_inputs.append(f"--calib-size {calib_size}: {calib} holds {available} samples; all of them were used")
-    if "cpu" in settings.options and settings.target not in CPU_TARGETS:
-        unused_inputs.append(f"option cpu={settings.options['cpu']} was not used: it is for targets "
-                             f"{' and '.join(CPU_TARGETS)}, and {settings.target} computes Q/DQ as ONNX defines them")
-    report = {
-        "recipe": chosen.name,
-        "options": {k: v for k, v in resolved.items() if k != "cpu" or settings.target in CPU_TARGETS},
-        "node_settings": [asdict(table) for table in settings.nodes],
-        "target": settings.target,
-        "input": str(input_path),
-        "output": None,
-        "passes": [asdict(r) for r in records],
-        "size_bytes": {"before": file_bytes(input_path), "after": None},
-        "layers": layer_precisions(model),
-        "notes": notes(model) + unused_inputs,
-        "cpu": asdict(cpu_profile(resolved["cpu"])) if settings.target in CPU_TARGETS and "cpu" in resolved
-        else None,
-        "verification": None,
-        "versions": versions(),
-        "command": " ".join(sys.argv),
-    }
+    options = asdict(resolved)
+    if "cpu" in options and not chosen_target.cpu_kernels:
+        if "cpu" in settings.options:
+            cpu_targets = " and ".join(t.name for t in TARGETS.values() if t.cpu_kernels)
+            unused_inputs.append(f"option cpu={settings.options['cpu']} was not used: it is for targets {cpu_targets}, "
+                                 f"and {chosen_target.name} computes Q/DQ as ONNX defines them")
+        del options["cpu"]
+    report = Report(
+        recipe=chosen.name,
+        options=options,
+        node_settings=[asdict(table) for table in settings.nodes],
+        target=chosen_target.name,
+        input=str(input_path),
+        size_bytes=SizeBytes(file_bytes(input_path)),
+        passes=records,
+        layers=[Layer(**row) for row in layer_precisions(model)],
+        notes=notes(model) + unused_inputs,
+        cpu=asdict(cpu_profile(options["cpu"])) if "cpu" in options else None,
+        versions=versions(),
+        command=" ".join(sys.argv),
+    )
     return CompileResult(model, report, input_path)
 
 

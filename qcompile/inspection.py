@@ -7,7 +7,7 @@ import onnx_ir as ir
 
 from qcompile.graph import all_nodes
 from qcompile.layers import layer_precisions
-from qcompile.pipeline import CHANGED_BY, CREATED_BY
+from qcompile.decisions.keys import CHANGED_BY, CREATED_BY
 
 
 def _shape_text(value: ir.Value) -> str:

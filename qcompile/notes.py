@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-NOTES_KEY = "qcompile.notes"
+from qcompile.decisions.keys import NOTES_KEY
 
 
 def add_note(model: ir.Model, message: str) -> None:

@@ -23,6 +23,8 @@ slower than the fp32 model. MatMul and Gemm have float-output integer kernels an
 """
 from __future__ import annotations
 
+import onnx_ir as ir
+
 # op type -> indexes of the activation inputs that get Q/DQ
 COMPUTE_OPS: dict[str, tuple[int, ...]] = {
     "Conv": (0,),
@@ -57,3 +59,21 @@ def candidate_inputs(op_type: str, num_inputs: int) -> tuple[int, ...]:
         if op_type in table:
             return tuple(i for i in table[op_type] if i < num_inputs)
     return ()
+
+
+def weight_axis(node: ir.Node) -> int | None:
+    """The output-channel axis of ``node``'s weight (input 1), or None if it is not a weighted op."""
+    if node.domain != "":
+        return None
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if weight is None or weight.shape is None:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    if node.op_type == "MatMul" and weight.shape.rank() >= 2:
+        return weight.shape.rank() - 1
+    return None

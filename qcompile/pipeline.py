@@ -16,32 +16,23 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
 
 from qcompile import progress
+from qcompile.decisions.keys import CHANGED_BY, CREATED_BY
+from qcompile.errors import UsageError
 from qcompile.graph import all_nodes
 from qcompile.invariants import verify_model
 from qcompile.notes import notes
+from qcompile.report import PassRecord
 
 logger = logging.getLogger(__name__)
 
-CREATED_BY = "qcompile.created_by"
-CHANGED_BY = "qcompile.changed_by"
-
-
 def pass_name(p: ir.passes.PassBase) -> str:
     return getattr(p, "name", type(p).__name__)
-
-
-@dataclass
-class PassRecord:
-    name: str
-    seconds: float
-    modified: bool
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -60,7 +51,12 @@ class Pipeline:
                 before = _signatures(model)
                 notes_before = len(notes(model))
                 start = time.perf_counter()
-                result = p(model)
+                try:
+                    result = p(model)
+                except ir.passes.PreconditionError as exc:  # a model this pass cannot take: the user's to fix
+                    if isinstance(exc.__cause__, UsageError):
+                        raise exc.__cause__ from None
+                    raise
                 seconds = time.perf_counter() - start
                 if result.model is not model:
                     raise TypeError(f"pass {name} returned a new model; qcompile passes work in place")

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from qcompile.errors import UsageError
 from qcompile.runtime import onnxruntime
 
 
 def session(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
-            integer_kernels: bool = True):
+            integer_kernels: bool = True, libraries: Sequence[str | os.PathLike] = ()):
     """An `onnxruntime.InferenceSession` for ``path`` (external data is read from beside it).
 
     ``integer_kernels=False`` keeps ONNX Runtime from fusing Q/DQ groups into its integer ops, so
-    the model computes Q/DQ as ONNX defines them (see `qcompile.targets.QDQ_SEMANTICS_TARGETS`).
+    the model computes Q/DQ as ONNX defines them (see `qcompile.targets.Target.qdq_semantics`).
+    ``libraries``: custom-op libraries to register (`qcompile.targets.Target.custom_op_libraries`).
     """
     if isinstance(providers, str):
         providers = [providers]
@@ -23,6 +25,8 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         options.intra_op_num_threads = threads
+    for library in libraries:
+        options.register_custom_ops_library(str(library))
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for files it cannot load

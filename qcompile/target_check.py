@@ -7,7 +7,7 @@
   channels;
 * `ort-cpu` (and `portable`, which ONNX Runtime's CPU kernels may run): u8 x s8 products with
   same-signed weight pairs beyond 128, which saturate in the int16 pair sums of the AVX2 kernels of
-  CPUs without VNNI (KERNELS.md, `qcompile.targets`); u8 x u8, 7-bit and pair-limited weights are
+  CPUs without VNNI (KERNELS.md, `qcompile.targets.x86`); u8 x u8, 7-bit and pair-limited weights are
   exact everywhere.
 """
 from __future__ import annotations
@@ -16,43 +16,40 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.graph import all_nodes, constant_array
-from qcompile.passes.analysis.assign_weight_specs import weight_axis
-from qcompile.targets import (PAIR_LIMIT, QDQ_SEMANTICS_TARGETS, has_vnni, reduction_axes, runtime_description,
-                              worst_pair_sum)
+from qcompile.op_rules import weight_axis
+from qcompile.targets import STANDARD_DOMAINS, Target
+from qcompile.targets.x86 import PAIR_LIMIT, has_vnni, reduction_axes, worst_pair_sum
 
-STANDARD_DOMAINS = ("", "ai.onnx")
-ORT_DOMAINS = (*STANDARD_DOMAINS, "com.microsoft")
 # Integer-arithmetic ops: the input indices of their (constant) weight and its zero point.
 INTEGER_OPS = {"ConvInteger": (1, 3), "MatMulInteger": (1, 3), "QLinearConv": (3, 5), "QLinearMatMul": (3, 5),
                "QGemm": (3, 5), "DynamicQuantizeMatMul": (1, 3), "MatMulIntegerToFloat": (1, 5)}
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
-def target_problems(model: ir.Model, target: str) -> list[str]:
+def target_problems(model: ir.Model, target: Target) -> list[str]:
     """One line per problem, naming the node; empty if the target takes the model as it is."""
-    domains = ORT_DOMAINS if target in ("ort-cpu", "ort-cuda") else STANDARD_DOMAINS
     problems = []
     for node in all_nodes(model):
         where = f"{node.name or '(unnamed)'} ({_op(node)})"
-        if node.domain not in domains:
-            problems.append(f"{where}: not an op {target} runs ({node.domain or 'ai.onnx'} domain)")
-        if target == "tensorrt":
+        if node.domain not in target.domains:
+            problems.append(f"{where}: not an op {target.name} runs ({node.domain or 'ai.onnx'} domain)")
+        if target.symmetric_int8_only:
             problems.extend(f"{where}: {p}" for p in _tensorrt(node))
-        if target in ("ort-cpu", "portable"):
+        if target.cpu_kernels:
             problems.extend(f"{where}: {p}" for p in _avx2_saturation(node))
     return problems
 
 
-def checked_on(model: ir.Model, target: str) -> str:
-    """How ``model``, compiled for ``target``, is run when checked on this machine
-    (`targets.runtime_description`), and whether this CPU computes its integer ops worse than ``target``."""
-    line = runtime_description(target)
-    if target in QDQ_SEMANTICS_TARGETS and not has_vnni():
+def checked_on(model: ir.Model, target: Target) -> str:
+    """How ``model``, compiled for ``target``, is run when checked on this machine (`Target.checked_on`),
+    and whether this CPU computes its integer ops worse than ``target``."""
+    line = target.checked_on
+    if target.qdq_semantics and not has_vnni():
         saturating = [node for node in all_nodes(model) if node.op_type in INTEGER_OPS and _avx2_saturation(node)]
         if saturating:
             line += (f"; but its {len(saturating)} integer ops ({_op(saturating[0])} {saturating[0].name}, ...) ran "
                      f"on this CPU's u8 x s8 kernels, which saturate without VNNI: the error shown is larger than "
-                     f"{target}'s")
+                     f"{target.name}'s")
     return line
 
 

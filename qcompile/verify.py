@@ -5,7 +5,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +15,12 @@ from qcompile import progress
 from qcompile.data import InputInfo, count_samples, iterate_batches
 from qcompile.errors import UsageError
 from qcompile.graph import constant_array
+from qcompile.report import OutputError
 from qcompile.io import load_model, save_model
 from qcompile.op_rules import SHARED_OPS
-from qcompile.quant_spec import CHANNEL_SCALE_KEY, read_channel_scale
+from qcompile.decisions import CHANNEL_SCALE_KEY, read_channel_scale
 from qcompile.session import run, session
-
-
-@dataclass
-class OutputError:
-    name: str
-    sqnr_db: float
-    cosine: float
-    max_abs: float
+from qcompile.targets import Target
 
 
 class _Accumulator:
@@ -72,11 +66,11 @@ class _GridOverflow:
 
 
 def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, data: str,
-                   inputs: list[InputInfo], limit: int | None = None, seed: int = 0,
-                   integer_kernels: bool = True) -> dict:
-    """Run both models on ``data``; per-output errors of the candidate, and both models' latency where
-    the candidate runs on ONNX Runtime's integer kernels (without them it says nothing of speed)."""
-    ref_session, cand_session = session(reference), session(candidate, integer_kernels=integer_kernels)
+                   inputs: list[InputInfo], target: Target, limit: int | None = None, seed: int = 0) -> dict:
+    """Run both models on ``data``, the candidate as ``target`` would; per-output errors of the candidate,
+    and both models' latency where the candidate runs as on its target (not so for targets whose
+    Q/DQ semantics are emulated here: that says nothing of their speed)."""
+    ref_session, cand_session = session(reference), target.session(candidate)
     names = [o.name for o in ref_session.get_outputs()]
     accumulators = {name: _Accumulator() for name in names}
     first_feed = None
@@ -91,7 +85,7 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
         raise UsageError(f"{data}: no samples to verify on")
     result = {"samples": count_samples(data, inputs, limit),
               "outputs": [asdict(acc.result(name)) for name, acc in accumulators.items()]}
-    if integer_kernels:  # both sessions ran the first feed above: warmed up
+    if not target.qdq_semantics:  # both sessions ran the first feed above: warmed up
         result["latency_ms"] = _latency(ref_session, cand_session, names, first_feed)
     return result
 
@@ -168,7 +162,7 @@ def _with_outputs(path: str | os.PathLike, names: list[str], folder: str) -> str
 
 
 def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, data: str, inputs: list[InputInfo],
-                 limit: int | None = None, seed: int = 0, integer_kernels: bool = True) -> list[dict]:
+                 target: Target, limit: int | None = None, seed: int = 0) -> list[dict]:
     """Error of the candidate at each tensor it quantizes, worst first.
 
     ``sqnr_drop_db`` is how much SQNR the layer producing the tensor loses relative to its worst
@@ -192,7 +186,7 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
         (Path(tmp) / "reference").mkdir()
         (Path(tmp) / "candidate").mkdir()
         ref_session = session(_with_outputs(reference, names, f"{tmp}/reference"))
-        cand_session = session(_with_outputs(candidate, names, f"{tmp}/candidate"), integer_kernels=integer_kernels)
+        cand_session = target.session(_with_outputs(candidate, names, f"{tmp}/candidate"))
         for feed in progress.track(iterate_batches(data, inputs, limit, seed), "per-layer error"):
             refs = run(ref_session, names, feed, f"{reference} on {data}")
             cands = run(cand_session, names, feed, f"{candidate} on {data}")

@@ -5,11 +5,13 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.graph import constant_array
-from qcompile.quant_spec import INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, QuantSpec
+from qcompile.decisions import (INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, DerivedSpec, IntegerGrid, PerAxis, PerTensor,
+                                QuantSpec)
 
 
 class AssignBiasSpecsPass(ir.passes.InPlacePass):
-    """bias_q = round(bias / (scale_x * scale_w)) in INT32, zero point 0, per output channel.
+    """bias_q = round(bias / (scale_x * scale_w)) in INT32, zero point 0, per output channel: a spec
+    derived from the final specs of the input and the weight.
 
     That is the scale an integer Conv/Gemm accumulates in, so ONNX Runtime can fuse the
     DequantizeLinear -> Conv -> QuantizeLinear group into one QLinearConv with its bias. Only for 8-bit
@@ -35,11 +37,12 @@ class AssignBiasSpecsPass(ir.passes.InPlacePass):
             if node.op_type == "Gemm" and (node.attributes.get_float("beta", 1.0) != 1.0
                                            or node.attributes.get_int("transA", 0)):
                 continue
-            scale = (x_spec.scale * w_spec.scale).astype(np.float32)
-            per_channel = scale.ndim == 1
-            bias.meta[QUANT_SPEC_KEY] = QuantSpec(
-                ir.DataType.INT32, scale, np.zeros(scale.shape, np.int32), axis=0 if per_channel else None,
-                method="bias",
-            )
+            bias.meta[QUANT_SPEC_KEY] = DerivedSpec((x, weight), _accumulator_spec)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
+
+
+def _accumulator_spec(x_spec: QuantSpec, w_spec: QuantSpec) -> QuantSpec:
+    scale = (x_spec.scale * w_spec.scale).astype(np.float32)
+    return QuantSpec(IntegerGrid(ir.DataType.INT32), scale, np.zeros(scale.shape, np.int32),
+                     PerAxis(0) if scale.ndim == 1 else PerTensor(), method="bias")

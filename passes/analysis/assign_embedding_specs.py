@@ -8,7 +8,7 @@ import onnx_ir as ir
 
 from qcompile.graph import constant_array, name_matches
 from qcompile.notes import add_note
-from qcompile.quant_spec import QUANT_SPEC_KEY, symmetric_weight_spec
+from qcompile.decisions import QUANT_SPEC_KEY, symmetric_weight_spec
 
 
 @dataclass(frozen=True)

@@ -10,40 +10,21 @@ import onnx_ir as ir
 from qcompile.config import NodeSettings, settings_for
 from qcompile.graph import constant_array, has_subgraph, name_matches
 from qcompile.notes import add_note
-from qcompile.quant_spec import INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, symmetric_weight_spec
-from qcompile.targets import reduction_axes
+from qcompile.decisions import INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, LevelConstraint, symmetric_weight_spec
+from qcompile.op_rules import weight_axis
+from qcompile.targets.x86 import CpuProfile
 
 # Per-axis DequantizeLinear (the `axis` attribute) exists from opset 13.
 MIN_OPSET_PER_CHANNEL = 13
 
 
-def weight_axis(node: ir.Node) -> int | None:
-    """The output-channel axis of ``node``'s weight (input 1), or None if it is not a weighted op."""
-    if node.domain != "":
-        return None
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    if weight is None or weight.shape is None:
-        return None
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if node.attributes.get_int("transB", 0) else 1
-    if node.op_type == "MatMul" and weight.shape.rank() >= 2:
-        return weight.shape.rank() - 1
-    return None
-
-
 @dataclass(frozen=True)
 class WeightSpecOptions:
     per_channel: bool = True
-    # The stored type and grid (see `qcompile.targets`); the weight-only path dequantizes to float
-    # before the op, so it never meets integer kernels and takes the defaults.
-    dtype: ir.DataType = ir.DataType.INT8
-    qmax: int = 127
-    # Integer kernels that add products in pairs in 16 bits (`qcompile.targets.limit_pairs`); None: no limit.
-    pair_limit: int | None = None
+    # The deployment CPU's integer kernels (`qcompile.targets.x86.CpuProfile`): the stored type, the
+    # grid and the pair limit they need. None: full-range INT8 (the weight-only path dequantizes to
+    # float before the op, and Q/DQ-semantics targets sum products in 32 bits).
+    cpu: CpuProfile | None = None
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")
     nodes: tuple[NodeSettings, ...] = ()  # per-node per_channel
@@ -57,6 +38,7 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
     """
 
     name = "assign-weight-specs"
+    node_settings = ("per_channel",)
 
     def __init__(self, options: WeightSpecOptions = WeightSpecOptions()):
         super().__init__()
@@ -85,9 +67,11 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
                 continue
             per_channel = settings_for(self.options.nodes, node.name).get("per_channel", self.options.per_channel)
             per_tensor_for_opset += per_channel and not per_axis_ok
+            cpu = self.options.cpu
             weight.meta[QUANT_SPEC_KEY] = symmetric_weight_spec(
-                array, axis if per_channel and per_axis_ok else None, self.options.dtype, self.options.qmax,
-                *self._pair_limit(node, array.shape),
+                array, axis if per_channel and per_axis_ok else None,
+                ir.DataType.UINT8 if cpu and cpu.weight_dtype == "uint8" else ir.DataType.INT8,
+                cpu.weight_qmax if cpu else 127, self._constraint(node, array.shape),
             )
             modified = True
         if other_ops:
@@ -102,16 +86,13 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
             add_note(model, f"{in_subgraphs} control-flow node(s): weights inside their subgraphs left float")
         return ir.passes.PassResult(model, modified=modified)
 
-    def _pair_limit(self, node: ir.Node, shape: tuple[int, ...]) -> tuple[int | None, tuple[int, ...]]:
-        """The pair limit and the reduction order of ``node``'s integer kernel, where it adds pairs."""
+    def _constraint(self, node: ir.Node, shape: tuple[int, ...]) -> LevelConstraint | None:
+        """What ``node``'s integer kernel on the deployment CPU asks of its weight's levels."""
         x_spec = node.inputs[0].meta.get(QUANT_SPEC_KEY) if node.inputs[0] is not None else None
-        if x_spec is not None and x_spec.dtype not in INTEGER_KERNEL_DTYPES:
-            return None, ()  # the op runs in float
-        axes = reduction_axes(node.op_type, shape, node.attributes.get_int("group", 1),
-                              bool(node.attributes.get_int("transB", 0)))
-        if self.options.pair_limit is None or axes is None:
-            return None, ()
-        return self.options.pair_limit, axes
+        if self.options.cpu is None or (x_spec is not None and x_spec.dtype not in INTEGER_KERNEL_DTYPES):
+            return None  # the op runs in float
+        return self.options.cpu.weight_constraint(node.op_type, shape, node.attributes.get_int("group", 1),
+                                                  bool(node.attributes.get_int("transB", 0)))
 
     def _excluded(self, node: ir.Node) -> bool:
         return name_matches(node.name, self.options.exclude)

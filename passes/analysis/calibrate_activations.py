@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import onnx_ir as ir
-import onnx_ir.passes.common
 
-from qcompile.calibration import MEAN_KEY, CalibrationOptions, Method, calibrate
+from qcompile.calibration import CalibrationData, CalibrationOptions, CalibrationRunner, Method, calibrate_ranges
 from qcompile.config import NodeSettings, settings_for
+from qcompile.decisions import (MEAN_KEY, NEEDS_RANGE_KEY, QUANT_SPEC_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY,
+                                IntegerGrid, activation_spec)
 from qcompile.errors import UsageError
-from qcompile.io import save_model
+from qcompile.graph import all_nodes, name_matches
 from qcompile.notes import add_note
-from qcompile.op_rules import SHARED_OPS
-from qcompile.passes.analysis.select_quantized_ops import NEEDS_RANGE_KEY, QUANTIZED_INPUTS_KEY
-from qcompile.quant_spec import QUANT_SPEC_KEY, activation_spec
+
+# Standard QuantizeLinear / DequantizeLinear take 16-bit integers from this opset.
+MIN_OPSET_16BIT_QDQ = 21
 
 # Range searches that weigh clipping against the rounding of an 8-bit grid: a 16-bit tensor gets minmax.
 _EIGHT_BIT_SEARCHES = (Method.ENTROPY, Method.MSE)
@@ -24,7 +23,7 @@ _EIGHT_BIT_SEARCHES = (Method.ENTROPY, Method.MSE)
 
 @dataclass(frozen=True)
 class CalibrateOptions:
-    data: str
+    data: CalibrationData
     dtype: ir.DataType = ir.DataType.UINT8
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     # A calibrated range wider than this is not a range an integer grid should serve (an additive
@@ -35,31 +34,19 @@ class CalibrateOptions:
     headroom_16bit: float = 4.0
     # Per-node calib_method / percentile / activation_bits (16: INT16) for the tensors they read.
     nodes: tuple[NodeSettings, ...] = ()
-    # Also record the mean input of each Conv / Gemm (value.meta[MEAN_KEY]) for correct-bias, which
-    # then needs no run over the data of its own.
+    # Also record the mean input of each Conv / Gemm (value.meta[MEAN_KEY]) for measure-bias-shift,
+    # which then needs no run over the data of its own.
     record_means: bool = False
+    # 16-bit grids below opset 21 may use ONNX Runtime's com.microsoft Q/DQ (`insert-qdq`).
+    contrib_16bit: bool = True
 
 
-def _shared_groups(model: ir.Model, values: list[ir.Value]) -> list[list[ir.Value]]:
-    """Values that must share one spec: the quantized inputs and the output of each shared op."""
-    parent = {v: v for v in values}
-
-    def find(v):
-        while parent[v] is not v:
-            parent[v] = parent[parent[v]]
-            v = parent[v]
-        return v
-
-    for node in model.graph:
-        if node.op_type not in SHARED_OPS or QUANTIZED_INPUTS_KEY not in node.meta:
-            continue
-        members = [node.inputs[i] for i in node.meta[QUANTIZED_INPUTS_KEY]] + [node.outputs[0]]
-        members = [m for m in members if m in parent]
-        for other in members[1:]:
-            parent[find(other)] = find(members[0])
+def _shared_groups(values: list[ir.Value]) -> list[list[ir.Value]]:
+    """The values in groups that share one spec (`SharedSpec`), in order."""
     groups: dict[ir.Value, list[ir.Value]] = {}
-    for v in values:
-        groups.setdefault(find(v), []).append(v)
+    for value in values:
+        shared = value.meta.get(SHARED_SPEC_KEY)
+        groups.setdefault(value if shared is None else shared.representative, []).append(value)
     return list(groups.values())
 
 
@@ -67,30 +54,43 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
     """Run the model on calibration data (streaming) and turn each marked tensor's range into a spec."""
 
     name = "calibrate-activations"
+    reads_calibration_data = True
+    node_settings = ("calib_method", "percentile", "activation_bits")
 
     def __init__(self, options: CalibrateOptions):
         super().__init__()
         self.options = options
 
+    def requires(self, model: ir.Model) -> None:
+        """Refuse before calibrating what `insert-qdq` would refuse after: 16-bit activations where the
+        model's opset has no 16-bit QuantizeLinear/DequantizeLinear and the target takes no contrib ops."""
+        opset = model.opset_imports.get("", 1)
+        if self.options.contrib_16bit or opset >= MIN_OPSET_16BIT_QDQ:
+            return
+        names = [node.name for node in all_nodes(model)]
+        for pattern in (p for table in self.options.nodes if table.activation_bits == 16 for p in table.match):
+            if any(name_matches(name, (pattern,)) for name in names):
+                raise UsageError(f"[[nodes]] match {pattern!r}: activation_bits = 16 needs 16-bit QuantizeLinear/"
+                                 f"DequantizeLinear, which need opset {MIN_OPSET_16BIT_QDQ}, the model has opset "
+                                 f"{opset} (or use target ort-cpu)")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         values = [v for v in _main_graph_values(model) if v.meta.get(NEEDS_RANGE_KEY)]
         if not values:
             return ir.passes.PassResult(model, modified=False)
-        ir.passes.common.NameFixPass()(model)  # calibration addresses tensors by (unique) name
-        groups = _shared_groups(model, values)
+        groups = _shared_groups(values)
         settings = [self._settings_for(group) for group in groups]
         calibrations = [calibration for calibration, _ in settings]
-        symmetric = {v.name: dtype == ir.DataType.INT8 for group, (_, dtype) in zip(groups, settings) for v in group}
-        means = {v.name for v in values if self.options.record_means and _read_by_layer(v)}
+        symmetric = {v: dtype == ir.DataType.INT8 for group, (_, dtype) in zip(groups, settings) for v in group}
+        grids = {v: IntegerGrid(dtype) for group, (_, dtype) in zip(groups, settings) for v in group}
+        means = {v for v in values if self.options.record_means and _read_by_layer(v)}
         ranges = {}
-        with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            save_model(model, path)
-            for calibration in dict.fromkeys(calibrations):  # one run over the data per distinct setting
-                names = [v.name for group, c in zip(groups, calibrations) if c == calibration for v in group]
-                ranges.update(calibrate(path, names, self.options.data, calibration, symmetric, means))
+        runner = CalibrationRunner(model, self.options.data)
+        for calibration in dict.fromkeys(calibrations):  # one run over the data per distinct setting
+            chosen = [v for group, c in zip(groups, calibrations) if c == calibration for v in group]
+            ranges.update(calibrate_ranges(runner, chosen, calibration, symmetric, grids, means))
         for group, (calibration, dtype) in zip(groups, settings):
-            merged = [ranges[v.name] for v in group]
+            merged = [ranges[v] for v in group]
             lo, hi = min(r.lo for r in merged), max(r.hi for r in merged)
             nonfinite = sum(r.nonfinite for r in merged)
             names = ", ".join(v.name for v in group)
@@ -107,8 +107,8 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
                 del v.meta[NEEDS_RANGE_KEY]
                 if spec is not None:
                     v.meta[QUANT_SPEC_KEY] = spec
-                if ranges[v.name].mean is not None:
-                    v.meta[MEAN_KEY] = ranges[v.name].mean
+                if ranges[v].mean is not None:
+                    v.meta[MEAN_KEY] = ranges[v].mean
         return ir.passes.PassResult(model, modified=True)
 
     def _settings_for(self, group: list[ir.Value]) -> tuple[CalibrationOptions, ir.DataType]:

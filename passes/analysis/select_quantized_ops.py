@@ -5,13 +5,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from qcompile.decisions import NEEDS_RANGE_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY, SharedSpec
 from qcompile.graph import name_matches
-from qcompile.op_rules import CLIPS, COMPUTE_OPS, ELEMENTWISE_OPS, QUANTIZED_OUTPUT_OPS, candidate_inputs
+from qcompile.op_rules import CLIPS, COMPUTE_OPS, ELEMENTWISE_OPS, QUANTIZED_OUTPUT_OPS, SHARED_OPS, candidate_inputs
 
-# node.meta: the input indexes whose activation the node reads quantized.
-QUANTIZED_INPUTS_KEY = "qcompile.quantized_inputs"
-# value.meta: this activation needs a calibrated range.
-NEEDS_RANGE_KEY = "qcompile.needs_range"
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
@@ -57,7 +54,9 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
 
     Walks the graph backwards: a non-compute op (Reshape, residual Add, Relu, ...) is quantized only
     if its output feeds an op that is. Then a quantized Conv's output is quantized for its readers, so
-    that ONNX Runtime can run the Conv on integers. Main graph only; control-flow subgraphs stay float.
+    that ONNX Runtime can run the Conv on integers. The quantized inputs and the output of an op that
+    moves values without computing new ones (`SHARED_OPS`) get one `SharedSpec`. Main graph only;
+    control-flow subgraphs stay float.
     """
 
     name = "select-quantized-ops"
@@ -88,6 +87,9 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
                 modified |= self._quantize_output(node.outputs[0], wanted)
         for value in wanted:
             value.meta[NEEDS_RANGE_KEY] = True
+        for group in _shared_groups(model, wanted):
+            for value in group:
+                value.meta[SHARED_SPEC_KEY] = SharedSpec(group[0])
         return ir.passes.PassResult(model, modified=modified)
 
     def _quantize_output(self, value: ir.Value, wanted: set[ir.Value]) -> bool:
@@ -112,3 +114,29 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
         return name_matches(node.name, self.options.exclude)
 
 
+def _shared_groups(model: ir.Model, values: set[ir.Value]) -> list[list[ir.Value]]:
+    """Values that must share one spec (two or more): the quantized inputs and the output of each shared op."""
+    parent = {v: v for v in values}
+
+    def find(v):
+        while parent[v] is not v:
+            parent[v] = parent[parent[v]]
+            v = parent[v]
+        return v
+
+    for node in model.graph:
+        if node.op_type not in SHARED_OPS or QUANTIZED_INPUTS_KEY not in node.meta:
+            continue
+        members = [node.inputs[i] for i in node.meta[QUANTIZED_INPUTS_KEY]] + [node.outputs[0]]
+        members = [m for m in members if m in parent]
+        for other in members[1:]:
+            parent[find(other)] = find(members[0])
+    groups: dict[ir.Value, list[ir.Value]] = {}
+    for node_value in _in_graph_order(model, values):
+        groups.setdefault(find(node_value), []).append(node_value)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def _in_graph_order(model: ir.Model, values: set[ir.Value]) -> list[ir.Value]:
+    ordered = [v for v in model.graph.inputs if v in values]
+    return ordered + [v for node in model.graph for v in node.outputs if v in values]

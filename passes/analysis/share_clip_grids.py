@@ -12,8 +12,8 @@ import onnx_ir as ir
 
 from qcompile.graph import clip_bounds
 from qcompile.op_rules import CLIPS, QUANTIZED_OUTPUT_OPS
-from qcompile.passes.analysis.select_quantized_ops import QUANTIZED_INPUTS_KEY
-from qcompile.quant_spec import INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, grid_within
+from qcompile.decisions import QUANTIZED_INPUTS_KEY
+from qcompile.decisions import INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, grid_within
 
 
 class ShareClipGridsPass(ir.passes.InPlacePass):

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from qcompile.errors import UsageError
-from qcompile.passes.analysis.select_quantized_ops import QUANTIZED_INPUTS_KEY
+from qcompile.decisions import QUANTIZED_INPUTS_KEY
 from qcompile.graph import register_constant
-from qcompile.quant_spec import QUANT_SPEC_KEY
+from qcompile.decisions import QUANT_SPEC_KEY
 
-MIN_OPSET_16BIT_QDQ = 21
+MIN_OPSET_16BIT_QDQ = 21  # standard Q/DQ take 16-bit integers from this opset
 CONTRIB_DOMAIN = "com.microsoft"
 
 

@@ -5,25 +5,40 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.graph import register_constant
-from qcompile.quant_spec import QUANT_SPEC_KEY, QuantSpec
+from qcompile.decisions import QUANT_SPEC_KEY, DerivedSpec, QuantSpec
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
-    """Replace each float weight that carries a `QuantSpec` with DequantizeLinear(w_q, scale, zero_point)."""
+    """Replace each float weight that carries a `QuantSpec` with DequantizeLinear(w_q, scale, zero_point).
+
+    A `DerivedSpec` (a bias's) is resolved first, from the final specs it derives from; one that cannot
+    be resolved leaves its weight float. Block-wise specs get the DequantizeLinear ``block_size``
+    attribute (opset 21).
+    """
 
     name = "quantize-weights"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        for value in graph.initializers.values():
+            spec = value.meta.get(QUANT_SPEC_KEY)
+            if isinstance(spec, DerivedSpec):
+                resolved = spec.resolve()
+                if resolved is None:
+                    del value.meta[QUANT_SPEC_KEY]
+                else:
+                    value.meta[QUANT_SPEC_KEY] = resolved
         decided = [v for v in graph.initializers.values() if QUANT_SPEC_KEY in v.meta]
         order = {node: i for i, node in enumerate(graph)}
         for weight in decided:
             spec: QuantSpec = weight.meta[QUANT_SPEC_KEY]
             array = weight.const_value.numpy()
             q = register_constant(graph, f"{weight.name}_quantized", spec.quantize(array))
-            scale = register_constant(graph, f"{weight.name}_scale", spec.scale.astype(np.float32))
+            scale = register_constant(graph, f"{weight.name}_scale", spec.stored_scale().astype(np.float32))
             zero_point = register_constant(graph, f"{weight.name}_zero_point", spec.zero_point)
             attributes = {} if spec.axis is None else {"axis": spec.axis}
+            if spec.block_size is not None:
+                attributes["block_size"] = spec.block_size
             dq = ir.node("DequantizeLinear", [q, scale, zero_point], attributes, name=f"{weight.name}_dequantize")
             dq.outputs[0].name = f"{weight.name}_dequantized"
             dq.outputs[0].type = weight.type

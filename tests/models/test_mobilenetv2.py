@@ -204,7 +204,7 @@ def _integer_vs_fake_quant_sqnr(model_path, x) -> float:
 
 def test_default_int8_weights_run_exactly_on_integer_kernels(tmp_path):
     import qcompile
-    from qcompile.targets import has_vnni
+    from qcompile.targets.x86 import has_vnni
 
     np.savez(tmp_path / "calib.npz", **mnv2.image_data("calibration", 8))
     x = mnv2.image_data("evaluation", 4)["pixel_values"]

@@ -2,8 +2,9 @@ import onnx_ir as ir
 import pytest
 
 from qcompile.models import synthetic
-from qcompile.pipeline import CHANGED_BY, CREATED_BY, Pipeline
-from qcompile.recipes import RECIPES, Settings
+from qcompile.decisions.keys import CHANGED_BY, CREATED_BY
+from qcompile.pipeline import Pipeline
+from qcompile.recipes import Settings, get_recipe
 
 
 class _DanglingInputPass(ir.passes.InPlacePass):
@@ -24,7 +25,7 @@ def test_verify_each_stops_at_the_pass_that_broke_the_graph():
 
 def test_records_time_modified_and_provenance_for_every_pass():
     model = synthetic.cnn()
-    passes = RECIPES["w8a16"].build(Settings(options=RECIPES["w8a16"].resolve_options({})))
+    passes = get_recipe("w8a16").build(Settings(options=get_recipe("w8a16").resolve_options({})))
 
     records = Pipeline(passes, verify_each=True).run(model)
 
@@ -41,7 +42,7 @@ def test_records_time_modified_and_provenance_for_every_pass():
 
 def test_a_recipe_is_idempotent_on_its_own_output():
     model = synthetic.transformer_block()
-    passes = RECIPES["w8a16"].build(Settings(options=RECIPES["w8a16"].resolve_options({})))
+    passes = get_recipe("w8a16").build(Settings(options=get_recipe("w8a16").resolve_options({})))
     Pipeline(passes).run(model)
-    again = Pipeline(RECIPES["w8a16"].build(Settings(options=RECIPES["w8a16"].resolve_options({})))).run(model)
+    again = Pipeline(get_recipe("w8a16").build(Settings(options=get_recipe("w8a16").resolve_options({})))).run(model)
     assert not any(r.modified for r in again)

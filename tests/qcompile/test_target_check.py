@@ -7,6 +7,7 @@ from qcompile.io import save_model
 from qcompile.models import synthetic
 from qcompile import target_check
 from qcompile.target_check import checked_on, target_problems
+from qcompile.targets import TARGETS
 
 
 @pytest.fixture
@@ -24,25 +25,25 @@ def _compile(cnn, recipe="w8a8", target=None, **options):
 
 
 def test_a_tensorrt_build_passes_its_check_and_an_ort_cpu_build_does_not(cnn):
-    assert target_problems(_compile(cnn, target="tensorrt"), "tensorrt") == []
-    problems = target_problems(_compile(cnn), "tensorrt")
+    assert target_problems(_compile(cnn, target="tensorrt"), TARGETS["tensorrt"]) == []
+    problems = target_problems(_compile(cnn), TARGETS["tensorrt"])
     assert any("zero point 0" in p for p in problems)
     assert any("float biases" in p for p in problems)
 
 
 def test_full_range_int8_weights_are_flagged_for_cpus_without_vnni(cnn):
-    problems = target_problems(_compile(cnn, cpu="vnni"), "ort-cpu")
+    problems = target_problems(_compile(cnn, cpu="vnni"), TARGETS["ort-cpu"])
     assert problems and all("saturates" in p for p in problems)
-    assert target_problems(_compile(cnn, cpu="any"), "ort-cpu") == []
-    assert target_problems(_compile(cnn, cpu="7bit"), "ort-cpu") == []
+    assert target_problems(_compile(cnn, cpu="any"), TARGETS["ort-cpu"]) == []
+    assert target_problems(_compile(cnn, cpu="7bit"), TARGETS["ort-cpu"]) == []
 
 
 def test_contrib_ops_are_flagged_for_portable_onnx(tmp_path):
     source = save_model(synthetic.mlp(), tmp_path / "mlp.onnx")
     ort_build = qcompile.compile(source, recipe="w8a8-dynamic").model
-    assert any("com.microsoft" in p for p in target_problems(ort_build, "portable"))
-    assert target_problems(ort_build, "ort-cpu") == []
-    assert target_problems(qcompile.compile(source, recipe="w8a8-dynamic", target="portable").model, "portable") == []
+    assert any("com.microsoft" in p for p in target_problems(ort_build, TARGETS["portable"]))
+    assert target_problems(ort_build, TARGETS["ort-cpu"]) == []
+    assert target_problems(qcompile.compile(source, recipe="w8a8-dynamic", target="portable").model, TARGETS["portable"]) == []
 
 
 def test_inspect_target_exit_codes(cnn, tmp_path, capsys):
@@ -56,7 +57,7 @@ def test_inspect_target_exit_codes(cnn, tmp_path, capsys):
 
 
 def test_a_tensorrt_build_with_int8_activations_is_flagged_for_cpus_without_vnni(cnn):
-    problems = target_problems(_compile(cnn, target="tensorrt"), "ort-cpu")
+    problems = target_problems(_compile(cnn, target="tensorrt"), TARGETS["ort-cpu"])
     assert problems and all("saturates" in p for p in problems)
 
 
@@ -65,8 +66,8 @@ def test_verifying_integer_ops_for_a_gpu_target_on_a_cpu_without_vnni_says_the_e
     source = save_model(synthetic.mlp(), tmp_path / "mlp.onnx")
     cuda_build = qcompile.compile(source, recipe="w8a8-dynamic", target="ort-cuda").model
     monkeypatch.setattr(target_check, "has_vnni", lambda: False)
-    assert "saturate without VNNI: the error shown is larger than ort-cuda's" in checked_on(cuda_build, "ort-cuda")
+    assert "saturate without VNNI: the error shown is larger than ort-cuda's" in checked_on(cuda_build, TARGETS["ort-cuda"])
     cpu_build = qcompile.compile(source, recipe="w8a8-dynamic").model  # pair-limited weights: exact
-    assert "saturate" not in checked_on(cpu_build, "ort-cuda")
+    assert "saturate" not in checked_on(cpu_build, TARGETS["ort-cuda"])
     monkeypatch.setattr(target_check, "has_vnni", lambda: True)
-    assert "saturate" not in checked_on(cuda_build, "ort-cuda")
+    assert "saturate" not in checked_on(cuda_build, TARGETS["ort-cuda"])

@@ -7,8 +7,8 @@ import qcompile
 from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.models import synthetic
-from qcompile.quant_spec import symmetric_weight_spec
-from qcompile.targets import PAIR_LIMIT, cpu_profile, has_vnni, reduction_axes, worst_pair_sum
+from qcompile.decisions import symmetric_weight_spec
+from qcompile.targets.x86 import PAIR_LIMIT, PairSumLimit, cpu_profile, has_vnni, reduction_axes, worst_pair_sum
 
 import onnx_ir as ir
 
@@ -78,7 +78,7 @@ def test_pair_limited_spec_keeps_pairs_within_the_limit_along_the_conv_kernel_or
     weight[0, :, 1, 1] = 4.0  # neighbours along C at one tap: a pair far over the limit at min/max scale
     axes = reduction_axes("Conv", weight.shape)
     assert axes == (2, 3, 1)
-    spec = symmetric_weight_spec(weight, 0, ir.DataType.INT8, 127, PAIR_LIMIT, axes)
+    spec = symmetric_weight_spec(weight, 0, ir.DataType.INT8, 127, PairSumLimit(PAIR_LIMIT, axes))
     q = spec.quantize(weight)
     assert worst_pair_sum(q, axes) <= PAIR_LIMIT
     assert worst_pair_sum(symmetric_weight_spec(weight, 0, ir.DataType.INT8, 127).quantize(weight), axes) > 200

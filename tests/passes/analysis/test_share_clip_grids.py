@@ -5,7 +5,7 @@ from helpers import clone, parse, random_feed
 
 import qcompile
 from qcompile.io import save_model
-from qcompile.passes import ShareClipGridsPass
+from qcompile.passes.analysis.share_clip_grids import ShareClipGridsPass
 
 
 def _relu_beside_signed() -> ir.Model:

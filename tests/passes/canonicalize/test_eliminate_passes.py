@@ -2,7 +2,10 @@ import numpy as np
 from helpers import apply, clone, op_types, parse, run
 
 from qcompile.models import synthetic
-from qcompile.passes import EliminateDeadCodePass, EliminateIdentityPass, FoldConstantsPass, InferShapesPass
+from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
+from qcompile.passes.canonicalize.eliminate_identity import EliminateIdentityPass
+from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
+from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
 
 DEAD_AND_IDENTITY = """
 <ir_version: 10, opset_import: ["" : 18]>

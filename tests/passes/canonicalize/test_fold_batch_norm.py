@@ -2,7 +2,7 @@ import numpy as np
 from helpers import apply, clone, op_types, parse, random_feed, run
 
 from qcompile.models import synthetic
-from qcompile.passes import FoldBatchNormPass
+from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
 
 CONV_BN_SHARED_OUTPUT = """
 <ir_version: 10, opset_import: ["" : 18]>

@@ -2,7 +2,7 @@ import numpy as np
 from helpers import apply, clone, op_types, parse, random_feed, run
 
 from qcompile.models import synthetic
-from qcompile.passes import FuseMatMulAddPass
+from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 
 RANK3 = """
 <ir_version: 10, opset_import: ["" : 18]>

@@ -6,7 +6,7 @@ from helpers import apply, clone, parse, random_feed, run
 import qcompile
 from qcompile.io import save_model
 from qcompile.notes import notes
-from qcompile.passes import UpgradeOpsetPass
+from qcompile.passes.canonicalize.upgrade_opset import UpgradeOpsetPass
 from qcompile.passes.canonicalize import upgrade_opset
 
 # ReLU6 as the TorchScript exporter writes it below opset 11 (Clip bounds as attributes) and from 11

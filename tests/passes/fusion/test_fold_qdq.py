@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from helpers import apply, clone, op_types, parse, run
 
-from qcompile.passes import FoldQDQPass
+from qcompile.passes.fusion.fold_qdq import FoldQDQPass
 from qcompile.passes.fusion.fold_qdq import FoldQDQOptions
 
 _HEADER = '<ir_version: 10, opset_import: ["" : 21]>'

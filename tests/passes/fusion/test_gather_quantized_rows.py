@@ -2,8 +2,12 @@ import numpy as np
 from helpers import apply, clone, op_types, parse, run
 
 from qcompile.notes import notes
-from qcompile.passes import AssignEmbeddingSpecsPass, AssignWeightSpecsPass, EliminateDeadCodePass, \
-    GatherQuantizedRowsPass, MaterializeTransposedWeightsPass, QuantizeWeightsPass
+from qcompile.passes.analysis.assign_embedding_specs import AssignEmbeddingSpecsPass
+from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass
+from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
+from qcompile.passes.fusion.gather_quantized_rows import GatherQuantizedRowsPass
+from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
+from qcompile.passes.transform.materialize_transposed_weights import MaterializeTransposedWeightsPass
 from qcompile.passes.analysis.assign_embedding_specs import EmbeddingSpecOptions
 
 ROWS, DIM = 50, 8

@@ -10,9 +10,10 @@ import qcompile
 from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.models import synthetic
-from qcompile.passes import CalibrateActivationsPass
+from qcompile.passes.analysis.calibrate_activations import CalibrateActivationsPass
 from qcompile.target_check import target_problems
-from qcompile.targets import PAIR_LIMIT, reduction_axes, worst_pair_sum
+from qcompile.targets import TARGETS
+from qcompile.targets.x86 import PAIR_LIMIT, reduction_axes, worst_pair_sum
 
 # The readers of the depthwise output (only the pointwise conv) and of the stem output (the depthwise
 # conv and the residual Add) get 16-bit inputs; the rest of the model stays 8-bit. (Readers that ask
@@ -62,7 +63,7 @@ def test_matched_readers_get_int16_qdq_in_contrib_domain_below_opset_21(tmp_path
                for name in ("stem", "block.depthwise", "block.pointwise")}
     assert np.all(np.abs(weights["block.pointwise"]).max(axis=(1, 2, 3)) == 127)  # every channel
     assert worst_pair_sum(weights["stem"], reduction_axes("Conv", weights["stem"].shape, 1, False)) <= PAIR_LIMIT
-    assert target_problems(model, "ort-cpu") == []
+    assert target_problems(model, TARGETS["ort-cpu"]) == []
 
     feed = random_feed(model, batch=4, seed=7)
     eight_bit = _compile(tmp_path, "").model

@@ -3,9 +3,10 @@ import pytest
 from helpers import apply, clone, op_types, parse, random_feed, run
 
 from qcompile.models import synthetic
-from qcompile.passes import AssignWeightSpecsPass, QuantizeWeightsPass
+from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass
+from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
 from qcompile.passes.analysis.assign_weight_specs import WeightSpecOptions
-from qcompile.quant_spec import QUANT_SPEC_KEY
+from qcompile.decisions import QUANT_SPEC_KEY
 
 TIED = """
 <ir_version: 10, opset_import: ["" : 18]>

@@ -5,13 +5,17 @@ import pytest
 from helpers import apply, clone, run
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.calibration import MEAN_KEY, CalibrationOptions
+from qcompile.calibration import CalibrationData
+from qcompile.decisions import MEAN_KEY
 from qcompile.notes import notes
-from qcompile.passes import (AssignWeightSpecsPass, CalibrateActivationsPass, CorrectBiasPass, QuantizeWeightsPass,
-                             SelectQuantizedOpsPass)
-from qcompile.passes.analysis import correct_bias
+from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass
+from qcompile.passes.analysis.calibrate_activations import CalibrateActivationsPass
+from qcompile.passes.analysis.select_quantized_ops import SelectQuantizedOpsPass
+from qcompile.passes.lowering.correct_bias import CorrectBiasPass
+from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
+from qcompile.passes.analysis import measure_bias_shift
 from qcompile.passes.analysis.calibrate_activations import CalibrateOptions
-from qcompile.passes.analysis.correct_bias import CorrectBiasOptions
+from qcompile.passes.analysis.measure_bias_shift import MeasureBiasShiftOptions, MeasureBiasShiftPass
 from qcompile.passes.analysis.select_quantized_ops import SelectOptions
 
 
@@ -48,9 +52,13 @@ def _data(tmp_path, n=32, seed=1):
 
 
 def _quantize(model, data=None):
-    correct = [CorrectBiasPass(CorrectBiasOptions(data, CalibrationOptions()))] if data else []
+    correct = _correct(data) if data else []
     apply(model, AssignWeightSpecsPass(), *correct, QuantizeWeightsPass())
     return model
+
+
+def _correct(data: str) -> list:
+    return [MeasureBiasShiftPass(MeasureBiasShiftOptions(CalibrationData(data))), CorrectBiasPass()]
 
 
 def test_the_mean_error_of_each_channel_is_removed(tmp_path):
@@ -71,7 +79,7 @@ def test_a_conv_without_bias_gets_one(tmp_path):
     data, x = _data(tmp_path)
     model = _model(with_bias=False)
     before = clone(model)
-    apply(model, AssignWeightSpecsPass(), CorrectBiasPass(CorrectBiasOptions(data)))
+    apply(model, AssignWeightSpecsPass(), *_correct(data))
     conv = next(n for n in model.graph if n.name == "conv")
     assert len(conv.inputs) == 3 and np.abs(conv.inputs[2].const_value.numpy()).max() > 0
     # The weights are not rounded yet: the new bias is the only change, one constant per channel.
@@ -82,14 +90,14 @@ def test_a_conv_without_bias_gets_one(tmp_path):
 def test_a_bias_other_nodes_read_is_left_alone(tmp_path):
     data, _ = _data(tmp_path)
     model = _model(shared_bias=True)
-    apply(model, AssignWeightSpecsPass(), CorrectBiasPass(CorrectBiasOptions(data)))
+    apply(model, AssignWeightSpecsPass(), *_correct(data))
     assert not np.any(model.graph.initializers["b_conv"].const_value.numpy())
     assert np.any(model.graph.initializers["b_fc"].const_value.numpy())
 
 
 def test_nothing_to_correct_without_quantized_weights(tmp_path):
     data, _ = _data(tmp_path)
-    assert not apply(_model(), CorrectBiasPass(CorrectBiasOptions(data)))
+    assert not apply(_model(), *_correct(data))
 
 
 def test_gemm_with_transposed_input_is_corrected_along_its_rows(tmp_path):
@@ -115,14 +123,14 @@ def test_mean_inputs_from_calibration_give_the_probed_correction_without_a_run(t
     probed = _quantize(_model(), data)
     model = _model()
     apply(model, SelectQuantizedOpsPass(SelectOptions()),
-          CalibrateActivationsPass(CalibrateOptions(data, record_means=True)))
+          CalibrateActivationsPass(CalibrateOptions(CalibrationData(data), record_means=True)))
     conv = next(node for node in model.graph if node.op_type == "Conv")
     np.testing.assert_allclose(conv.inputs[0].meta[MEAN_KEY], x.mean(axis=0), rtol=1e-5)
 
     def no_run(*args, **kwargs):
-        raise AssertionError("correct-bias ran the model although calibration had recorded the mean inputs")
+        raise AssertionError("measure-bias-shift ran the model although calibration had recorded the mean inputs")
 
-    monkeypatch.setattr(correct_bias, "measure", no_run)
+    monkeypatch.setattr(measure_bias_shift, "CalibrationRunner", no_run)
     _quantize(model, data)
     assert MEAN_KEY not in conv.inputs[0].meta  # consumed: no copy of the activations lingers
     for bias in ("b_conv", "b_fc"):

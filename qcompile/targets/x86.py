@@ -38,20 +38,6 @@ from qcompile.errors import UsageError
 # The largest |q0 + q1| of a same-signed weight pair whose products with u8 activations fit in int16.
 PAIR_LIMIT = 128
 
-# Targets whose runtime computes Q/DQ as ONNX defines them (INT8 products added in 32 bits) and whose
-# weights use the full INT8 range. Checked with ONNX Runtime on a CPU, their models run without ORT's
-# integer fusions: on x86 without VNNI those would saturate and show errors the target never makes.
-QDQ_SEMANTICS_TARGETS = ("tensorrt", "ort-cuda")
-# Targets whose models ONNX Runtime's CPU integer kernels may run: their weights follow the `cpu` option.
-CPU_TARGETS = ("ort-cpu", "portable")
-
-
-def runtime_description(target: str) -> str:
-    """How a model compiled for ``target`` is run when it is checked on this machine."""
-    if target in QDQ_SEMANTICS_TARGETS:
-        return f"ONNX Runtime CPU with Q/DQ computed as ONNX defines them, as {target} does (no latency: not {target}'s)"
-    return "ONNX Runtime CPU"
-
 
 @dataclass(frozen=True)
 class CpuProfile:
@@ -60,6 +46,28 @@ class CpuProfile:
     weight_qmax: int
     pair_limit: int | None  # see `limit_pairs`; None: no limit
     reason: str
+
+    def weight_constraint(self, op_type: str, weight_shape: tuple[int, ...], group: int = 1,
+                          trans_b: bool = False) -> PairSumLimit | None:
+        """The pair limit on the weight of an op that runs on these integer kernels, where they add pairs."""
+        axes = reduction_axes(op_type, weight_shape, group, trans_b)
+        return None if self.pair_limit is None or axes is None else PairSumLimit(self.pair_limit, axes)
+
+
+@dataclass(frozen=True)
+class PairSumLimit:
+    """Weights whose same-signed neighbour pairs along ``axes`` add up to at most ``limit`` levels (a
+    `LevelConstraint` of `qcompile.decisions`)."""
+
+    limit: int
+    axes: tuple[int, ...]
+
+    def min_step(self, weight: np.ndarray, axis: int | None) -> np.ndarray:
+        """A step coarse enough that no pair of real values exceeds the limit."""
+        return _reduce_to(pair_sums(weight, self.axes), axis, self.axes, weight.ndim) / self.limit
+
+    def apply(self, q: np.ndarray, real: np.ndarray) -> np.ndarray:
+        return limit_pairs(q, real, self.axes, self.limit)
 
 
 def has_vnni(cpuinfo: str | None = None) -> bool:
@@ -155,3 +163,12 @@ def limit_pairs(q: np.ndarray, real: np.ndarray, axes: tuple[int, ...], limit: i
     moved_shape = [q.shape[a] for a in order]
     flat = pairs.reshape(pairs.shape[0], -1)[:, :k]
     return flat.reshape(moved_shape).transpose(np.argsort(order))
+
+
+def _reduce_to(per_row: np.ndarray, axis: int | None, reduction_axes: tuple[int, ...], rank: int) -> np.ndarray:
+    """Max of ``per_row`` (indexed by the axes not in ``reduction_axes``, in order) down to ``axis`` (or a scalar)."""
+    others = [a for a in range(rank) if a not in reduction_axes]
+    if axis is None:
+        return per_row.max(initial=0.0)
+    keep = others.index(axis)
+    return per_row.max(axis=tuple(i for i in range(per_row.ndim) if i != keep), initial=0.0)

@@ -3,13 +3,17 @@ import onnx_ir as ir
 import pytest
 from helpers import apply, clone, op_types, random_feed, run
 
+from qcompile.targets.x86 import cpu_profile
 from qcompile.layers import layer_precisions
 from qcompile.models import synthetic
 from qcompile.notes import notes
-from qcompile.passes import AssignWeightSpecsPass, EliminateDeadCodePass, FuseDynamicMatMulPass, \
-    FuseMatMulAddPass, QuantizeWeightsPass
+from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass
+from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
+from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
+from qcompile.passes.lowering.fuse_dynamic_matmul import FuseDynamicMatMulPass
+from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
 from qcompile.passes.analysis.assign_weight_specs import WeightSpecOptions
-from qcompile.passes.fusion.fuse_dynamic_matmul import rules
+from qcompile.passes.lowering.fuse_dynamic_matmul import rules
 
 
 def _sqnr(expected, actual):
@@ -17,7 +21,7 @@ def _sqnr(expected, actual):
 
 
 def _lower(model, contrib):
-    return apply(model, FuseMatMulAddPass(), AssignWeightSpecsPass(WeightSpecOptions(qmax=63)), QuantizeWeightsPass(),
+    return apply(model, FuseMatMulAddPass(), AssignWeightSpecsPass(WeightSpecOptions(cpu=cpu_profile("7bit"))), QuantizeWeightsPass(),
                  FuseDynamicMatMulPass(contrib=contrib), EliminateDeadCodePass())
 
 
@@ -68,7 +72,7 @@ def test_biases_of_token_matmuls_go_into_the_fused_ops_and_qkv_share_one_quantiz
     assert _lower(model, contrib=True)
 
     unshared = clone(reference)
-    apply(unshared, FuseMatMulAddPass(), AssignWeightSpecsPass(WeightSpecOptions(qmax=63)), QuantizeWeightsPass())
+    apply(unshared, FuseMatMulAddPass(), AssignWeightSpecsPass(WeightSpecOptions(cpu=cpu_profile("7bit"))), QuantizeWeightsPass())
     for rule_set in rules(contrib=True):
         rule_set.apply_to_model(unshared)
     shared = [n for n in model.graph if n.op_type == "MatMulIntegerToFloat"]

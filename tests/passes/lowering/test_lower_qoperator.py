@@ -9,7 +9,7 @@ from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.layers import layer_precisions
 from qcompile.models import synthetic
-from qcompile.passes import LowerQOperatorPass
+from qcompile.passes.lowering.lower_qoperator import LowerQOperatorPass
 
 
 def _sqnr(expected, actual):

@@ -22,7 +22,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSe
 
 from qcompile.graph import clip_bounds, constant_array
 from qcompile.passes.fusion.fold_qdq import merge_duplicates
-from qcompile.quant_spec import grid_range, grid_within
+from qcompile.decisions import grid_range, grid_within
 
 ACTIVATIONS = (None, "Relu", "Clip")
 

@@ -4,14 +4,15 @@ import pytest
 from helpers import apply, clone, op_types, parse, random_feed, run
 
 import qcompile
-from qcompile.calibration import CalibrationOptions
+from qcompile.calibration import CalibrationData
+from qcompile.passes.analysis.choose_smoothing import ChooseSmoothingOptions, ChooseSmoothingPass
 from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.models import minilm, synthetic
 from qcompile.models.registry import build_cached
-from qcompile.passes import InferShapesPass, SmoothActivationsPass
-from qcompile.passes.lowering.smooth_activations import SmoothOptions
-from qcompile.quant_spec import CHANNEL_SCALE_KEY, read_channel_scale
+from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
+from qcompile.passes.transform.smooth_activations import SmoothActivationsPass
+from qcompile.decisions import CHANNEL_SCALE_KEY, read_channel_scale
 
 
 def _with_outliers() -> ir.Model:
@@ -32,7 +33,8 @@ def _data(tmp_path, model, samples=16):
 
 
 def _smooth(model, data, alpha=0.8):
-    return apply(model, SmoothActivationsPass(SmoothOptions(data, alpha, calibration=CalibrationOptions())))
+    return apply(model, ChooseSmoothingPass(ChooseSmoothingOptions(CalibrationData(data), alpha)),
+                 SmoothActivationsPass())
 
 
 def test_the_function_is_unchanged_and_the_scales_are_folded_where_free(tmp_path):

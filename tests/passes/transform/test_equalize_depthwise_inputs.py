@@ -6,11 +6,11 @@ from helpers import apply, clone, op_types, run
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
-from qcompile.calibration import CalibrationOptions
+from qcompile.calibration import CalibrationData
+from qcompile.passes.analysis.choose_equalization import ChooseEqualizationOptions, ChooseEqualizationPass
 from qcompile.io import save_model
-from qcompile.passes import EqualizeDepthwiseInputsPass
-from qcompile.passes.lowering.equalize_depthwise_inputs import EqualizeOptions
-from qcompile.quant_spec import CHANNEL_SCALE_KEY, read_channel_scale
+from qcompile.passes.transform.equalize_depthwise_inputs import EqualizeDepthwiseInputsPass
+from qcompile.decisions import CHANNEL_SCALE_KEY, read_channel_scale
 
 
 def _chain(activation="Clip", depthwise=True) -> ir.Model:
@@ -44,7 +44,8 @@ def _data(tmp_path, n=16, seed=1):
 
 
 def _equalize(model, data):
-    return apply(model, EqualizeDepthwiseInputsPass(EqualizeOptions(data, CalibrationOptions())))
+    return apply(model, ChooseEqualizationPass(ChooseEqualizationOptions(CalibrationData(data))),
+                 EqualizeDepthwiseInputsPass())
 
 
 @pytest.mark.parametrize("activation", ["Clip", "Relu"])

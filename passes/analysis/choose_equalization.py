@@ -1,4 +1,4 @@
-"""Equalize the channels of activations that feed depthwise convolutions.
+"""Equalization, the decision: scales for the channels of activations that feed depthwise convolutions.
 
 One 8-bit grid per tensor serves every channel of an activation; a channel whose values stay far
 below the tensor's maximum gets few of its levels, and the depthwise conv that reads it may
@@ -13,28 +13,28 @@ where it is free.)
 A Clip keeps its bound hi, so channel c is then clipped at hi * m_c / T >= m_c in its original
 units: nothing changes on the calibration data, and values above it elsewhere are clipped there
 instead of at hi, as the per-tensor quantizer clips everything above T.
+
+The factors (`Equalization`) are recorded on the chain's first Conv; `equalize-depthwise-inputs`
+applies them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.calibration import CalibrationOptions
+from qcompile.calibration import CalibrationData, CalibrationRunner, ChannelMax
+from qcompile.decisions import EQUALIZATION_KEY, Equalization
 from qcompile.graph import constant_array
-from qcompile.notes import add_note
-from qcompile.probes import add_reduced_output, measure, node_by_name
-from qcompile.quant_spec import CHANNEL_SCALE_KEY, channel_scale_json
 
 # Largest channel scale: a channel that is all but dead would otherwise get an enormous one.
 MAX_SCALE = 1e3
 
 
 @dataclass(frozen=True)
-class EqualizeOptions:
-    data: str
-    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+class ChooseEqualizationOptions:
+    data: CalibrationData
 
 
 @dataclass
@@ -83,18 +83,13 @@ def _chain(conv: ir.Node) -> _Chain | None:
     return _Chain(conv, activation, users)
 
 
-def _scale_constant(value: ir.Value, factor: np.ndarray) -> None:
-    array = value.const_value.numpy()
-    shape = (-1,) + (1,) * (array.ndim - 1)
-    value.const_value = ir.tensor((array * factor.reshape(shape)).astype(array.dtype), name=value.name)
+class ChooseEqualizationPass(ir.passes.InPlacePass):
+    """Measure each channel of Conv -> Relu/Clip -> depthwise Conv activations and decide its scale."""
 
+    name = "choose-equalization"
+    reads_calibration_data = True
 
-class EqualizeDepthwiseInputsPass(ir.passes.InPlacePass):
-    """Scale Conv -> Relu/Clip -> depthwise Conv chains so every channel of the activation spans its grid."""
-
-    name = "equalize-depthwise-inputs"
-
-    def __init__(self, options: EqualizeOptions):
+    def __init__(self, options: ChooseEqualizationOptions):
         super().__init__()
         self.options = options
 
@@ -102,26 +97,12 @@ class EqualizeDepthwiseInputsPass(ir.passes.InPlacePass):
         chains = [chain for node in model.graph if (chain := _chain(node)) is not None]
         if not chains:
             return ir.passes.PassResult(model, modified=False)
-
-        def add_probes(probe: ir.Model) -> list[tuple[str, str]]:
-            opset = probe.opset_imports.get("", 1)
-            names = []
-            for chain in chains:
-                value = node_by_name(probe, chain.activation.name).outputs[0]
-                names.append(add_reduced_output(probe.graph, value, 1, value.shape.rank(), "ReduceMax",
-                                                f"{chain.activation.name}_channel_max", opset))
-            return names
-
-        maxima = measure(model, add_probes, self.options.data, self.options.calibration, "equalizing depthwise inputs")
-        for chain, channel_max in zip(chains, maxima):
+        maxima = {chain.activation.outputs[0]: ChannelMax(1) for chain in chains}
+        CalibrationRunner(model, self.options.data).run({value: [m] for value, m in maxima.items()},
+                                                        "equalizing depthwise inputs")
+        for chain in chains:
+            channel_max = maxima[chain.activation.outputs[0]].value
             top = float(channel_max.max())
             scale = np.where(channel_max > 0, top / np.maximum(channel_max, top / MAX_SCALE), 1.0)
-            _scale_constant(chain.conv.inputs[1], scale)
-            if len(chain.conv.inputs) > 2 and chain.conv.inputs[2] is not None:
-                _scale_constant(chain.conv.inputs[2], scale)
-            for depthwise in chain.depthwise:
-                _scale_constant(depthwise.inputs[1], 1.0 / scale)
-            for value in (chain.conv.outputs[0], chain.activation.outputs[0]):
-                value.metadata_props[CHANNEL_SCALE_KEY] = channel_scale_json(scale[:, None, None])
-        add_note(model, f"equalized {len(chains)} activations feeding depthwise convolutions")
+            chain.conv.meta[EQUALIZATION_KEY] = Equalization(scale, chain.activation, tuple(chain.depthwise))
         return ir.passes.PassResult(model, modified=True)

@@ -1,0 +1,139 @@
+"""One calibration runner: a model in memory, one data source, pluggable statistics.
+
+An analysis asks for statistics of some values of the model (`qcompile.calibration.statistics`:
+ranges, histograms, means, per-channel maxima, X^T X); `CalibrationRunner.run` makes those values
+extra outputs of the model for the length of one session, runs ONNX Runtime over the data batch by
+batch, hands each batch's arrays to the statistics and drops them. Memory is one batch of the
+observed activations plus what each statistic states as its bound (`Statistic.memory_bytes`).
+
+The model is written once per run to a temporary file for ONNX Runtime (never read back), and the
+graph outputs added for the run are taken off again.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import progress
+from qcompile.data import InputInfo, count_samples, iterate_batches, model_inputs
+from qcompile.errors import UsageError
+from qcompile.io import save_model
+from qcompile.session import run, session
+
+logger = logging.getLogger(__name__)
+
+
+class Statistic(Protocol):
+    """Something accumulated over the calibration data, one batch at a time."""
+
+    def update(self, array: np.ndarray, samples: int) -> None:
+        """Fold in one batch of the observed value (``samples`` samples)."""
+
+    def memory_bytes(self) -> int:
+        """The most memory it holds, whatever the number of batches."""
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """The calibration data of one compile, shared by every pass that reads it: where it lies, how many
+    samples to take (``limit``) and the seed of `random` data."""
+
+    path: str
+    limit: int | None = None
+    seed: int = 0
+
+    def batches(self, inputs: list[InputInfo]):
+        return iterate_batches(self.path, inputs, self.limit, self.seed)
+
+    def samples(self, inputs: list[InputInfo]) -> int | None:
+        """Samples a run will see, if the data tell without reading them all."""
+        try:
+            return count_samples(self.path, inputs, self.limit)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None  # iterate_batches reports bad data as a UsageError
+
+    def __str__(self) -> str:
+        return self.path
+
+
+class CalibrationRunner:
+    """Runs ``model`` over ``data`` and feeds statistics of its values."""
+
+    def __init__(self, model: ir.Model, data: CalibrationData):
+        self.model = model
+        self.data = data
+        self.inputs = model_inputs(model)
+
+    def run(self, observed: Mapping[ir.Value, Sequence[Statistic]], description: str) -> None:
+        """One pass over the data: each statistic of ``observed[value]`` sees every batch of ``value``
+        (a graph input, a node output or a constant of the main graph)."""
+        fed = {i.name for i in self.inputs}
+        values = list(observed)
+        unreadable = [v for v in values if v.dtype is not None and not v.dtype.is_floating_point()]
+        if unreadable:
+            raise UsageError(f"calibration: tensor {unreadable[0].name!r} is {unreadable[0].dtype.name}, "
+                             f"not a float tensor")
+        constants = {v: v.const_value.numpy() for v in values if v.name not in fed and v.const_value is not None}
+        fetch = [v for v in values if v.name not in fed and v not in constants]
+        bound = sum(s.memory_bytes() for stats in observed.values() for s in stats)
+        logger.info("%s: %d tensors on %s, statistics bounded by %.1f MB", description, len(values), self.data,
+                    bound / 1e6)
+        with self._session(fetch) as sess, progress.task(description, self.data.samples(self.inputs)) as advance:
+            names = [v.name for v in fetch]
+            # One batch's activations are alive at a time: a generator would keep the last batch (in its
+            # frame and the caller's loop variable) while the next one runs, twice the memory.
+            for feed in self.data.batches(self.inputs):
+                count = _batch_samples(feed, self.inputs)
+                fetched = dict(zip(fetch, run(sess, names, feed, "the model on calibration data"))) if fetch else {}
+                _update(observed, {**{v: feed[v.name] for v in values if v.name in fed}, **constants, **fetched}, count)
+                del fetched
+                advance(count)
+
+    def _session(self, fetch: list[ir.Value]):
+        return _ExtraOutputsSession(self.model, fetch)
+
+
+class _ExtraOutputsSession:
+    """A session on ``model`` with ``values`` as extra graph outputs, which are taken off again on exit."""
+
+    def __init__(self, model: ir.Model, values: list[ir.Value]):
+        self.model = model
+        outputs = set(model.graph.outputs)
+        self.added = [v for v in dict.fromkeys(values) if v not in outputs]
+
+    def __enter__(self):
+        graph = self.model.graph
+        graph.outputs.extend(self.added)
+        self.tmp = tempfile.TemporaryDirectory(prefix="qcompile-calib-")
+        try:
+            path = save_model(self.model, Path(self.tmp.name) / "calibration.onnx")
+        finally:
+            for value in self.added:
+                graph.outputs.remove(value)
+        return session(path)
+
+    def __exit__(self, *exc) -> bool:
+        self.tmp.cleanup()
+        return False
+
+
+def _update(observed: Mapping[ir.Value, Sequence[Statistic]], arrays: dict[ir.Value, np.ndarray], count: int) -> None:
+    for value, statistics in observed.items():
+        for statistic in statistics:
+            statistic.update(arrays[value], count)
+
+
+def _batch_samples(feed: dict[str, np.ndarray], inputs: list[InputInfo]) -> int:
+    """Samples in one feed: `iterate_batches` batches along axis 0 only when every input is batched."""
+    if inputs and all(i.batched for i in inputs):
+        return int(feed[inputs[0].name].shape[0])
+    return 1
+

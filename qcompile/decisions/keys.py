@@ -1,0 +1,32 @@
+"""Every metadata key through which passes exchange decisions, in one place.
+
+`value.meta` / `node.meta` / `model.meta` keys live only in memory, for the passes of one compile;
+`metadata_props` keys are saved in the ONNX file, for `qcompile diff`, `eval` and `inspect`.
+"""
+
+# value.meta: the `QuantSpec` (or `SharedSpec` / `DerivedSpec`) an analysis decided for the tensor.
+QUANT_SPEC_KEY = "qcompile.quant_spec"
+# node.meta: the input indexes whose activation the node reads quantized.
+QUANTIZED_INPUTS_KEY = "qcompile.quantized_inputs"
+# value.meta: this activation needs a calibrated range.
+NEEDS_RANGE_KEY = "qcompile.needs_range"
+# value.meta: a `SharedSpec`: the value takes the spec of its group (Concat inputs, Reshape in and out, ...).
+SHARED_SPEC_KEY = "qcompile.shared_spec"
+# value.meta: the tensor's mean over axis 0 on the calibration data (float32, the other axes' shape).
+MEAN_KEY = "qcompile.calibration_mean"
+# value.meta: a `Smoothing` decision (SmoothQuant) for a MatMul input.
+SMOOTHING_KEY = "qcompile.smoothing"
+# node.meta: an `Equalization` decision for a Conv -> Relu/Clip -> depthwise Conv chain starting at the node.
+EQUALIZATION_KEY = "qcompile.equalization"
+# node.meta: a `BiasCorrection` decision: the mean output shift to take off the node's bias.
+BIAS_CORRECTION_KEY = "qcompile.bias_correction"
+# model.meta: the notes passes leave for the report (`qcompile.notes`).
+NOTES_KEY = "qcompile.notes"
+
+# Saved in the file (metadata_props):
+# on a tensor the compiler rescaled per channel: JSON {"shape": [...], "factors": [...]}, so that
+# comparisons with the original model can undo it.
+CHANNEL_SCALE_KEY = "qcompile.channel_scale"
+# on each node: the pass that created it, and the passes that changed it (`qcompile.pipeline`).
+CREATED_BY = "qcompile.created_by"
+CHANGED_BY = "qcompile.changed_by"

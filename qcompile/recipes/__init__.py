@@ -1,0 +1,53 @@
+"""Recipes: named, inspectable pass lists with typed options (`--option KEY=VALUE`).
+
+One module per family (`int8`, and `int4`, `nf4`, `fp8`, `llm_int8`, `auto` as they are built), each
+with a ``RECIPES`` list; this registry names the module of each recipe and imports it only when the
+recipe is asked for, so listing or compiling with one family does not load the passes of the others.
+"""
+from __future__ import annotations
+
+import importlib
+
+from qcompile.errors import UsageError
+from qcompile.recipes.base import Recipe, Settings
+
+# recipe name -> the family module that defines it
+FAMILIES = {
+    "canonicalize": "canonical",
+    "w8a16": "int8",
+    "w8a8": "int8",
+    "w8a8-dynamic": "int8",
+}
+# Recipes in the interface (INTERFACE.md) that are not built yet.
+PLANNED = {
+    "w8a8-smoothquant": "w8a8 after SmoothQuant scale migration (LLMs)",
+    "w4a16-rtn": "INT4 block-wise weight-only, round to nearest",
+    "w4a16-gptq": "INT4 block-wise weight-only, GPTQ",
+    "w4a16-awq": "INT4 block-wise weight-only, AWQ",
+    "w4a16-hqq": "INT4 block-wise weight-only, HQQ",
+    "nf4": "NF4 block-wise weight-only with double-quantized scales",
+    "fp8": "FP8 E4M3 weights and activations (Q/DQ)",
+    "llm-int8": "LLM.int8(): outlier input channels kept in float, the rest INT8",
+    "auto": "per-layer mixed precision chosen by measured sensitivity",
+}
+
+
+def _load(name: str) -> Recipe:
+    module = importlib.import_module(f"{__name__}.{FAMILIES[name]}")
+    return next(recipe for recipe in module.RECIPES if recipe.name == name)
+
+
+def get_recipe(name: str) -> Recipe:
+    if name in PLANNED:
+        raise UsageError(f"recipe {name!r} is planned but not built yet; available: {', '.join(FAMILIES)}")
+    if name not in FAMILIES:
+        raise UsageError(f"unknown recipe {name!r}; `qcompile recipes` lists them")
+    return _load(name)
+
+
+def all_recipes() -> list[Recipe]:
+    """Every recipe, built and planned (a planned one has no ``build``), in the order `qcompile recipes` lists them."""
+    return [_load(name) for name in FAMILIES] + [Recipe(name, summary) for name, summary in PLANNED.items()]
+
+
+__all__ = ["FAMILIES", "PLANNED", "Recipe", "Settings", "all_recipes", "get_recipe"]

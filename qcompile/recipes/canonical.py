@@ -1,0 +1,34 @@
+"""The passes every recipe starts with, and the `canonicalize` recipe that runs only them."""
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
+from qcompile.passes.canonicalize.eliminate_identity import EliminateIdentityPass
+from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
+from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
+from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
+from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
+from qcompile.passes.canonicalize.upgrade_opset import UpgradeOpsetPass
+from qcompile.recipes.base import Recipe, Settings
+
+
+def canonicalize() -> list[ir.passes.PassBase]:
+    return [
+        UpgradeOpsetPass(),
+        InferShapesPass(),
+        FoldConstantsPass(),
+        EliminateIdentityPass(),
+        FoldBatchNormPass(),
+        FuseMatMulAddPass(),
+        EliminateDeadCodePass(),
+        InferShapesPass(),
+    ]
+
+
+def _canonicalize(settings: Settings) -> list[ir.passes.PassBase]:
+    return canonicalize()
+
+
+RECIPES = [Recipe("canonicalize", "opset raised to 13 where lower, shape inference, constant folding, BN folding, "
+                                  "MatMul+Add->Gemm, DCE; no quantization", build=_canonicalize)]

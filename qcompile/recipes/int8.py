@@ -1,0 +1,240 @@
+"""The INT8 family: `w8a16` (weight-only), `w8a8` (static), `w8a8-dynamic`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from qcompile.calibration import CalibrationOptions, Method
+from qcompile.config import CALIB_METHODS
+from qcompile.errors import UsageError
+from qcompile.passes.analysis.assign_bias_specs import AssignBiasSpecsPass
+from qcompile.passes.analysis.assign_embedding_specs import AssignEmbeddingSpecsPass, EmbeddingSpecOptions
+from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass, WeightSpecOptions
+from qcompile.passes.analysis.calibrate_activations import CalibrateActivationsPass, CalibrateOptions
+from qcompile.passes.analysis.choose_equalization import ChooseEqualizationOptions, ChooseEqualizationPass
+from qcompile.passes.analysis.choose_smoothing import ChooseSmoothingOptions, ChooseSmoothingPass
+from qcompile.passes.analysis.measure_bias_shift import MeasureBiasShiftOptions, MeasureBiasShiftPass
+from qcompile.passes.analysis.select_quantized_ops import SelectOptions, SelectQuantizedOpsPass
+from qcompile.passes.analysis.share_clip_grids import ShareClipGridsPass
+from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
+from qcompile.passes.fusion.fold_qdq import FoldQDQOptions, FoldQDQPass
+from qcompile.passes.fusion.gather_quantized_rows import GatherQuantizedRowsPass
+from qcompile.passes.lowering.correct_bias import CorrectBiasPass
+from qcompile.passes.lowering.fuse_dynamic_matmul import FuseDynamicMatMulPass
+from qcompile.passes.lowering.insert_qdq import InsertQDQOptions, InsertQDQPass
+from qcompile.passes.lowering.lower_qoperator import LowerQOperatorPass
+from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
+from qcompile.passes.transform.equalize_depthwise_inputs import EqualizeDepthwiseInputsPass
+from qcompile.passes.transform.materialize_transposed_weights import (MaterializeOptions,
+                                                                      MaterializeTransposedWeightsPass)
+from qcompile.passes.transform.smooth_activations import SmoothActivationsPass
+from qcompile.recipes.base import Recipe, Settings, option
+from qcompile.recipes.canonical import canonicalize
+from qcompile.targets.x86 import cpu_profile
+
+
+def _per_channel():
+    return option(True, "one scale per output channel (false: one per tensor)")
+
+
+def _bias_correction():
+    return option(True, "subtract the mean output shift of weight rounding from each bias, measured on the "
+                        "calibration data (needs --calib)")
+
+
+def _cpu():
+    return option("any", "CPU the model deploys on (ort-cpu, portable): any (8-bit weights with pair sums limited: "
+                         "u8 x s8 kernels exact on every x86), vnni (full-range s8 weights), u8u8 (slower u8 x u8 "
+                         "kernels), 7bit, native (detect this machine)")
+
+
+def _embeddings_option():
+    return option(True, "store the tables of embedding Gathers as INT8, one scale per row")
+
+
+def _smoothquant():
+    return option("auto", "SmoothQuant for MatMul inputs: auto (alpha per tensor by estimated noise, or none), off, "
+                          "or a fixed alpha in (0, 1]; needs --calib")
+
+
+@dataclass(frozen=True)
+class W8A16Options:
+    per_channel: bool = _per_channel()
+    bias_correction: bool = _bias_correction()
+    embeddings: bool = _embeddings_option()
+
+
+@dataclass(frozen=True)
+class W8A8Options:
+    per_channel: bool = _per_channel()
+    calib_method: str = option("minmax", "activation ranges: minmax, percentile, entropy, mse")
+    percentile: float = option(99.999, "with calib_method=percentile: the percentile of |x| kept")
+    moving_average: str = option("off", "with calib_method=minmax: c in (0, 1] to average the min/max of each batch "
+                                        "(up to 8 samples) as m += c * (batch - m), rather than take the extremes")
+    cpu: str = _cpu()
+    bias_correction: bool = _bias_correction()
+    equalize: bool = option(True, "rescale Conv -> Relu/Clip -> depthwise Conv chains so that every channel of the "
+                                  "activation spans its 8-bit grid")
+    smoothquant: str = _smoothquant()
+    embeddings: bool = _embeddings_option()
+    format: str = option("qdq", "qdq (Q/DQ around float ops: portable, what TensorRT reads) or qoperator "
+                                "(ONNX Runtime's QLinearConv / QLinearMatMul / QLinearAdd; ort-cpu only)")
+
+
+@dataclass(frozen=True)
+class W8A8DynamicOptions:
+    per_channel: bool = _per_channel()
+    cpu: str = _cpu()
+    bias_correction: bool = _bias_correction()
+    smoothquant: str = _smoothquant()
+    embeddings: bool = _embeddings_option()
+
+
+def _calibration(options: W8A8Options) -> CalibrationOptions:
+    method, percentile = options.calib_method, options.percentile
+    if method not in CALIB_METHODS:
+        raise UsageError(f"option calib_method: expected one of {', '.join(CALIB_METHODS)}, got {method!r}")
+    if not 0 < percentile <= 100:
+        raise UsageError(f"option percentile: expected a number in (0, 100], got {percentile}")
+    moving_average = _fraction("moving_average", options.moving_average)
+    if moving_average is not None and method != "minmax":
+        raise UsageError(f"option moving_average: it averages min/max, so it needs calib_method=minmax, not {method}")
+    return CalibrationOptions(method=Method(method), percentile=percentile, moving_average=moving_average)
+
+
+def _fraction(key: str, text: str, auto: bool = False) -> float | None:
+    """A number in (0, 1], or None for "off" (and for "auto" where ``auto`` allows it)."""
+    if text == "off" or (auto and text == "auto"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise UsageError(f"option {key}: expected {'auto, ' if auto else ''}off or a number in (0, 1], got {text!r}")
+    return value
+
+
+def _corrects_bias(settings: Settings) -> bool:
+    """Whether bias correction is asked for and there is data to measure it on (weight-only and dynamic
+    recipes take --calib only for this)."""
+    return settings.options.bias_correction and settings.calib is not None
+
+
+def _bias_correction_passes(settings: Settings) -> list[ir.passes.PassBase]:
+    if not _corrects_bias(settings):
+        return []
+    return [MeasureBiasShiftPass(MeasureBiasShiftOptions(settings.calib)), CorrectBiasPass()]
+
+
+def _embeddings(settings: Settings) -> list[ir.passes.PassBase]:
+    return [AssignEmbeddingSpecsPass(EmbeddingSpecOptions(settings.excluded))] if settings.options.embeddings else []
+
+
+def _untie(settings: Settings) -> list[ir.passes.PassBase]:
+    """A head tied to the embedding gets its own (quantized) weight, so both tables can be INT8."""
+    return [MaterializeTransposedWeightsPass(MaterializeOptions(settings.excluded))] if settings.options.embeddings \
+        else []
+
+
+def _gather_rows(settings: Settings) -> list[ir.passes.PassBase]:
+    return [GatherQuantizedRowsPass()] if settings.options.embeddings else []
+
+
+def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
+    options = WeightSpecOptions(per_channel=settings.options.per_channel, exclude=settings.excluded,
+                                nodes=settings.nodes)
+    return [*canonicalize(), *_untie(settings), AssignWeightSpecsPass(options), *_embeddings(settings),
+            *_bias_correction_passes(settings),
+            QuantizeWeightsPass(), *_gather_rows(settings), EliminateDeadCodePass()]
+
+
+def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
+    """Weight specs for integer kernels: where ONNX Runtime's CPU kernels may run the model, as the
+    deployment CPU needs (`qcompile.targets.x86`); elsewhere full-range INT8."""
+    cpu = cpu_profile(settings.options.cpu) if settings.target.cpu_kernels else None
+    return WeightSpecOptions(per_channel=settings.options.per_channel, exclude=settings.excluded,
+                             nodes=settings.nodes, cpu=cpu, **options)
+
+
+def _smoothing(settings: Settings) -> list[ir.passes.PassBase]:
+    """SmoothQuant where it is asked for and there is data to measure it on (w8a8-dynamic takes --calib
+    for this and bias correction only)."""
+    if settings.options.smoothquant == "off" or settings.calib is None:
+        return []
+    alpha = _fraction("smoothquant", settings.options.smoothquant, auto=True)
+    return [ChooseSmoothingPass(ChooseSmoothingOptions(settings.calib, alpha, settings.excluded,
+                                                       settings.options.per_channel)),
+            SmoothActivationsPass()]
+
+
+def _qoperator(settings: Settings) -> list[ir.passes.PassBase]:
+    if settings.options.format not in ("qdq", "qoperator"):
+        raise UsageError(f"option format: expected qdq or qoperator, got {settings.options.format!r}")
+    if settings.options.format == "qdq":
+        return []
+    if not settings.target.qoperator:
+        raise UsageError(f"option format=qoperator: ONNX Runtime CPU operators, only for target ort-cpu "
+                         f"(not {settings.target.name})")
+    return [LowerQOperatorPass()]
+
+
+def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
+    calibration = _calibration(settings.options)
+    target = settings.target
+    weights = integer_weights(settings)
+    data = settings.require_calib("w8a8")
+    if not target.allows(ir.DataType.INT16) and any(table.activation_bits == 16 for table in settings.nodes):
+        raise UsageError(f"[[nodes]] activation_bits = 16: {target.summary} takes 8-bit integer Q/DQ only")
+    equalize = ([ChooseEqualizationPass(ChooseEqualizationOptions(data)), EqualizeDepthwiseInputsPass()]
+                if settings.options.equalize else [])
+    return [
+        *canonicalize(),
+        *_untie(settings),
+        *equalize,
+        *_smoothing(settings),
+        SelectQuantizedOpsPass(SelectOptions(exclude=settings.excluded)),
+        CalibrateActivationsPass(CalibrateOptions(data, target.activation_dtype, calibration, nodes=settings.nodes,
+                                                  record_means=_corrects_bias(settings),
+                                                  contrib_16bit=target.contrib_ops)),
+        *([ShareClipGridsPass()] if target.ort_qdq_layout else []),
+        AssignWeightSpecsPass(weights),
+        *_embeddings(settings),
+        *_bias_correction_passes(settings),
+        *([AssignBiasSpecsPass()] if target.ort_qdq_layout else []),
+        QuantizeWeightsPass(),
+        *_gather_rows(settings),
+        InsertQDQPass(InsertQDQOptions(contrib_16bit=target.contrib_ops)),
+        FoldQDQPass(FoldQDQOptions(merge_duplicates=target.ort_qdq_layout)),
+        *_qoperator(settings),
+        EliminateDeadCodePass(),
+    ]
+
+
+def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
+    if not settings.target.dynamic_activations:
+        raise UsageError(f"recipe w8a8-dynamic: {settings.target.summary} has no run-time activation quantization; "
+                         f"use w8a8")
+    weights = integer_weights(settings, op_types=("MatMul", "Gemm"))
+    return [
+        *canonicalize(),
+        *_untie(settings),
+        *_smoothing(settings),
+        AssignWeightSpecsPass(weights),
+        *_embeddings(settings),
+        *_bias_correction_passes(settings),
+        QuantizeWeightsPass(),
+        *_gather_rows(settings),
+        FuseDynamicMatMulPass(contrib=settings.target.contrib_ops),
+        EliminateDeadCodePass(),
+    ]
+
+
+RECIPES = [
+    Recipe("w8a16", "INT8 weight-only: per-channel symmetric INT8 weights behind DequantizeLinear, float activations",
+           W8A16Options, _w8a16),
+    Recipe("w8a8", "static INT8: per-channel weights, per-tensor activations, calibrated", W8A8Options, _w8a8),
+    Recipe("w8a8-dynamic", "INT8 MatMul/Gemm weights, activations quantized at run time", W8A8DynamicOptions,
+           _w8a8_dynamic),
+]

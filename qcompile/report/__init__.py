@@ -1,0 +1,85 @@
+"""The compile report, typed: what `--report` writes as JSON (`Report.to_json`), what the console shows
+(`qcompile.report.console`), and what an HTML renderer will read."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SizeBytes:
+    before: int
+    after: int | None = None
+
+
+@dataclass
+class Layer:
+    name: str
+    op_type: str
+    precision: str  # "w:int8 a:uint8", "a:uint8 x a:uint8" (two activations), "w:fp32 a:fp32"
+
+
+@dataclass
+class OutputError:
+    name: str
+    sqnr_db: float
+    cosine: float
+    max_abs: float
+
+
+@dataclass
+class Latency:
+    reference: float  # ms, median of interleaved runs on one feed
+    candidate: float
+    ratio: float
+    runs: int
+
+
+@dataclass
+class Verification:
+    samples: int | None
+    outputs: list[OutputError]
+    runtime: str  # how the candidate was run here (`qcompile.target_check.checked_on`)
+    latency_ms: Latency | None = None  # None where this machine's speed is not the target's
+    min_sqnr_db: float | None = None
+    passed: bool = True
+    layers: list[dict] | None = None  # per quantized tensor, worst first (`qcompile.verify.layer_errors`)
+    blame: dict | None = None  # the row of the layer that adds the most error
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        for key in ("latency_ms", "layers", "blame"):  # absent, not null, where not measured
+            if data[key] is None:
+                del data[key]
+        return data
+
+
+@dataclass
+class Report:
+    recipe: str
+    options: dict
+    node_settings: list[dict]
+    target: str
+    input: str
+    size_bytes: SizeBytes
+    passes: list[PassRecord]
+    layers: list[Layer]
+    notes: list[str]
+    cpu: dict | None  # the `cpu` option's choice and why (targets whose CPU kernels may run the model)
+    versions: dict
+    command: str
+    output: str | None = None
+    verification: Verification | None = None
+
+    def to_json(self) -> dict:
+        """The JSON object `--report` writes (INTERFACE.md)."""
+        data = asdict(self)
+        data["verification"] = None if self.verification is None else self.verification.to_json()
+        return data
