@@ -404,7 +404,8 @@ def child_warmup(spec: dict) -> dict:
     """Import what a tool's compile imports, untimed, so that its first timed compile starts as warm as the
     others (files in the page cache); ORT's are warmed by `quant_pre_process`."""
     if spec["tool"] == "qcompile":
-        import qcompile.recipes  # noqa: F401
+        import qcompile.compiler  # noqa: F401
+        import qcompile.recipes.int8  # noqa: F401  (the recipes' passes)
     else:
         import quark.onnx  # noqa: F401
     return {}
