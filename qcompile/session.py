@@ -26,7 +26,10 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
     if threads:
         options.intra_op_num_threads = threads
     for library in libraries:
-        options.register_custom_ops_library(str(library))
+        try:
+            options.register_custom_ops_library(str(library))
+        except Exception as exc:
+            raise UsageError(f"{library}: ONNX Runtime cannot load this custom-op library: {_first_line(exc)}") from None
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for files it cannot load

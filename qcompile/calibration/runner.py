@@ -6,8 +6,9 @@ extra outputs of the model for the length of one session, runs ONNX Runtime over
 batch, hands each batch's arrays to the statistics and drops them. Memory is one batch of the
 observed activations plus what each statistic states as its bound (`Statistic.memory_bytes`).
 
-The model is written once per run to a temporary file for ONNX Runtime (never read back), and the
-graph outputs added for the run are taken off again.
+The model is written to a temporary file for ONNX Runtime (never read back) with the observed values
+as extra graph outputs, which are taken off again at once; a later run that observes no other values
+(the second pass of the histogram methods) reuses that session.
 """
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ class CalibrationRunner:
         self.model = model
         self.data = data
         self.inputs = model_inputs(model)
+        self._fetchable: set[ir.Value] = set()
+        self._session = None
+        self._folder = None  # the session's model file; removed with the runner
 
     def run(self, observed: Mapping[ir.Value, Sequence[Statistic]], description: str) -> None:
         """One pass over the data: each statistic of ``observed[value]`` sees every batch of ``value``
@@ -86,7 +90,8 @@ class CalibrationRunner:
         bound = sum(s.memory_bytes() for stats in observed.values() for s in stats)
         logger.info("%s: %d tensors on %s, statistics bounded by %.1f MB", description, len(values), self.data,
                     bound / 1e6)
-        with self._session(fetch) as sess, progress.task(description, self.data.samples(self.inputs)) as advance:
+        sess = self._session_for(fetch)
+        with progress.task(description, self.data.samples(self.inputs)) as advance:
             names = [v.name for v in fetch]
             # One batch's activations are alive at a time: a generator would keep the last batch (in its
             # frame and the caller's loop variable) while the next one runs, twice the memory.
@@ -97,32 +102,20 @@ class CalibrationRunner:
                 del fetched
                 advance(count)
 
-    def _session(self, fetch: list[ir.Value]):
-        return _ExtraOutputsSession(self.model, fetch)
-
-
-class _ExtraOutputsSession:
-    """A session on ``model`` with ``values`` as extra graph outputs, which are taken off again on exit."""
-
-    def __init__(self, model: ir.Model, values: list[ir.Value]):
-        self.model = model
-        outputs = set(model.graph.outputs)
-        self.added = [v for v in dict.fromkeys(values) if v not in outputs]
-
-    def __enter__(self):
-        graph = self.model.graph
-        graph.outputs.extend(self.added)
-        self.tmp = tempfile.TemporaryDirectory(prefix="qcompile-calib-")
-        try:
-            path = save_model(self.model, Path(self.tmp.name) / "calibration.onnx")
-        finally:
-            for value in self.added:
-                graph.outputs.remove(value)
-        return session(path)
-
-    def __exit__(self, *exc) -> bool:
-        self.tmp.cleanup()
-        return False
+    def _session_for(self, fetch: list[ir.Value]):
+        """A session whose outputs include ``fetch``: the last one where it does, else a new one."""
+        if self._session is None or not set(fetch) <= self._fetchable:
+            graph = self.model.graph
+            added = [v for v in dict.fromkeys(fetch) if v not in set(graph.outputs)]
+            self._folder = tempfile.TemporaryDirectory(prefix="qcompile-calib-")
+            graph.outputs.extend(added)
+            try:
+                path = save_model(self.model, Path(self._folder.name) / "calibration.onnx")
+            finally:
+                for value in added:
+                    graph.outputs.remove(value)
+            self._session, self._fetchable = session(path), set(fetch)
+        return self._session
 
 
 def _update(observed: Mapping[ir.Value, Sequence[Statistic]], arrays: dict[ir.Value, np.ndarray], count: int) -> None:

@@ -157,7 +157,23 @@ def test_recipes_and_passes_list(capsys):
     assert main(["recipes"]) == 0
     assert "w8a16" in capsys.readouterr().out
     assert main(["passes"]) == 0
-    assert "fold-batch-norm" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("fold-batch-norm", "choose-smoothing", "smooth-activations",
+                                           "measure-bias-shift", "correct-bias"))
+
+
+def test_recipes_name_prints_its_pass_list_and_typed_options(capsys):
+    assert main(["recipes", "w8a8"]) == 0
+    shown = capsys.readouterr().out
+    assert "W8A8Options" in shown and "calib_method" in shown and "minmax" in shown
+    # the passes in order, with their options
+    order = ["upgrade-opset", "choose-equalization", "equalize-depthwise-inputs", "choose-smoothing",
+             "select-quantized-ops", "calibrate-activations", "assign-weight-specs", "measure-bias-shift",
+             "correct-bias", "quantize-weights", "insert-qdq", "fold-qdq"]
+    positions = [shown.index(name) for name in order]
+    assert positions == sorted(positions)
+    assert main(["recipes", "nf4"]) == 2
+    assert "planned but not built yet" in _error_line(capsys)
 
 
 def test_eval_lists_per_layer_error_worst_first_and_failed_verify_names_a_layer(cnn_file, tmp_path, capsys):
