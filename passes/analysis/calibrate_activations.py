@@ -74,6 +74,10 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
                                  f"DequantizeLinear, which need opset {MIN_OPSET_16BIT_QDQ}, the model has opset "
                                  f"{opset} (or use target ort-cpu)")
 
+    def ensures(self, model: ir.Model) -> None:
+        if any(NEEDS_RANGE_KEY in v.meta for v in _main_graph_values(model)):
+            raise ir.passes.PostconditionError("a tensor marked for calibration has no range")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         values = [v for v in _main_graph_values(model) if v.meta.get(NEEDS_RANGE_KEY)]
         if not values:

@@ -33,10 +33,23 @@ class InsertQDQPass(ir.passes.InPlacePass):
         super().__init__()
         self.options = options
 
+    def requires(self, model: ir.Model) -> None:
+        """16-bit pairs below opset 21 only where the target takes com.microsoft's."""
+        opset = model.opset_imports.get("", 1)
+        if self.options.contrib_16bit or opset >= MIN_OPSET_16BIT_QDQ:
+            return
+        for value in _decided(model.graph):
+            if value.meta[QUANT_SPEC_KEY].dtype == ir.DataType.INT16:
+                raise UsageError(f"tensor {value.name}: 16-bit QuantizeLinear/DequantizeLinear need opset "
+                                 f"{MIN_OPSET_16BIT_QDQ}, the model has opset {opset} (or use target ort-cpu)")
+
+    def ensures(self, model: ir.Model) -> None:
+        if _decided(model.graph):
+            raise ir.passes.PostconditionError("an activation kept its QuantSpec without a Q/DQ pair")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        values = [v for v in graph.inputs if QUANT_SPEC_KEY in v.meta]
-        values += [v for node in graph for v in node.outputs if QUANT_SPEC_KEY in v.meta]
+        values = _decided(graph)
         first = next(iter(graph), None)
         for value in values:
             spec = value.meta.pop(QUANT_SPEC_KEY)
@@ -67,11 +80,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(values))
 
     def _domain(self, model: ir.Model, value: ir.Value, dtype: ir.DataType) -> str:
-        opset = model.opset_imports.get("", 1)
-        if dtype != ir.DataType.INT16 or opset >= MIN_OPSET_16BIT_QDQ:
+        if dtype != ir.DataType.INT16 or model.opset_imports.get("", 1) >= MIN_OPSET_16BIT_QDQ:
             return ""
-        if not self.options.contrib_16bit:
-            raise UsageError(f"tensor {value.name}: 16-bit QuantizeLinear/DequantizeLinear need opset "
-                             f"{MIN_OPSET_16BIT_QDQ}, the model has opset {opset} (or use target ort-cpu)")
         model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
         return CONTRIB_DOMAIN
+
+
+def _decided(graph: ir.Graph) -> list[ir.Value]:
+    """The activations (graph inputs and node outputs) that carry a `QuantSpec`."""
+    return [v for v in (*graph.inputs, *(out for node in graph for out in node.outputs)) if QUANT_SPEC_KEY in v.meta]

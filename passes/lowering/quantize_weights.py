@@ -5,7 +5,18 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.graph import register_constant
-from qcompile.decisions import QUANT_SPEC_KEY, DerivedSpec, QuantSpec
+from qcompile.decisions import QUANT_SPEC_KEY, DerivedSpec, FloatGrid, PerAxis, PerBlock, QuantSpec
+
+
+def min_dequantize_opset(spec: QuantSpec) -> int:
+    """The first opset whose DequantizeLinear takes ``spec``: per axis from 13, FP8 from 19, blocks and
+    4- and 16-bit integers from 21."""
+    if isinstance(spec.granularity, PerBlock) or spec.dtype in (ir.DataType.INT4, ir.DataType.UINT4,
+                                                                ir.DataType.INT16, ir.DataType.UINT16):
+        return 21
+    if isinstance(spec.grid, FloatGrid):
+        return 19
+    return 13 if isinstance(spec.granularity, PerAxis) else 10
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
@@ -17,6 +28,21 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     """
 
     name = "quantize-weights"
+
+    def requires(self, model: ir.Model) -> None:
+        """Each decided weight's DequantizeLinear exists at the model's opset."""
+        opset = model.opset_imports.get("", 1)
+        for value in model.graph.initializers.values():
+            spec = value.meta.get(QUANT_SPEC_KEY)
+            if isinstance(spec, QuantSpec) and opset < min_dequantize_opset(spec):
+                raise ir.passes.PreconditionError(
+                    f"{value.name}: its {spec.dtype.name} {type(spec.granularity).__name__} spec needs "
+                    f"DequantizeLinear of opset {min_dequantize_opset(spec)}, the model has opset {opset}")
+
+    def ensures(self, model: ir.Model) -> None:
+        left = [value.name for value in model.graph.initializers.values() if QUANT_SPEC_KEY in value.meta]
+        if left:
+            raise ir.passes.PostconditionError(f"weights still float with a decided spec: {', '.join(left[:5])}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
