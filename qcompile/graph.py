@@ -13,6 +13,11 @@ def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
     return iter(ir.traversal.RecursiveGraphIterator(model.graph))
 
 
+def graph_values(graph: ir.Graph) -> list[ir.Value]:
+    """The graph's inputs, then every node's outputs, in order: the values an analysis can decide for."""
+    return [*graph.inputs, *(value for node in graph for value in node.outputs)]
+
+
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The numpy value of an initializer (not a graph input, which a user could override), else None."""
     if value is None or value.const_value is None or value.is_graph_input():

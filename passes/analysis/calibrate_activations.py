@@ -11,7 +11,7 @@ from qcompile.config import NodeSettings, settings_for
 from qcompile.decisions import (MEAN_KEY, NEEDS_RANGE_KEY, QUANT_SPEC_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY,
                                 IntegerGrid, activation_spec)
 from qcompile.errors import UsageError
-from qcompile.graph import all_nodes, name_matches
+from qcompile.graph import all_nodes, graph_values, name_matches
 from qcompile.notes import add_note
 
 # Standard QuantizeLinear / DequantizeLinear take 16-bit integers from this opset.
@@ -75,11 +75,11 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
                                  f"{opset} (or use target ort-cpu)")
 
     def ensures(self, model: ir.Model) -> None:
-        if any(NEEDS_RANGE_KEY in v.meta for v in _main_graph_values(model)):
+        if any(NEEDS_RANGE_KEY in v.meta for v in graph_values(model.graph)):
             raise ir.passes.PostconditionError("a tensor marked for calibration has no range")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        values = [v for v in _main_graph_values(model) if v.meta.get(NEEDS_RANGE_KEY)]
+        values = [v for v in graph_values(model.graph) if v.meta.get(NEEDS_RANGE_KEY)]
         if not values:
             return ir.passes.PassResult(model, modified=False)
         groups = _shared_groups(values)
@@ -148,12 +148,5 @@ def _read_by_layer(value: ir.Value) -> bool:
     """Whether a Conv or Gemm reads ``value`` as its data input, one row (sample) per index of axis 0."""
     return any(index == 0 and user.domain == "" and (user.op_type == "Conv" or (
         user.op_type == "Gemm" and not user.attributes.get_int("transA", 0))) for user, index in value.uses())
-
-
-def _main_graph_values(model: ir.Model) -> list[ir.Value]:
-    values = list(model.graph.inputs)
-    for node in model.graph:
-        values.extend(node.outputs)
-    return values
 
 

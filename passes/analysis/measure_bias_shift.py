@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from qcompile.calibration import CalibrationData, CalibrationRunner, MeanStatistic
 from qcompile.decisions import BIAS_CORRECTION_KEY, MEAN_KEY, QUANT_SPEC_KEY, BiasCorrection, QuantSpec
-from qcompile.graph import constant_array, register_constant
+from qcompile.graph import constant_array, graph_values, register_constant
 from qcompile.io import runtime_ir_version
 from qcompile.notes import add_note
 from qcompile.runtime import onnxruntime
@@ -50,12 +50,6 @@ def _correctable(node: ir.Node) -> bool:
         return True
     array = constant_array(bias)
     return array is not None and array.ndim == 1 and all(user is node for user, _ in bias.uses())
-
-
-def _rounding_error(weight: ir.Value) -> np.ndarray:
-    spec: QuantSpec = weight.meta[QUANT_SPEC_KEY]
-    array = weight.const_value.numpy()
-    return (spec.dequantize(spec.quantize(array)) - array).astype(np.float32)
 
 
 def _rounding_error(weight: ir.Value) -> np.ndarray:
@@ -111,19 +105,7 @@ def _row_axis(layer: ir.Node) -> int:
 
 def _take_means(graph: ir.Graph) -> dict[tuple[ir.Value, int], np.ndarray]:
     """The mean inputs (over axis 0) calibration recorded, taken off the values: no copy of the activations lingers."""
-    values = [*graph.inputs, *(v for node in graph for v in node.outputs)]
-    return {(v, 0): v.meta.pop(MEAN_KEY) for v in values if MEAN_KEY in v.meta}
-
-
-def _row_axis(layer: ir.Node) -> int:
-    """The axis of the layer's input along which its rows (samples) lie: 1 for a Gemm that transposes A."""
-    return 1 if layer.op_type == "Gemm" and layer.attributes.get_int("transA", 0) else 0
-
-
-def _take_means(graph: ir.Graph) -> dict[tuple[ir.Value, int], np.ndarray]:
-    """The mean inputs (over axis 0) calibration recorded, taken off the values: no copy of the activations lingers."""
-    values = [*graph.inputs, *(v for node in graph for v in node.outputs)]
-    return {(v, 0): v.meta.pop(MEAN_KEY) for v in values if MEAN_KEY in v.meta}
+    return {(v, 0): v.meta.pop(MEAN_KEY) for v in graph_values(graph) if MEAN_KEY in v.meta}
 
 
 class MeasureBiasShiftPass(ir.passes.InPlacePass):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from qcompile.decisions import NEEDS_RANGE_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY, SharedSpec
-from qcompile.graph import name_matches
+from qcompile.graph import graph_values, name_matches
 from qcompile.op_rules import CLIPS, COMPUTE_OPS, ELEMENTWISE_OPS, QUANTIZED_OUTPUT_OPS, SHARED_OPS, candidate_inputs
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -132,11 +132,6 @@ def _shared_groups(model: ir.Model, values: set[ir.Value]) -> list[list[ir.Value
         for other in members[1:]:
             parent[find(other)] = find(members[0])
     groups: dict[ir.Value, list[ir.Value]] = {}
-    for node_value in _in_graph_order(model, values):
-        groups.setdefault(find(node_value), []).append(node_value)
+    for value in (v for v in graph_values(model.graph) if v in parent):
+        groups.setdefault(find(value), []).append(value)
     return [group for group in groups.values() if len(group) > 1]
-
-
-def _in_graph_order(model: ir.Model, values: set[ir.Value]) -> list[ir.Value]:
-    ordered = [v for v in model.graph.inputs if v in values]
-    return ordered + [v for node in model.graph for v in node.outputs if v in values]

@@ -23,7 +23,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from qcompile.graph import constant_array
+from qcompile.graph import constant_array, graph_values
 
 PASS_THROUGH_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool")
 # Standard Q/DQ, and ONNX Runtime's, which carry 16-bit grids below opset 21.
@@ -156,7 +156,7 @@ def merge_duplicates(graph: ir.Graph) -> int:
     """Merge Q (or DQ) nodes that read the same tensor with the same grid; returns how many went."""
     merged = 0
     position = {node: i for i, node in enumerate(graph)}
-    for value in [*graph.inputs, *(v for node in graph for v in node.outputs)]:
+    for value in graph_values(graph):
         kept: dict[tuple, ir.Node] = {}
         users = {user for user, i in value.uses() if i == 0 and user.graph is graph}
         for user in sorted(users, key=position.__getitem__):  # the first one stays: it precedes all consumers

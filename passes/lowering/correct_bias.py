@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.decisions import BIAS_CORRECTION_KEY, BiasCorrection
+from qcompile.decisions import BIAS_CORRECTION_KEY, take_decisions
 from qcompile.graph import register_constant
 from qcompile.notes import add_note
 
@@ -27,9 +27,8 @@ class CorrectBiasPass(ir.passes.InPlacePass):
     name = "correct-bias"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        decided = [node for node in model.graph if BIAS_CORRECTION_KEY in node.meta]
-        for node in decided:
-            correction: BiasCorrection = node.meta.pop(BIAS_CORRECTION_KEY)
+        decided = take_decisions(model.graph, BIAS_CORRECTION_KEY)
+        for node, correction in decided:
             _subtract(model.graph, node, correction.shift)
         if decided:
             add_note(model, f"bias correction: {len(decided)} layers, mean output shift of weight rounding removed")

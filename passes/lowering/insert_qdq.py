@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from qcompile.errors import UsageError
 from qcompile.decisions import QUANTIZED_INPUTS_KEY
-from qcompile.graph import register_constant
+from qcompile.graph import graph_values, register_constant
 from qcompile.decisions import QUANT_SPEC_KEY
 
 MIN_OPSET_16BIT_QDQ = 21  # standard Q/DQ take 16-bit integers from this opset
@@ -88,4 +88,4 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
 def _decided(graph: ir.Graph) -> list[ir.Value]:
     """The activations (graph inputs and node outputs) that carry a `QuantSpec`."""
-    return [v for v in (*graph.inputs, *(out for node in graph for out in node.outputs)) if QUANT_SPEC_KEY in v.meta]
+    return [v for v in graph_values(graph) if QUANT_SPEC_KEY in v.meta]

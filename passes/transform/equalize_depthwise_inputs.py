@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.decisions import CHANNEL_SCALE_KEY, EQUALIZATION_KEY, Equalization, channel_scale_json
+from qcompile.decisions import CHANNEL_SCALE_KEY, EQUALIZATION_KEY, channel_scale_json, take_decisions
 from qcompile.notes import add_note
 
 
@@ -25,9 +25,8 @@ class EqualizeDepthwiseInputsPass(ir.passes.InPlacePass):
     name = "equalize-depthwise-inputs"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        decided = [node for node in model.graph if EQUALIZATION_KEY in node.meta]
-        for conv in decided:
-            equalization: Equalization = conv.meta.pop(EQUALIZATION_KEY)
+        decided = take_decisions(model.graph, EQUALIZATION_KEY)
+        for conv, equalization in decided:
             scale = equalization.scale
             _scale_constant(conv.inputs[1], scale)
             if len(conv.inputs) > 2 and conv.inputs[2] is not None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.decisions import CHANNEL_SCALE_KEY, SMOOTHING_KEY, Smoothing, channel_scale_json
-from qcompile.graph import constant_array, register_constant
+from qcompile.decisions import CHANNEL_SCALE_KEY, SMOOTHING_KEY, channel_scale_json, take_decisions
+from qcompile.graph import constant_array, graph_values, register_constant
 
 
 def _scale_rows(node: ir.Node, factor: np.ndarray) -> None:
@@ -197,9 +197,8 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        decided = [v for v in (*graph.inputs, *(out for node in graph for out in node.outputs)) if SMOOTHING_KEY in v.meta]
-        for x in decided:
-            smoothing: Smoothing = x.meta.pop(SMOOTHING_KEY)
+        decided = take_decisions(graph_values(graph), SMOOTHING_KEY)
+        for x, smoothing in decided:
             layers = list(smoothing.layers)
             for layer in layers:
                 _scale_rows(layer, smoothing.scale)

@@ -5,3 +5,7 @@ from qcompile.calibration.observers import (CalibrationOptions, Method, TensorRa
 from qcompile.calibration.runner import CalibrationData, CalibrationRunner, Statistic
 from qcompile.calibration.statistics import (ChannelMax, ChannelMeanSquare, Gram, HistogramStatistic,
                                              MeanStatistic, RangeStatistic)
+
+__all__ = ["CalibrationOptions", "Method", "TensorRange", "calibrate_ranges", "expected_squared_error",
+           "kl_threshold_bins", "CalibrationData", "CalibrationRunner", "Statistic", "ChannelMax", "ChannelMeanSquare",
+           "Gram", "HistogramStatistic", "MeanStatistic", "RangeStatistic"]

@@ -3,6 +3,7 @@ correction): recorded so that the pass that applies them, the report and `qcompi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,12 @@ class BiasCorrection:
     """The mean output shift of the layer's weight rounding, per output channel, to take off its bias."""
 
     shift: np.ndarray = field(repr=False)
+
+
+def take_decisions(holders: Iterable[ir.Node | ir.Value], key: str) -> list[tuple[ir.Node | ir.Value, object]]:
+    """(holder, decision) for each node or value that carries one under ``key``, taken off it: the pass
+    that applies a decision consumes it, so a second run finds nothing to do."""
+    return [(holder, holder.meta.pop(key)) for holder in list(holders) if key in holder.meta]
 
 
 def channel_scale_json(factors: np.ndarray) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
-import onnx
 import pytest
 
 from qcompile.calibration import (CalibrationData, CalibrationOptions, CalibrationRunner, HistogramStatistic, Method,

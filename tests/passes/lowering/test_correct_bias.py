@@ -1,7 +1,6 @@
 import numpy as np
 import onnx
 import onnx_ir as ir
-import pytest
 from helpers import apply, clone, run
 from onnx import TensorProto, helper, numpy_helper
 
