@@ -9,6 +9,7 @@ from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
 from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
 from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
+from qcompile.passes.canonicalize.lift_constant_nodes import LiftConstantNodesPass
 from qcompile.passes.canonicalize.upgrade_opset import UpgradeOpsetPass
 from qcompile.recipes.base import Recipe, Settings
 
@@ -16,6 +17,7 @@ from qcompile.recipes.base import Recipe, Settings
 def canonicalize() -> list[ir.passes.PassBase]:
     return [
         UpgradeOpsetPass(),
+        LiftConstantNodesPass(),
         InferShapesPass(),
         FoldConstantsPass(),
         EliminateIdentityPass(),
