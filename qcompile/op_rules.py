@@ -25,6 +25,19 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+# QuantizeLinear / DequantizeLinear exist from opset 10, and take 16-bit integers from opset 21.
+MIN_OPSET_QDQ = 10
+MIN_OPSET_16BIT_QDQ = 21
+
+
+def qdq_missing_note(model) -> str | None:
+    """A report note where the model's opset has no QuantizeLinear / DequantizeLinear (the version
+    converter could not raise it), else None."""
+    opset = model.opset_imports.get("", 1)
+    if opset >= MIN_OPSET_QDQ:
+        return None
+    return f"opset {opset} has no QuantizeLinear/DequantizeLinear (opset {MIN_OPSET_QDQ} has): nothing quantized"
+
 # op type -> indexes of the activation inputs that get Q/DQ
 COMPUTE_OPS: dict[str, tuple[int, ...]] = {
     "Conv": (0,),

@@ -43,6 +43,11 @@ class Pipeline:
     dump_after: Callable[[str, ir.Model], None] | None = None
 
     def run(self, model: ir.Model) -> list[PassRecord]:
+        # A pass that can tell from the input model that it will refuse it says so before any pass runs
+        # (calibration can take minutes).
+        for p in self.passes:
+            if hasattr(p, "check_input"):
+                p.check_input(model)
         records = []
         with progress.task("compiling", total=len(self.passes)) as advance:
             for p in self.passes:

@@ -11,7 +11,7 @@ from qcompile.config import NodeSettings, settings_for
 from qcompile.graph import constant_array, has_subgraph, name_matches
 from qcompile.notes import add_note
 from qcompile.decisions import INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, LevelConstraint, symmetric_weight_spec
-from qcompile.op_rules import weight_axis
+from qcompile.op_rules import qdq_missing_note, weight_axis
 from qcompile.targets.x86 import CpuProfile
 
 # Per-axis DequantizeLinear (the `axis` attribute) exists from opset 13.
@@ -45,6 +45,9 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
         self.options = options
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if (missing := qdq_missing_note(model)) is not None:
+            add_note(model, missing)
+            return ir.passes.PassResult(model, modified=False)
         per_axis_ok = model.opset_imports.get("", 0) >= MIN_OPSET_PER_CHANNEL
         modified = False
         in_subgraphs = per_tensor_for_opset = 0

@@ -13,11 +13,10 @@ from qcompile.decisions import (MEAN_KEY, NEEDS_RANGE_KEY, QUANT_SPEC_KEY, QUANT
 from qcompile.errors import UsageError
 from qcompile.graph import all_nodes, graph_values, name_matches
 from qcompile.notes import add_note
+from qcompile.op_rules import MIN_OPSET_16BIT_QDQ
 
-# Standard QuantizeLinear / DequantizeLinear take 16-bit integers from this opset.
-MIN_OPSET_16BIT_QDQ = 21
-
-# Range searches that weigh clipping against the rounding of an 8-bit grid: a 16-bit tensor gets minmax.
+# Range searches that weigh clipping against rounding: over 2048 histogram bins they cannot resolve a
+# 16-bit grid's steps, so a 16-bit tensor gets minmax.
 _EIGHT_BIT_SEARCHES = (Method.ENTROPY, Method.MSE)
 
 
@@ -62,8 +61,12 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         self.options = options
 
     def requires(self, model: ir.Model) -> None:
-        """Refuse before calibrating what `insert-qdq` would refuse after: 16-bit activations where the
-        model's opset has no 16-bit QuantizeLinear/DequantizeLinear and the target takes no contrib ops."""
+        self.check_input(model)
+
+    def check_input(self, model: ir.Model) -> None:
+        """Refuse before anything reads the data (the pipeline runs this on the input model) what
+        `insert-qdq` would refuse at the end: 16-bit activations where the model's opset has no 16-bit
+        QuantizeLinear/DequantizeLinear and the target takes no contrib ops."""
         opset = model.opset_imports.get("", 1)
         if self.options.contrib_16bit or opset >= MIN_OPSET_16BIT_QDQ:
             return

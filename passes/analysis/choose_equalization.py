@@ -94,7 +94,7 @@ class ChooseEqualizationPass(ir.passes.InPlacePass):
         self.options = options
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        chains = [chain for node in model.graph if (chain := _chain(node)) is not None]
+        chains = [chain for node in model.graph if EQUALIZATION_KEY not in node.meta and (chain := _chain(node))]
         if not chains:
             return ir.passes.PassResult(model, modified=False)
         maxima = {chain.activation.outputs[0]: ChannelMax(1) for chain in chains}

@@ -72,6 +72,8 @@ def _groups(model: ir.Model, exclude: tuple[str, ...]) -> dict[ir.Value, list[ir
         x = node.inputs[0]
         if x.shape is None or x.shape.rank() < 3 or not isinstance(x.shape[-1], int) or x.const_value is not None:
             continue
+        if SMOOTHING_KEY in x.meta:  # decided by an earlier run
+            continue
         groups.setdefault(x, []).append(node)
     return groups
 

@@ -81,21 +81,29 @@ def _append_shift(graph: ir.Graph, layer: ir.Node, x: ir.Value, error: np.ndarra
 
 
 def _shifts_from_means(model: ir.Model, layers: list[ir.Node], errors: list[np.ndarray],
-                       means: list[np.ndarray]) -> list[np.ndarray]:
-    """The mean shifts of ``layers`` from their calibration mean inputs: op(mean, W_q - W) in a small model."""
+                       means: list[list[tuple[np.ndarray, int]]]) -> list[np.ndarray]:
+    """The mean shifts of ``layers`` from their mean inputs, op(mean, W_q - W), in a small model: for each
+    layer, (mean input, rows) per shape its input took, the shifts weighted by rows."""
     opset = model.opset_imports.get("", 1)
     graph = ir.Graph([], [], nodes=[], opset_imports={"": opset}, name="bias_shifts")
     feed, names = {}, []
-    for i, (layer, error, mean) in enumerate(zip(layers, errors, means)):
-        one_row = np.expand_dims(mean, _row_axis(layer))
-        x = ir.Value(name=f"layer{i}_mean_input", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(one_row.shape))
-        graph.inputs.append(x)
-        feed[x.name] = one_row
-        names.append(_append_shift(graph, layer, x, error, opset, f"layer{i}"))
+    for i, (layer, error, shapes) in enumerate(zip(layers, errors, means)):
+        for k, (mean, _) in enumerate(shapes):
+            one_row = np.expand_dims(mean, _row_axis(layer))
+            x = ir.Value(name=f"layer{i}_{k}_mean_input", type=ir.TensorType(ir.DataType.FLOAT),
+                         shape=ir.Shape(one_row.shape))
+            graph.inputs.append(x)
+            feed[x.name] = one_row
+            names.append(_append_shift(graph, layer, x, error, opset, f"layer{i}_{k}"))
     proto = ir.serde.serialize_model(ir.Model(graph, ir_version=runtime_ir_version(model)))
     ort = onnxruntime()
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return [shift.astype(np.float64) for shift in run(sess, names, feed, "bias correction on the mean inputs")]
+    shifts = iter(run(sess, names, feed, "bias correction on the mean inputs"))
+    combined = []
+    for shapes in means:
+        rows = sum(n for _, n in shapes)
+        combined.append(sum(next(shifts).astype(np.float64) * (n / rows) for _, n in shapes))
+    return combined
 
 
 def _row_axis(layer: ir.Node) -> int:
@@ -103,9 +111,9 @@ def _row_axis(layer: ir.Node) -> int:
     return 1 if layer.op_type == "Gemm" and layer.attributes.get_int("transA", 0) else 0
 
 
-def _take_means(graph: ir.Graph) -> dict[tuple[ir.Value, int], np.ndarray]:
+def _take_means(graph: ir.Graph) -> dict[tuple[ir.Value, int], list[tuple[np.ndarray, int]]]:
     """The mean inputs (over axis 0) calibration recorded, taken off the values: no copy of the activations lingers."""
-    return {(v, 0): v.meta.pop(MEAN_KEY) for v in graph_values(graph) if MEAN_KEY in v.meta}
+    return {(v, 0): [(v.meta.pop(MEAN_KEY), 1)] for v in graph_values(graph) if MEAN_KEY in v.meta}
 
 
 class MeasureBiasShiftPass(ir.passes.InPlacePass):
@@ -120,7 +128,7 @@ class MeasureBiasShiftPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         means = _take_means(model.graph)
-        layers = [node for node in model.graph if _correctable(node)]
+        layers = [node for node in model.graph if _correctable(node) and BIAS_CORRECTION_KEY not in node.meta]
         if not layers:
             return ir.passes.PassResult(model, modified=False)
         # Mean inputs that calibration recorded spare a run over the data; the other layers' are measured.
@@ -132,11 +140,10 @@ class MeasureBiasShiftPass(ir.passes.InPlacePass):
             for (x, _), statistic in measured.items():
                 observed.setdefault(x, []).append(statistic)
             CalibrationRunner(model, self.options.data).run(observed, "bias correction")
-            means.update((key, m.result()) for key, m in measured.items() if m.result() is not None)  # NaN: see below
-        varied = [layer.name for layer in layers if keys[layer] not in means]
-        layers = [layer for layer in layers if keys[layer] in means]
+            means.update((key, m.by_shape()) for key, m in measured.items())  # NaN: see below
+        layers = [layer for layer in layers if means[keys[layer]]]  # none where the data held no samples
         shifts = _shifts_from_means(model, layers, [_rounding_error(layer.inputs[1]) for layer in layers],
-                                    [means[keys[layer]] for layer in layers]) if layers else []
+                                    [means[keys[layer]] for layer in layers])
         # NaN / Inf in the calibration data make a mean that would turn the bias into garbage.
         skipped = [layer.name for layer, shift in zip(layers, shifts) if not np.isfinite(shift).all()]
         for layer, shift in zip(layers, shifts):
@@ -145,9 +152,6 @@ class MeasureBiasShiftPass(ir.passes.InPlacePass):
         if skipped:
             add_note(model, f"bias correction skipped for {len(skipped)} layers whose inputs had NaN or Inf on the "
                             f"calibration data: {_some(skipped)}")
-        if varied:
-            add_note(model, f"bias correction skipped for {len(varied)} layers whose inputs change shape across the "
-                            f"calibration data (no mean input): {_some(varied)}")
         return ir.passes.PassResult(model, modified=len(layers) > len(skipped))
 
 

@@ -7,7 +7,9 @@ import onnx_ir as ir
 
 from qcompile.decisions import NEEDS_RANGE_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY, SharedSpec
 from qcompile.graph import graph_values, name_matches
-from qcompile.op_rules import CLIPS, COMPUTE_OPS, ELEMENTWISE_OPS, QUANTIZED_OUTPUT_OPS, SHARED_OPS, candidate_inputs
+from qcompile.notes import add_note
+from qcompile.op_rules import (CLIPS, COMPUTE_OPS, ELEMENTWISE_OPS, QUANTIZED_OUTPUT_OPS, SHARED_OPS, candidate_inputs,
+                               qdq_missing_note)
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
@@ -66,6 +68,9 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
         self.options = options
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if (missing := qdq_missing_note(model)) is not None:
+            add_note(model, missing)
+            return ir.passes.PassResult(model, modified=False)
         wanted: set[ir.Value] = set()
         modified = False
         dependent = data_dependent_values(model.graph)

@@ -12,10 +12,10 @@ import onnx_ir as ir
 from qcompile.errors import UsageError
 from qcompile.decisions import QUANTIZED_INPUTS_KEY
 from qcompile.graph import graph_values, register_constant
+from qcompile.op_rules import MIN_OPSET_16BIT_QDQ
+from qcompile.targets import CONTRIB_DOMAIN
 from qcompile.decisions import QUANT_SPEC_KEY
 
-MIN_OPSET_16BIT_QDQ = 21  # standard Q/DQ take 16-bit integers from this opset
-CONTRIB_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ class CalibrationRunner:
     def _session_for(self, fetch: list[ir.Value]):
         """A session whose outputs include ``fetch``: the last one where it does, else a new one."""
         if self._session is None or not set(fetch) <= self._fetchable:
+            self._session = None  # not two sessions of the model alive at once
             graph = self.model.graph
             added = [v for v in dict.fromkeys(fetch) if v not in set(graph.outputs)]
             self._folder = tempfile.TemporaryDirectory(prefix="qcompile-calib-")

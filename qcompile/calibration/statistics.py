@@ -90,35 +90,32 @@ class RangeStatistic:
 
 
 class MeanStatistic:
-    """Mean over ``axis`` (a sum and a row count); none once the other axes change shape. One sample's
-    worth of memory."""
+    """Mean over ``axis`` (a sum and a row count) for each shape the other axes take: one sample's worth
+    of memory per distinct shape (images of several sizes give several means)."""
 
     def __init__(self, axis: int = 0):
         self.axis = axis
-        self.total: np.ndarray | None = None
-        self.rows = 0
-        self.varied = False
+        self.sums: dict[tuple[int, ...], tuple[np.ndarray, int]] = {}
 
     def memory_bytes(self) -> int:
-        return 0 if self.total is None else self.total.nbytes
+        return sum(total.nbytes for total, _ in self.sums.values())
 
     def update(self, array: np.ndarray, samples: int) -> None:
         array = np.asarray(array)
-        if self.varied or array.ndim == 0:
-            self.varied = True
-            return
+        if array.ndim <= self.axis:
+            return  # a scalar has no rows
         total = array.sum(axis=self.axis).astype(np.float64)  # float64 across batches; a float32 copy costs more
-        if self.total is not None and self.total.shape != total.shape:
-            self.varied, self.total = True, None
-            return
-        self.total = total if self.total is None else self.total + total
-        self.rows += array.shape[self.axis]
+        before, rows = self.sums.get(total.shape, (0.0, 0))
+        self.sums[total.shape] = (before + total, rows + array.shape[self.axis])
+
+    def by_shape(self) -> list[tuple[np.ndarray, int]]:
+        """(mean, rows) for each shape seen; the means hold NaN / Inf where the data had them."""
+        return [((total / rows).astype(np.float32), rows) for total, rows in self.sums.values() if rows]
 
     def result(self) -> np.ndarray | None:
-        """The mean (NaN / Inf where the data had them), or None where the shape varied or nothing was seen."""
-        if self.varied or self.total is None or not self.rows:
-            return None
-        return (self.total / self.rows).astype(np.float32)
+        """The mean, or None where the shape varied (see `by_shape`) or nothing was seen."""
+        means = self.by_shape()
+        return means[0][0] if len(means) == 1 else None
 
 
 @dataclass

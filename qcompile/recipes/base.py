@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import onnx_ir as ir
 
@@ -81,6 +81,5 @@ class Recipe:
         if unknown:
             raise UsageError(f"recipe {self.name} has no option {unknown[0]!r} "
                              f"(its options: {', '.join(sorted(known)) or 'none'})")
-        values = {key: _parse(key, type(known[key].default), value) for key, value in given.items()
-                  if known[key].default is not MISSING}
+        values = {key: _parse(key, type(known[key].default), value) for key, value in given.items()}
         return self.options(**values)

@@ -6,6 +6,7 @@ import onnx_ir as ir
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.canonicalize.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
+from qcompile.passes.canonicalize.fix_names import FixNamesPass
 from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
 from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
@@ -18,6 +19,7 @@ def canonicalize() -> list[ir.passes.PassBase]:
     return [
         UpgradeOpsetPass(),
         LiftConstantNodesPass(),
+        FixNamesPass(),
         InferShapesPass(),
         FoldConstantsPass(),
         EliminateIdentityPass(),

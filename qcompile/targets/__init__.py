@@ -43,7 +43,6 @@ class Target:
     symmetric_int8_only: bool = False
     # Activations quantized at run time (w8a8-dynamic).
     dynamic_activations: bool = True
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
     # Custom-op domains its runtime registers a library for (the custom-op issue fills this).
     custom_op_domains: tuple[str, ...] = ()
 
@@ -79,8 +78,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("ort-cpu", "ONNX Runtime CPU", ir.DataType.UINT8, _INTEGERS,
            domains=(*STANDARD_DOMAINS, CONTRIB_DOMAIN), cpu_kernels=True, qoperator=True),
     Target("ort-cuda", "ONNX Runtime CUDA", ir.DataType.UINT8, _INTEGERS,
-           domains=(*STANDARD_DOMAINS, CONTRIB_DOMAIN), qdq_semantics=True,
-           providers=("CUDAExecutionProvider", "CPUExecutionProvider")),
+           domains=(*STANDARD_DOMAINS, CONTRIB_DOMAIN), qdq_semantics=True),
     Target("tensorrt", "TensorRT", ir.DataType.INT8, (ir.DataType.INT8,), qdq_semantics=True,
            ort_qdq_layout=False, symmetric_int8_only=True, dynamic_activations=False),
     Target("portable", "standard ONNX ops only (any runtime)", ir.DataType.UINT8, _INTEGERS, cpu_kernels=True),

@@ -40,7 +40,7 @@ def test_compile_writes_model_and_report_and_verifies(cnn_file, tmp_path, capsys
     assert _digest(cnn_file) == digest
     report = json.loads(report_path.read_text())
     assert report["recipe"] == "w8a16" and report["target"] == "ort-cpu"
-    assert [p["name"] for p in report["passes"]][:3] == ["upgrade-opset", "lift-constant-nodes", "infer-shapes"]
+    assert [p["name"] for p in report["passes"]][:3] == ["upgrade-opset", "lift-constant-nodes", "fix-names"]
     assert 0 < report["size_bytes"]["after"] < report["size_bytes"]["before"]
     assert {layer["precision"] for layer in report["layers"]} == {"w:int8 a:fp32"}
     (logits,) = report["verification"]["outputs"]

@@ -48,3 +48,19 @@ def test_infer_shapes_keeps_symbolic_dims_and_reports_modified_once():
     softmax = next(n for n in model.graph if n.op_type == "Softmax")
     assert [str(d) for d in softmax.outputs[0].shape] == ["batch", "4", "seq", "seq"]
     assert not InferShapesPass()(model).modified
+
+
+
+def test_unnamed_and_repeated_names_are_made_unique_and_named_ones_kept():
+    from qcompile.passes.canonicalize.fix_names import FixNamesPass
+
+    model = parse("""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[2] x) => (float[2] w) { y = Relu(x)  z = Neg(y)  w = Abs(z) }
+    """)
+    relu, neg, absolute = model.graph
+    relu.name, neg.name, absolute.name = "same", "same", None
+    assert apply(model, FixNamesPass())
+    names = [node.name for node in model.graph]
+    assert all(names) and len(set(names)) == 3 and "same" in names
+    assert not apply(model, FixNamesPass())

@@ -12,6 +12,7 @@ from qcompile.passes.canonicalize import upgrade_opset
 # ReLU6 as the TorchScript exporter writes it below opset 11 (Clip bounds as attributes) and from 11
 # on (bounds as inputs).
 CONV_CLIP = {
+    9: "r = Clip<min = 0.0, max = 6.0>(c)",
     10: "r = Clip<min = 0.0, max = 6.0>(c)",
     11: "r = Clip(c, lo, hi)",
 }
@@ -85,3 +86,15 @@ def test_a_model_the_converter_fails_on_keeps_its_opset_and_says_its_weights_are
     assert "opset 11 kept: onnx's version converter could not raise it to 13" in result.report["notes"]
     assert ("1 weights per tensor, not per channel: opset 11 has no per-channel DequantizeLinear (opset 13 has)"
             in result.report["notes"])
+
+
+def test_a_model_kept_below_opset_10_is_left_float_with_a_note_not_broken(tmp_path, monkeypatch):
+    """Opset 9 has no QuantizeLinear / DequantizeLinear: nothing can be quantized, and the output must stay valid."""
+    monkeypatch.setattr(upgrade_opset, "ConvertVersionPass", lambda *args, **kwargs: (lambda model: None))
+
+    result = _compile(tmp_path, _conv_clip(9))
+
+    assert result.model.opset_imports[""] == 9
+    assert not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in result.model.graph)
+    assert "opset 9 has no QuantizeLinear/DequantizeLinear (opset 10 has): nothing quantized" in result.report["notes"]
+    assert {layer["precision"] for layer in result.report["layers"]} == {"w:fp32 a:fp32"}

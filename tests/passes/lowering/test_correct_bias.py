@@ -146,3 +146,32 @@ def test_layers_whose_calibration_inputs_hold_nan_keep_their_bias_and_get_a_note
         bias = next(v for v in model.graph.initializers.values() if v.name.startswith(name)).const_value.numpy()
         assert np.isfinite(bias).all()
     assert any("bias correction skipped for 2 layers whose inputs had NaN or Inf" in n for n in notes(model))
+
+
+def test_inputs_of_several_sizes_are_corrected_as_the_mean_over_every_sample(tmp_path):
+    """Images of two sizes (a folder of .npz): the shift is taken per size and weighted by samples, so the
+    corrected conv's mean output error per channel, averaged over the samples, is zero."""
+    rng = np.random.default_rng(3)
+    conv = helper.make_node("Conv", ["x", "w"], ["h"], name="conv", group=6, pads=[1, 1, 1, 1])
+    graph = helper.make_graph([conv], "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, "H", "W"])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 6, "H", "W"])],
+                              [numpy_helper.from_array(rng.standard_normal((6, 1, 3, 3)).astype(np.float32), "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    sizes = {4: 24, 7: 8}  # side: samples
+    images = {side: (rng.random((n, 6, side, side)) * 4 + 2).astype(np.float32) for side, n in sizes.items()}
+    for side, x in images.items():
+        np.savez(folder / f"{side}.npz", x=x)
+
+    def model():
+        return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+    reference, corrected = model(), _quantize(model(), str(folder))
+    assert not any("skipped" in note for note in notes(corrected))
+    per_size = [(run(corrected, {"x": x})[0] - run(reference, {"x": x})[0]).mean(axis=(0, 2, 3)) * len(x)
+                for x in images.values()]
+    plain = _quantize(model())
+    plain_error = sum((run(plain, {"x": x})[0] - run(reference, {"x": x})[0]).mean(axis=(0, 2, 3)) * len(x)
+                      for x in images.values()) / sum(sizes.values())
+    assert np.abs(sum(per_size) / sum(sizes.values())).max() < 1e-4 < 1e-2 < np.abs(plain_error).max()
