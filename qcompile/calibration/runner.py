@@ -39,7 +39,7 @@ class Statistic(Protocol):
         """Fold in one batch of the observed value (``samples`` samples)."""
 
     def memory_bytes(self) -> int:
-        """The most memory it holds, whatever the number of batches."""
+        """The memory it holds: bounded by the shape of what it observes, not the number of batches."""
 
 
 @dataclass(frozen=True)
@@ -87,20 +87,18 @@ class CalibrationRunner:
                              f"not a float tensor")
         constants = {v: v.const_value.numpy() for v in values if v.name not in fed and v.const_value is not None}
         fetch = [v for v in values if v.name not in fed and v not in constants]
-        bound = sum(s.memory_bytes() for stats in observed.values() for s in stats)
-        logger.info("%s: %d tensors on %s, statistics bounded by %.1f MB", description, len(values), self.data,
-                    bound / 1e6)
         sess = self._session_for(fetch)
         with progress.task(description, self.data.samples(self.inputs)) as advance:
             names = [v.name for v in fetch]
-            # One batch's activations are alive at a time: a generator would keep the last batch (in its
-            # frame and the caller's loop variable) while the next one runs, twice the memory.
+            # One batch's activations are alive at a time: they are dropped before the next batch runs.
             for feed in self.data.batches(self.inputs):
                 count = _batch_samples(feed, self.inputs)
                 fetched = dict(zip(fetch, run(sess, names, feed, "the model on calibration data"))) if fetch else {}
                 _update(observed, {**{v: feed[v.name] for v in values if v.name in fed}, **constants, **fetched}, count)
                 del fetched
                 advance(count)
+        held = sum(s.memory_bytes() for stats in observed.values() for s in stats)
+        logger.info("%s: %d tensors on %s; the statistics hold %.1f MB", description, len(values), self.data, held / 1e6)
 
     def _session_for(self, fetch: list[ir.Value]):
         """A session whose outputs include ``fetch``: the last one where it does, else a new one."""
