@@ -7,7 +7,7 @@ import platform
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import onnx
@@ -98,8 +98,8 @@ def unused_node_settings(nodes: tuple[NodeSettings, ...], recipe: str,
     """A note for each [[nodes]] key that no pass of the recipe reads (a pass names the keys it reads in
     its ``node_settings``)."""
     read = {key for p in passes for key in getattr(p, "node_settings", ())}
-    given = {key for table in nodes for key in ("calib_method", "percentile", "activation_bits", "per_channel")
-             if getattr(table, key) is not None}
+    settings = [f.name for f in fields(NodeSettings) if f.name not in ("match", "quantize")]  # quantize: every recipe
+    given = {key for table in nodes for key in settings if getattr(table, key) is not None}
     if not given - read:
         return []
     from qcompile.passes import registry  # every pass module: only to name the readers in the note
