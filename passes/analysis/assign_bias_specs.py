@@ -5,6 +5,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.graph import constant_array
+from qcompile.notes import add_note
+
+# The largest |bias| in levels of its INT32 grid: half the range, the rest left to the sum of the
+# products it is added to (tiny weights under a large bias would otherwise wrap: -0.8 dB).
+MAX_BIAS_LEVEL = 2.0**30
 from qcompile.decisions import (INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, DerivedSpec, IntegerGrid, PerAxis, PerTensor,
                                 QuantSpec)
 
@@ -36,6 +41,12 @@ class AssignBiasSpecsPass(ir.passes.InPlacePass):
                 continue
             if node.op_type == "Gemm" and (node.attributes.get_float("beta", 1.0) != 1.0
                                            or node.attributes.get_int("transA", 0)):
+                continue
+            largest = float(np.max(np.abs(array) / (x_spec.scale * w_spec.scale)))
+            if largest > MAX_BIAS_LEVEL:
+                add_note(model, f"{node.name}: bias left float: its INT32 grid (step = input step x weight step) "
+                                f"would need {largest:.3g} levels, more than {MAX_BIAS_LEVEL:.3g}; ONNX Runtime "
+                                f"then runs the op in float, its weight dequantized")
                 continue
             bias.meta[QUANT_SPEC_KEY] = DerivedSpec((x, weight), _accumulator_spec)
             modified = True
