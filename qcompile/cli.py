@@ -389,7 +389,13 @@ COMMANDS = {"compile": _cmd_compile, "inspect": _cmd_inspect, "diff": _cmd_diff,
             "recipes": _cmd_recipes, "passes": _cmd_passes}
 
 
+# Output that goes to a file or a pipe is not wrapped to 80 columns: names stay whole for scripts and logs.
+UNWRAPPED_WIDTH = 100_000
+
+
 def main(argv: list[str] | None = None) -> int:
+    for console in (out, err):
+        console.width = None if console.is_terminal else UNWRAPPED_WIDTH
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
     try:

@@ -303,3 +303,18 @@ def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, where):
     command = ["compile", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx")]
     with pytest.raises(UsageError, match="no such file"):
         main(["--debug", *command] if where == "before" else [*command, "--debug"])
+
+
+def test_output_to_a_pipe_keeps_whole_names(tmp_path, capsys):
+    """Piped or redirected, tables are not cut to 80 columns: a script or a log gets names it can use."""
+    long_name = "/encoder/layers.11/attention/self/query_projection/MatMul_with_a_name_longer_than_a_terminal"
+    model = parse(f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[1, 4] x) => (float[1, 4] y) <float[4, 4] w = {{{", ".join(["0.5"] * 16)}}}> {{
+            y = MatMul(x, w)
+        }}
+    """)
+    next(iter(model.graph)).name = long_name
+    save_model(model, tmp_path / "long.onnx")
+    assert main(["inspect", str(tmp_path / "long.onnx")]) == 0
+    assert long_name in capsys.readouterr().out
