@@ -6,11 +6,7 @@ import onnx_ir as ir
 
 from qcompile.graph import constant_array
 from qcompile.notes import add_note
-
-# The largest |bias| in levels of its INT32 grid: half the range, the rest left to the sum of the
-# products it is added to (tiny weights under a large bias would otherwise wrap: -0.8 dB).
-MAX_BIAS_LEVEL = 2.0**30
-from qcompile.decisions import (INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, DerivedSpec, IntegerGrid, PerAxis, PerTensor,
+from qcompile.decisions import (INTEGER_KERNEL_DTYPES, MAX_BIAS_LEVEL, QUANT_SPEC_KEY, DerivedSpec, IntegerGrid, PerAxis, PerTensor,
                                 QuantSpec)
 
 

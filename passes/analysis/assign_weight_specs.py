@@ -10,7 +10,8 @@ import onnx_ir as ir
 from qcompile.config import NodeSettings, settings_for
 from qcompile.graph import constant_array, has_subgraph, name_matches
 from qcompile.notes import add_note
-from qcompile.decisions import INTEGER_KERNEL_DTYPES, QUANT_SPEC_KEY, LevelConstraint, symmetric_weight_spec
+from qcompile.decisions import (INTEGER_KERNEL_DTYPES, MAX_BIAS_LEVEL, QUANT_SPEC_KEY, LevelConstraint,
+                                symmetric_weight_spec)
 from qcompile.op_rules import qdq_missing_note, weight_axis
 from qcompile.targets.x86 import CpuProfile
 
@@ -71,10 +72,11 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
             per_channel = settings_for(self.options.nodes, node.name).get("per_channel", self.options.per_channel)
             per_tensor_for_opset += per_channel and not per_axis_ok
             cpu = self.options.cpu
+            chosen_axis = axis if per_channel and per_axis_ok else None
             weight.meta[QUANT_SPEC_KEY] = symmetric_weight_spec(
-                array, axis if per_channel and per_axis_ok else None,
-                ir.DataType.UINT8 if cpu and cpu.weight_dtype == "uint8" else ir.DataType.INT8,
+                array, chosen_axis, ir.DataType.UINT8 if cpu and cpu.weight_dtype == "uint8" else ir.DataType.INT8,
                 cpu.weight_qmax if cpu else 127, self._constraint(node, array.shape),
+                _step_for_bias(node, chosen_axis),
             )
             modified = True
         if other_ops:
@@ -106,3 +108,17 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
             and user.op_type in self.options.op_types
             for user, index in weight.uses()
         )
+
+
+def _step_for_bias(node: ir.Node, axis: int | None) -> np.ndarray | float:
+    """The weight step below which the bias of a Conv / Gemm on integer kernels would not fit its INT32
+    grid (step = input step x weight step): a channel whose weights are all but zero under a real bias
+    (paddle exports have them, at 1e-40) gets a step that makes room for the bias. Its weights round to
+    zero either way; the other channels are not affected. A quarter of the grid's room, so that bias
+    correction may still move the bias."""
+    x_spec = node.inputs[0].meta.get(QUANT_SPEC_KEY) if node.inputs[0] is not None else None
+    bias = constant_array(node.inputs[2]) if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 else None
+    if x_spec is None or x_spec.dtype not in INTEGER_KERNEL_DTYPES or bias is None or bias.ndim != 1:
+        return 0.0
+    needed = np.abs(bias).astype(np.float64) / (float(x_spec.scale) * MAX_BIAS_LEVEL / 4)
+    return needed if axis is not None and needed.size > 1 else float(needed.max(initial=0.0))

@@ -6,7 +6,7 @@ from qcompile.decisions.keys import (BIAS_CORRECTION_KEY, CHANGED_BY, CHANNEL_SC
                                      SHARED_SPEC_KEY, SMOOTHING_KEY)
 from qcompile.decisions.records import (BiasCorrection, Equalization, Smoothing, channel_scale_json,
                                         read_channel_scale, take_decisions)
-from qcompile.decisions.spec import (INTEGER_KERNEL_DTYPES, DerivedSpec, Granularity, LevelConstraint, PerAxis,
+from qcompile.decisions.spec import (INTEGER_KERNEL_DTYPES, MAX_BIAS_LEVEL, DerivedSpec, Granularity, LevelConstraint, PerAxis,
                                      PerBlock, PerTensor, QuantSpec, SharedSpec, activation_spec, grid_range,
                                      grid_within, symmetric_weight_spec)
 
@@ -15,6 +15,6 @@ __all__ = [
     "BIAS_CORRECTION_KEY", "CHANGED_BY", "CHANNEL_SCALE_KEY", "CREATED_BY", "EQUALIZATION_KEY", "MEAN_KEY",
     "NEEDS_RANGE_KEY", "NOTES_KEY", "QUANT_SPEC_KEY", "QUANTIZED_INPUTS_KEY", "SHARED_SPEC_KEY", "SMOOTHING_KEY",
     "BiasCorrection", "Equalization", "Smoothing", "channel_scale_json", "read_channel_scale", "take_decisions",
-    "INTEGER_KERNEL_DTYPES", "DerivedSpec", "Granularity", "LevelConstraint", "PerAxis", "PerBlock", "PerTensor",
+    "INTEGER_KERNEL_DTYPES", "MAX_BIAS_LEVEL", "DerivedSpec", "Granularity", "LevelConstraint", "PerAxis", "PerBlock", "PerTensor",
     "QuantSpec", "SharedSpec", "activation_spec", "grid_range", "grid_within", "symmetric_weight_spec",
 ]

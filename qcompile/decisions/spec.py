@@ -20,6 +20,9 @@ from qcompile.decisions.keys import QUANT_SPEC_KEY
 
 # Activation types ONNX Runtime's integer kernels take; a node with a wider (16-bit) input runs in float.
 INTEGER_KERNEL_DTYPES = (ir.DataType.UINT8, ir.DataType.INT8)
+# The largest |bias| in levels of its INT32 grid (step = input step x weight step): half the range, the
+# rest left to the sum of the products it is added to.
+MAX_BIAS_LEVEL = 2.0**30
 
 
 @dataclass(frozen=True)
@@ -158,14 +161,15 @@ class DerivedSpec:
 
 
 def symmetric_weight_spec(weight: np.ndarray, axis: int | None, dtype: ir.DataType, qmax: int,
-                          constraint: LevelConstraint | None = None) -> QuantSpec:
+                          constraint: LevelConstraint | None = None, min_step: np.ndarray | float = 0.0) -> QuantSpec:
     """Symmetric min/max spec for a weight, per channel along ``axis`` (or per tensor).
 
     Levels are -qmax..qmax around the zero point: 0 for INT8, 128 for UINT8 (the same grid stored
-    unsigned, for u8 x u8 integer kernels). A ``constraint`` may ask for a coarser step.
+    unsigned, for u8 x u8 integer kernels). A ``constraint`` may ask for a coarser step, and so may
+    ``min_step`` (per index of ``axis``, or one for the tensor).
     """
     reduce_axes = tuple(i for i in range(weight.ndim) if i != axis) if axis is not None else None
-    step = np.abs(weight).max(axis=reduce_axes) / qmax
+    step = np.maximum(np.abs(weight).max(axis=reduce_axes) / qmax, min_step)
     if constraint is not None:
         step = np.maximum(step, constraint.min_step(weight, axis))
     # An all-zero channel quantizes exactly with any positive scale.
