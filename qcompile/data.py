@@ -40,7 +40,9 @@ def model_inputs(model: ir.Model) -> list[InputInfo]:
     for value in model.graph.inputs:
         if value in model.graph.initializers.values():
             continue  # an initializer listed as input: has a default, not user data
-        dims = tuple(d if isinstance(d, int) else (d.value if d is not None else None) for d in (value.shape or []))
+        # Paddle exports write free dimensions as -1: free, like a named or unnamed one.
+        dims = tuple((d if d >= 0 else None) if isinstance(d, int) else (d.value if d is not None else None)
+                     for d in (value.shape or []))
         infos.append(InputInfo(value.name, np.dtype(value.dtype.numpy()), dims))
     return infos
 

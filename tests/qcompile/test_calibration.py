@@ -366,3 +366,11 @@ def test_per_channel_statistics_and_gram_match_numpy_over_all_batches(tmp_path):
     # Mean over axis 1 of batches of shape (8, 16): one shape per batch only if the batches agree; the
     # last batch holds 5 samples, so the sample axis changes shape and there is no mean.
     assert stats[4].result() is None
+
+
+def test_data_without_samples_is_a_usage_error_not_empty_statistics(tmp_path):
+    model = load_model(_model(tmp_path))
+    h = next(node.outputs[0] for node in model.graph if node.op_type == "Mul")
+    runner = CalibrationRunner(model, CalibrationData(_data(tmp_path / "empty.npz", x=np.zeros((0, 16), np.float32))))
+    with pytest.raises(UsageError, match="holds no samples"):
+        runner.run({h: [RangeStatistic("h")]}, "calibrating")

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from qcompile.data import InputInfo, count_samples, iterate_batches
+from qcompile.data import InputInfo, count_samples, iterate_batches, model_inputs
 from qcompile.errors import UsageError
+from qcompile.io import load_model
 
 TOKENS = [InputInfo("ids", np.dtype(np.int64), ("batch", "seq"))]
 
@@ -89,3 +90,29 @@ def test_inputs_whose_sample_axes_cannot_share_a_batch_are_a_usage_error(tmp_pat
         list(iterate_batches(str(tmp_path / "mixed.npz"), inputs))
     np.savez(tmp_path / "nested.npz", x=np.zeros((2, 4, 6), np.float32), y=np.zeros((2, 4, 6), np.float32))
     assert [b["x"].shape for b in iterate_batches(str(tmp_path / "nested.npz"), inputs)] == [(4, 6), (4, 6)]
+
+
+def test_a_batch_axis_written_as_minus_one_is_free(tmp_path):
+    """Paddle exports write free dimensions as -1: data must be fed in batches, not refused or dropped
+    (zero batches left SmoothQuant without statistics: an internal error)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import qcompile
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 6, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 6, 4])],
+                              [onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4))
+                                                            .astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "paddle_dims.onnx"
+    path.write_bytes(model.SerializeToString())
+    (info,) = model_inputs(load_model(path))
+    assert info.dims == (None, 6, 8) and info.batched
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((10, 6, 8)).astype(np.float32))
+    batches = list(iterate_batches(str(tmp_path / "calib.npz"), [info]))
+    assert [b["x"].shape[0] for b in batches] == [8, 2]
+    result = qcompile.compile(path, recipe="w8a8", calib=str(tmp_path / "calib.npz"))
+    assert result.report["layers"][0]["precision"] == "w:int8 a:uint8"
