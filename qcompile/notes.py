@@ -1,6 +1,7 @@
 """Notes that passes leave for the report: what they left alone and why.
 
-A pass calls `add_note(model, "...")`; the pipeline attributes each note to the pass that wrote it.
+A pass calls `add_note(model, "...")`; the pipeline attributes each note to the pass that wrote it. A
+note already made (two passes that leave the same thing alone) is not repeated.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from qcompile.decisions.keys import NOTES_KEY
 
 
 def add_note(model: ir.Model, message: str) -> None:
-    model.meta.setdefault(NOTES_KEY, []).append(message)
+    made = model.meta.setdefault(NOTES_KEY, [])
+    if message not in made:
+        made.append(message)
 
 
 def notes(model: ir.Model) -> list[str]:

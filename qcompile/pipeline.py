@@ -31,6 +31,7 @@ from qcompile.report import PassRecord
 
 logger = logging.getLogger(__name__)
 
+
 def pass_name(p: ir.passes.PassBase) -> str:
     return getattr(p, "name", type(p).__name__)
 

@@ -96,5 +96,7 @@ def test_a_model_kept_below_opset_10_is_left_float_with_a_note_not_broken(tmp_pa
 
     assert result.model.opset_imports[""] == 9
     assert not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in result.model.graph)
-    assert "opset 9 has no QuantizeLinear/DequantizeLinear (opset 10 has): nothing quantized" in result.report["notes"]
+    # said once, though select-quantized-ops and assign-weight-specs both find it
+    assert result.report["notes"].count("opset 9 has no QuantizeLinear/DequantizeLinear (opset 10 has): nothing "
+                                        "quantized") == 1
     assert {layer["precision"] for layer in result.report["layers"]} == {"w:fp32 a:fp32"}
