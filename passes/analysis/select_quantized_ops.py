@@ -87,9 +87,10 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
                 continue  # Add/Mul with a constant: a bias or scale, not a residual join
             wanted.update(node.inputs[i] for i in slots)
             modified |= _mark(node, slots)
+        feeding = _feeding_quantized(model.graph, wanted)
         for node in model.graph:
             if node.op_type in QUANTIZED_OUTPUT_OPS and node.domain == "" and QUANTIZED_INPUTS_KEY in node.meta:
-                modified |= self._quantize_output(node.outputs[0], wanted)
+                modified |= self._quantize_output(node.outputs[0], wanted, feeding)
         for value in wanted:
             value.meta[NEEDS_RANGE_KEY] = True
         for group in _shared_groups(model, wanted):
@@ -97,15 +98,16 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
                 value.meta[SHARED_SPEC_KEY] = SharedSpec(group[0])
         return ir.passes.PassResult(model, modified=modified)
 
-    def _quantize_output(self, value: ir.Value, wanted: set[ir.Value]) -> bool:
+    def _quantize_output(self, value: ir.Value, wanted: set[ir.Value], feeding: set[ir.Value]) -> bool:
         """Quantize ``value`` for all its readers (`qcompile.op_rules`: quantized Conv outputs) where
-        each reader's output is quantized too. Not where that is Relu/Clip (their grid holds the clip
-        and ONNX Runtime fuses them into the integer Conv), and not in a head whose result goes on in
-        float (a Conv -> Sigmoid -> graph output keeps its output precision)."""
+        each reader's output goes on to a quantized input (through HardSwish, a scale and shift, ...).
+        Not where the readers are Relu/Clip (their grid holds the clip and ONNX Runtime fuses them
+        into the integer Conv), and not in a head whose result goes on in float (a Conv -> Sigmoid ->
+        graph output keeps its output precision)."""
         users = [(user, index) for user, index in value.uses() if not self._excluded(user)]
         if value.is_graph_output() or not users:
             return False
-        if not all(any(out in wanted for out in user.outputs) for user, _ in users):
+        if not all(any(out in feeding for out in user.outputs) for user, _ in users):
             return False
         if all(user.op_type in CLIPS for user, _ in users):
             return False
@@ -117,6 +119,15 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
 
     def _excluded(self, node: ir.Node) -> bool:
         return name_matches(node.name, self.options.exclude)
+
+
+def _feeding_quantized(graph: ir.Graph, wanted: set[ir.Value]) -> set[ir.Value]:
+    """The values from which float ops other than compute ops lead to a quantized input."""
+    feeding = set(wanted)
+    for node in reversed(list(graph)):
+        if node.domain == "" and node.op_type not in COMPUTE_OPS and any(out in feeding for out in node.outputs):
+            feeding.update(value for value in node.inputs if _is_activation(value))
+    return feeding
 
 
 def _shared_groups(model: ir.Model, values: set[ir.Value]) -> list[list[ir.Value]]:

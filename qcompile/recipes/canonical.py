@@ -6,6 +6,7 @@ import onnx_ir as ir
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.canonicalize.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
+from qcompile.passes.canonicalize.fold_conv_affine import FoldConvAffinePass
 from qcompile.passes.canonicalize.fix_names import FixNamesPass
 from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
 from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
@@ -24,6 +25,7 @@ def canonicalize() -> list[ir.passes.PassBase]:
         FoldConstantsPass(),
         EliminateIdentityPass(),
         FoldBatchNormPass(),
+        FoldConvAffinePass(),
         FuseMatMulAddPass(),
         EliminateDeadCodePass(),
         InferShapesPass(),
@@ -34,5 +36,5 @@ def _canonicalize(settings: Settings) -> list[ir.passes.PassBase]:
     return canonicalize()
 
 
-RECIPES = [Recipe("canonicalize", "opset raised to 13 where lower, shape inference, constant folding, BN folding, "
-                                  "MatMul+Add->Gemm, DCE; no quantization", build=_canonicalize)]
+RECIPES = [Recipe("canonicalize", "opset raised to 13 where lower, shape inference, constant folding, BN and per-channel "
+                                  "Mul/Add folding into Conv, MatMul+Add->Gemm, DCE; no quantization", build=_canonicalize)]
