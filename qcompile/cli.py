@@ -299,10 +299,11 @@ def _cmd_eval(args) -> int:
     for o in result["outputs"]:
         table.add_row(escape(o["name"]), f"{o['sqnr_db']:.2f}", f"{o['cosine']:.5f}", f"{o['max_abs']:.4g}")
     out.print(table)
-    if "latency_ms" in result:
-        lat = result["latency_ms"]
-        out.print(f"latency: reference {lat['reference']:.2f} ms, candidate {lat['candidate']:.2f} ms "
-                  f"({lat['ratio']:.2f}x), median of {lat['runs']} interleaved runs on one feed")
+    for lat in result.get("latency_ms", ()):
+        out.print(f"latency at batch {lat['batch']}: reference {lat['reference']:.2f} ms, candidate "
+                  f"{lat['candidate']:.2f} ms ({lat['ratio']:.2f}x), median of {lat['runs']} interleaved runs")
+    if "latency_note" in result:
+        out.print(f"latency: {result['latency_note']}")
     out.print(f"checked on {result['runtime']}")
     if result["layers"]:
         layers = Table("quantized tensor", "producer", "SQNR dB", "added by this layer dB", "cosine",

@@ -7,7 +7,7 @@ import platform
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import onnx
@@ -24,6 +24,7 @@ from qcompile.layers import layer_precisions
 from qcompile.notes import notes
 from qcompile.op_rules import COMPUTE_OPS
 from qcompile.pipeline import Pipeline, dump_to_folder, pass_name
+from qcompile.placement import choose_placement
 from qcompile.recipes import Settings, get_recipe
 from qcompile.report import Latency, Layer, OutputError, PassRecord, Report, SizeBytes, Verification
 from qcompile.target_check import checked_on
@@ -84,7 +85,8 @@ class CompileResult:
             outputs = [OutputError(**o) for o in compared["outputs"]]
             latency = compared.get("latency_ms")
             verification = Verification(compared["samples"], outputs, checked_on(self.model, target),
-                                        Latency(**latency) if latency else None, min_sqnr,
+                                        [Latency(**row) for row in latency] if latency else None,
+                                        compared.get("latency_note"), min_sqnr,
                                         min_sqnr is None or all(o.sqnr_db >= min_sqnr for o in outputs))
             if not verification.passed:  # say which layer is to blame
                 verification.layers = layer_errors(self._input, output, data, inputs, target, limit, seed)
@@ -200,6 +202,16 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
     input_nodes = [node.name for node in all_nodes(model)]
     dump = dump_to_folder(Path(dump_dir or "."), input_path.stem, set(dump_after)) if dump_after else None
     records = Pipeline(passes, verify_each=verify_each, dump_after=dump).run(model)
+    placement = []
+    if getattr(resolved, "placement", None) == "measured" and not chosen_target.qdq_semantics and data is not None:
+        def compile_islands():
+            islands = load_model(input_path)
+            settings_islands = Settings(chosen_target, replace(resolved, placement="float-islands"),
+                                        tuple(settings.exclude), data, settings.nodes)
+            return islands, Pipeline(chosen.build(settings_islands), verify_each=verify_each).run(islands)
+
+        (model, records), note = choose_placement(input_path, (model, records), compile_islands, data, chosen_target)
+        placement.append(note)
     reads_data = _reads_data(passes)
     unused_inputs = ([f"recipe {chosen.name} as set up reads no data: --calib {calib} was not used"]
                      if calib and not reads_data else []) + unused_node_settings(settings.nodes, chosen.name, passes)
@@ -224,7 +236,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         size_bytes=SizeBytes(file_bytes(input_path)),
         passes=records,
         layers=[Layer(**row) for row in layer_precisions(model)],
-        notes=notes(model) + unused_inputs,
+        notes=notes(model) + placement + unused_inputs,
         cpu=asdict(cpu_profile(options["cpu"])) if "cpu" in options else None,
         versions=versions(),
         command=" ".join(sys.argv),

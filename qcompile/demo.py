@@ -62,9 +62,9 @@ def main() -> int:
                                   f"{report['size_bytes']['after'] / 1e6:.2f} MB")
     table.add_row("top-1 agreement with fp32", f"{agreement:.1%}")
     table.add_row("logits SQNR / cosine", f"{logits['sqnr_db']:.1f} dB / {logits['cosine']:.5f}")
-    latency = verification["latency_ms"]
-    table.add_row("latency per batch of 8 (ORT CPU)", f"{latency['reference']:.1f} ms -> {latency['candidate']:.1f} ms "
-                                                     f"({latency['ratio']:.2f}x)")
+    for latency in verification["latency_ms"]:
+        table.add_row(f"latency at batch {latency['batch']} (ORT CPU)",
+                      f"{latency['reference']:.1f} ms -> {latency['candidate']:.1f} ms ({latency['ratio']:.2f}x)")
     table.add_row("compile time", f"{sum(p['seconds'] for p in report['passes']):.2f} s")
     table.add_row("output", str(output))
     console.print(table)

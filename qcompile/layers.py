@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from qcompile.decisions import FLOAT_REASON_KEY
 from qcompile.graph import all_nodes
 
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "QLinearConv",
@@ -55,5 +56,10 @@ def layer_precisions(model: ir.Model) -> list[dict]:
         weight = _operand_precision(operand)
         precision = (f"a:{activation} x a:{weight}" if operand is not None and not _stored(operand)
                      else f"w:{weight} a:{activation}")
-        rows.append({"name": node.name, "op_type": node.op_type, "precision": precision})
+        row = {"name": node.name, "op_type": node.op_type, "precision": precision}
+        if weight.startswith(("fp", "bf")) and _stored(operand):
+            row["why"] = node.meta.get(FLOAT_REASON_KEY) or (
+                "in a control-flow subgraph: only the main graph is quantized" if node.graph is not model.graph
+                else None)
+        rows.append(row)
     return rows

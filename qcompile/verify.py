@@ -86,8 +86,29 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
     result = {"samples": count_samples(data, inputs, limit),
               "outputs": [asdict(acc.result(name)) for name, acc in accumulators.items()]}
     if not target.qdq_semantics:  # both sessions ran the first feed above: warmed up
-        result["latency_ms"] = _latency(ref_session, cand_session, names, first_feed)
+        feeds, result["latency_note"] = latency_feeds(first_feed, inputs)
+        result["latency_ms"] = [{"batch": batch, **_latency(ref_session, cand_session, names, feed)}
+                                for batch, feed in feeds.items()]
+        if result["latency_note"] is None:
+            del result["latency_note"]
     return result
+
+
+LATENCY_BATCHES = (1, 8)
+
+
+def latency_feeds(feed: dict[str, np.ndarray], inputs: list[InputInfo]) -> tuple[dict[int, dict], str | None]:
+    """``feed``'s samples cut or repeated to each of `LATENCY_BATCHES`, where every input has a free batch
+    axis; else the feed as it is, and a note why no other batch was timed."""
+    fixed = next((i for i in inputs if not i.batched or i.name not in feed or feed[i.name].ndim != len(i.dims)), None)
+    if fixed is not None:
+        batch = feed[fixed.name].shape[0] if fixed.name in feed and feed[fixed.name].ndim else 1
+        why = (f"timed at batch {batch} only: input {fixed.name!r} has no free batch axis "
+               f"{fixed.describe()}")
+        return {batch: feed}, why
+    rows = next(iter(feed.values())).shape[0]
+    return {batch: {name: np.concatenate([array] * -(-batch // rows))[:batch] for name, array in feed.items()}
+            for batch in LATENCY_BATCHES}, None
 
 
 def _check_finite(feed: dict[str, np.ndarray], data: str) -> None:
@@ -103,16 +124,25 @@ LATENCY_ROUNDS, LATENCY_SECONDS = 7, 0.5
 
 def _latency(ref_session, cand_session, names: list[str], feed: dict[str, np.ndarray]) -> dict:
     """Median ms of each model on one feed, the runs interleaved so that neither gains from going first."""
-    times: tuple[list[float], list[float]] = ([], [])
-    sessions = (ref_session, cand_session)
-    until = time.perf_counter() + LATENCY_SECONDS
-    while len(times[0]) < LATENCY_ROUNDS or (time.perf_counter() < until and len(times[0]) < 100):
-        for i in ((0, 1) if len(times[0]) % 2 == 0 else (1, 0)):
+    (ref_ms, cand_ms), runs = interleaved_medians([ref_session, cand_session], names, feed)
+    return {"reference": ref_ms, "candidate": cand_ms, "ratio": cand_ms / ref_ms, "runs": runs}
+
+
+def interleaved_medians(sessions: list, names: list[str], feed: dict[str, np.ndarray], min_rounds: int = LATENCY_ROUNDS,
+                        seconds: float = LATENCY_SECONDS) -> tuple[list[float], int]:
+    """Median ms of each session on ``feed``, and the rounds run: each round runs every session once, in an
+    order that rotates, so that none gains from going first; more rounds (up to 100) until ``seconds``."""
+    times: list[list[float]] = [[] for _ in sessions]
+    until = time.perf_counter() + seconds
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() < until and rounds < 100):
+        for i in range(len(sessions)):
+            which = (i + rounds) % len(sessions)
             start = time.perf_counter()
-            sessions[i].run(names, feed)
-            times[i].append(time.perf_counter() - start)
-    ref_ms, cand_ms = (1e3 * statistics.median(t) for t in times)
-    return {"reference": ref_ms, "candidate": cand_ms, "ratio": cand_ms / ref_ms, "runs": len(times[0])}
+            sessions[which].run(names, feed)
+            times[which].append(time.perf_counter() - start)
+        rounds += 1
+    return [1e3 * statistics.median(t) for t in times], rounds
 
 
 def _quantized_tensors(candidate: ir.Model, reference: ir.Model) -> list[str]:

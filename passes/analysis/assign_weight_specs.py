@@ -10,8 +10,8 @@ import onnx_ir as ir
 from qcompile.config import NodeSettings, settings_for
 from qcompile.graph import constant_array, has_subgraph, name_matches
 from qcompile.notes import add_note
-from qcompile.decisions import (INTEGER_KERNEL_DTYPES, MAX_BIAS_LEVEL, QUANT_SPEC_KEY, LevelConstraint,
-                                symmetric_weight_spec)
+from qcompile.decisions import (FLOAT_REASON_KEY, INTEGER_KERNEL_DTYPES, MAX_BIAS_LEVEL, QUANT_SPEC_KEY,
+                                LevelConstraint, symmetric_weight_spec)
 from qcompile.op_rules import qdq_missing_note, weight_axis
 from qcompile.targets.x86 import CpuProfile
 
@@ -100,7 +100,8 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
                                                   bool(node.attributes.get_int("transB", 0)))
 
     def _excluded(self, node: ir.Node) -> bool:
-        return name_matches(node.name, self.options.exclude)
+        """Excluded by the user, or left float by placement (`select-quantized-ops`)."""
+        return name_matches(node.name, self.options.exclude) or FLOAT_REASON_KEY in node.meta
 
     def _only_weight_uses(self, weight: ir.Value, axis: int) -> bool:
         return all(

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from qcompile.decisions import NEEDS_RANGE_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY, SharedSpec
+from qcompile.decisions import (FLOAT_REASON_KEY, NEEDS_RANGE_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY,
+                                SharedSpec)
 from qcompile.graph import graph_values, name_matches
 from qcompile.notes import add_note
 from qcompile.op_rules import (CLIPS, COMPUTE_OPS, ELEMENTWISE_OPS, QUANTIZED_OUTPUT_OPS, SHARED_OPS, candidate_inputs,
@@ -17,6 +18,13 @@ FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 @dataclass(frozen=True)
 class SelectOptions:
     exclude: tuple[str, ...] = ()
+    # Quantize a Conv's output only for readers that are quantized themselves, and leave float, weight
+    # and all, each Conv that then has no integer output (`float_islands`).
+    float_islands: bool = False
+
+
+ISLAND_REASON = ("placement: float ops (not quantized ones) read its output, and Q/DQ around them would cost more "
+                 "than integers save; left float with its weight (float_islands)")
 
 
 def _is_activation(value: ir.Value | None) -> bool:
@@ -44,11 +52,19 @@ def data_dependent_values(graph: ir.Graph) -> set[ir.Value]:
     return dependent
 
 
-def _mark(node: ir.Node, slots) -> bool:
-    if node.meta.get(QUANTIZED_INPUTS_KEY) == tuple(slots):
-        return False
-    node.meta[QUANTIZED_INPUTS_KEY] = tuple(slots)
-    return True
+def float_islands(graph: ir.Graph, marks: dict[ir.Node, tuple[int, ...]], wanted: set[ir.Value]) -> list[ir.Node]:
+    """The quantized Convs with no integer output: neither their output nor that of the Relu/Clip
+    reading it is quantized. ONNX Runtime runs them in float, their weight dequantized on every call."""
+    islands = []
+    for node in marks:
+        if node.op_type not in QUANTIZED_OUTPUT_OPS:
+            continue
+        output = node.outputs[0]
+        users = [user for user, _ in output.uses()]
+        clipped = users and all(u.op_type in CLIPS and u.outputs[0] in wanted for u in users)
+        if output not in wanted and not clipped:
+            islands.append(node)
+    return islands
 
 
 class SelectQuantizedOpsPass(ir.passes.InPlacePass):
@@ -57,8 +73,9 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
     Walks the graph backwards: a non-compute op (Reshape, residual Add, Relu, ...) is quantized only
     if its output feeds an op that is. Then a quantized Conv's output is quantized for its readers, so
     that ONNX Runtime can run the Conv on integers. The quantized inputs and the output of an op that
-    moves values without computing new ones (`SHARED_OPS`) get one `SharedSpec`. Main graph only;
-    control-flow subgraphs stay float.
+    moves values without computing new ones (`SHARED_OPS`) get one `SharedSpec`. With `float_islands`,
+    a Conv that would still have no integer output is left float, and the walk repeats without it.
+    Main graph only; control-flow subgraphs stay float.
     """
 
     name = "select-quantized-ops"
@@ -71,11 +88,37 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
         if (missing := qdq_missing_note(model)) is not None:
             add_note(model, missing)
             return ir.passes.PassResult(model, modified=False)
-        wanted: set[ir.Value] = set()
-        modified = False
         dependent = data_dependent_values(model.graph)
-        for node in reversed(list(model.graph)):
-            if node.domain != "" or self._excluded(node):
+        islands: set[ir.Node] = set()
+        while True:
+            marks, wanted = self._select(model.graph, dependent, islands)
+            found = float_islands(model.graph, marks, wanted) if self.options.float_islands else []
+            if not found:
+                break
+            islands.update(found)
+        modified = False
+        for node in model.graph:
+            if node.meta.get(QUANTIZED_INPUTS_KEY) != marks.get(node):
+                if node in marks:
+                    node.meta[QUANTIZED_INPUTS_KEY] = marks[node]
+                else:
+                    del node.meta[QUANTIZED_INPUTS_KEY]
+                modified = True
+            if node in islands:
+                node.meta[FLOAT_REASON_KEY] = ISLAND_REASON
+        for value in wanted:
+            value.meta[NEEDS_RANGE_KEY] = True
+        for group in _shared_groups(model, wanted):
+            for value in group:
+                value.meta[SHARED_SPEC_KEY] = SharedSpec(group[0])
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _select(self, graph: ir.Graph, dependent: set[ir.Value], skipped: set[ir.Node]):
+        """The quantized input slots of each node, and the set of quantized values."""
+        marks: dict[ir.Node, tuple[int, ...]] = {}
+        wanted: set[ir.Value] = set()
+        for node in reversed(list(graph)):
+            if node.domain != "" or self._excluded(node) or node in skipped:
                 continue
             slots = [i for i in candidate_inputs(node.op_type, len(node.inputs)) if _is_activation(node.inputs[i])
                      and (node.op_type not in COMPUTE_OPS or node.inputs[i] in dependent)]
@@ -86,36 +129,32 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
             if node.op_type in ELEMENTWISE_OPS and len(slots) < 2:
                 continue  # Add/Mul with a constant: a bias or scale, not a residual join
             wanted.update(node.inputs[i] for i in slots)
-            modified |= _mark(node, slots)
-        feeding = _feeding_quantized(model.graph, wanted)
-        for node in model.graph:
-            if node.op_type in QUANTIZED_OUTPUT_OPS and node.domain == "" and QUANTIZED_INPUTS_KEY in node.meta:
-                modified |= self._quantize_output(node.outputs[0], wanted, feeding)
-        for value in wanted:
-            value.meta[NEEDS_RANGE_KEY] = True
-        for group in _shared_groups(model, wanted):
-            for value in group:
-                value.meta[SHARED_SPEC_KEY] = SharedSpec(group[0])
-        return ir.passes.PassResult(model, modified=modified)
+            marks[node] = tuple(slots)
+        # Without float islands, a Conv output is quantized for float ops that lead on to a quantized
+        # input; with them, only for readers that are quantized themselves.
+        feeding = wanted if self.options.float_islands else _feeding_quantized(graph, wanted)
+        for node in graph:
+            if node.op_type in QUANTIZED_OUTPUT_OPS and node in marks:
+                self._quantize_output(node.outputs[0], wanted, feeding, marks, skipped)
+        return marks, wanted
 
-    def _quantize_output(self, value: ir.Value, wanted: set[ir.Value], feeding: set[ir.Value]) -> bool:
+    def _quantize_output(self, value: ir.Value, wanted: set[ir.Value], feeding: set[ir.Value],
+                         marks: dict[ir.Node, tuple[int, ...]], skipped: set[ir.Node]) -> None:
         """Quantize ``value`` for all its readers (`qcompile.op_rules`: quantized Conv outputs) where
         each reader's output goes on to a quantized input (through HardSwish, a scale and shift, ...).
         Not where the readers are Relu/Clip (their grid holds the clip and ONNX Runtime fuses them
         into the integer Conv), and not in a head whose result goes on in float (a Conv -> Sigmoid ->
         graph output keeps its output precision)."""
-        users = [(user, index) for user, index in value.uses() if not self._excluded(user)]
+        users = [(user, index) for user, index in value.uses() if not self._excluded(user) and user not in skipped]
         if value.is_graph_output() or not users:
-            return False
+            return
         if not all(any(out in feeding for out in user.outputs) for user, _ in users):
-            return False
+            return
         if all(user.op_type in CLIPS for user, _ in users):
-            return False
+            return
         wanted.add(value)
-        modified = False
         for user, index in users:
-            modified |= _mark(user, sorted({*user.meta.get(QUANTIZED_INPUTS_KEY, ()), index}))
-        return modified
+            marks[user] = tuple(sorted({*marks.get(user, ()), index}))
 
     def _excluded(self, node: ir.Node) -> bool:
         return name_matches(node.name, self.options.exclude)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.graph import register_constant
+
 FOLDABLE = ("Add", "Mul")
 
 
@@ -49,30 +51,20 @@ def _fold(graph: ir.Graph, conv: ir.Node, user: ir.Node, vector: np.ndarray) -> 
     weight = conv.inputs[1].const_value.numpy()
     bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
     dtype = weight.dtype
-    bias = (bias_value.const_value.numpy() if bias_value is not None else np.zeros(len(vector), dtype)).astype(np.float64)
+    bias = bias_value.const_value.numpy() if bias_value is not None else np.zeros(len(vector), dtype)
+    bias = bias.astype(np.float64)
     if user.op_type == "Mul":
         axis = 0 if conv.op_type == "Conv" else 1
         weight = weight.astype(np.float64) * vector.reshape((-1,) + (1,) * (weight.ndim - 1 - axis))
         bias = bias * vector
     else:
         bias = bias + vector
-    new_weight = _initializer(graph, f"{conv.name}.weight", weight.astype(dtype))
-    new_bias = _initializer(graph, f"{conv.name}.bias", bias.astype(dtype))
+    new_weight = register_constant(graph, f"{conv.name}.weight", weight.astype(dtype))
+    new_bias = register_constant(graph, f"{conv.name}.bias", bias.astype(dtype))
     folded = ir.node(conv.op_type, [conv.inputs[0], new_weight, new_bias], attributes=conv.attributes,
                      name=conv.name, domain=conv.domain)
     ir.convenience.replace_nodes_and_values(graph, conv, [conv, user], [folded], [user.outputs[0]],
                                             [folded.outputs[0]])
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    unique, count = name, 0
-    while unique in graph.initializers:  # a chain folds into one Conv several times
-        count += 1
-        unique = f"{name}.{count}"
-    value = ir.Value(name=unique, const_value=ir.tensor(array))
-    value.shape, value.dtype = value.const_value.shape, value.const_value.dtype
-    graph.register_initializer(value)
-    return value
 
 
 class FoldConvAffinePass(ir.passes.InPlacePass):

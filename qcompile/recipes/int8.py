@@ -80,6 +80,10 @@ class W8A8Options:
     embeddings: bool = _embeddings_option()
     format: str = option("qdq", "qdq (Q/DQ around float ops: portable, what TensorRT reads) or qoperator "
                                 "(ONNX Runtime's QLinearConv / QLinearMatMul / QLinearAdd; ort-cpu only)")
+    placement: str = option("measured", "which Convs run on integers: measured (ort-cpu: where the model runs slower "
+                                        "than fp32 on this machine, Convs with float ops after them are left float "
+                                        "if that is faster), integer (every Conv; for a deployment machine other "
+                                        "than this one), float-islands (Convs with float ops after them left float)")
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,17 @@ def _qoperator(settings: Settings) -> list[ir.passes.PassBase]:
     return [LowerQOperatorPass()]
 
 
+PLACEMENTS = ("measured", "integer", "float-islands")
+
+
+def _float_islands(settings: Settings) -> bool:
+    """`placement=measured` compiles as `integer` first (`qcompile.placement` may compile again)."""
+    if settings.options.placement not in PLACEMENTS:
+        raise UsageError(f"option placement: expected one of {', '.join(PLACEMENTS)}, "
+                         f"got {settings.options.placement!r}")
+    return settings.options.placement == "float-islands"
+
+
 def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
     calibration = _calibration(settings.options)
     target = settings.target
@@ -194,7 +209,7 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
         *_untie(settings),
         *equalize,
         *_smoothing(settings),
-        SelectQuantizedOpsPass(SelectOptions(exclude=settings.excluded)),
+        SelectQuantizedOpsPass(SelectOptions(exclude=settings.excluded, float_islands=_float_islands(settings))),
         CalibrateActivationsPass(CalibrateOptions(data, target.activation_dtype, calibration, nodes=settings.nodes,
                                                   record_means=_corrects_bias(settings),
                                                   contrib_16bit=target.contrib_ops)),

@@ -24,6 +24,7 @@ class Layer:
     name: str
     op_type: str
     precision: str  # "w:int8 a:uint8", "a:uint8 x a:uint8" (two activations), "w:fp32 a:fp32"
+    why: str | None = None  # why a stored float weight stayed float, where a pass said
 
 
 @dataclass
@@ -36,7 +37,8 @@ class OutputError:
 
 @dataclass
 class Latency:
-    reference: float  # ms, median of interleaved runs on one feed
+    batch: int
+    reference: float  # ms, median of interleaved runs on one feed of this batch
     candidate: float
     ratio: float
     runs: int
@@ -47,7 +49,8 @@ class Verification:
     samples: int | None
     outputs: list[OutputError]
     runtime: str  # how the candidate was run here (`qcompile.target_check.checked_on`)
-    latency_ms: Latency | None = None  # None where this machine's speed is not the target's
+    latency_ms: list[Latency] | None = None  # per batch size; None where this machine's speed is not the target's
+    latency_note: str | None = None  # why a batch size was not timed
     min_sqnr_db: float | None = None
     passed: bool = True
     layers: list[dict] | None = None  # per quantized tensor, worst first (`qcompile.verify.layer_errors`)
@@ -55,7 +58,7 @@ class Verification:
 
     def to_json(self) -> dict:
         data = asdict(self)
-        for key in ("latency_ms", "layers", "blame"):  # absent, not null, where not measured
+        for key in ("latency_ms", "latency_note", "layers", "blame"):  # absent, not null, where not measured
             if data[key] is None:
                 del data[key]
         return data

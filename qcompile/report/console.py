@@ -27,9 +27,11 @@ def print_compile_summary(report: Report, console: Console) -> None:
     if verification:
         for o in verification.outputs:
             table.add_row(f"output {o.name}", f"SQNR {o.sqnr_db:.1f} dB, cosine {o.cosine:.5f}, max |err| {o.max_abs:.3g}")
-        if verification.latency_ms:
-            lat = verification.latency_ms
-            table.add_row("latency", f"{lat.reference:.2f} ms -> {lat.candidate:.2f} ms ({lat.ratio:.2f}x)")
+        for lat in verification.latency_ms or ():
+            table.add_row(f"latency batch {lat.batch}", f"{lat.reference:.2f} ms -> {lat.candidate:.2f} ms "
+                                                        f"({lat.ratio:.2f}x fp32)")
+        if verification.latency_note:
+            table.add_row("latency", escape(verification.latency_note))
         table.add_row("checked on", verification.runtime)
     for note in report.notes:
         table.add_row("note", escape(note))

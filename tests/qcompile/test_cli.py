@@ -262,7 +262,8 @@ def test_eval_of_a_model_against_itself_times_interleaved_runs_and_blames_no_lay
     assert main(["eval", str(out), str(out), "--data", "random", "--json"]) == 0
 
     result = json.loads(capsys.readouterr().out)
-    assert result["latency_ms"]["runs"] >= LATENCY_ROUNDS
+    assert [lat["batch"] for lat in result["latency_ms"]] == [1, 8]
+    assert all(lat["runs"] >= LATENCY_ROUNDS for lat in result["latency_ms"])
     assert result["layers"] and blame(result["layers"]) is None  # no tensor differs
 
 

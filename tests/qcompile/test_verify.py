@@ -1,7 +1,9 @@
+import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qcompile.verify import _readers
+from qcompile.data import InputInfo
+from qcompile.verify import _readers, latency_feeds
 
 
 def test_the_readers_of_a_quantized_tensor_are_found_past_reshapes_and_transposes_not_its_float_readers():
@@ -19,3 +21,18 @@ def test_the_readers_of_a_quantized_tensor_are_found_past_reshapes_and_transpose
     for node in model.graph:
         node.name = {"MatMul": "attention", "Relu": "relu"}.get(node.op_type, node.op_type)
     assert sorted(_readers(model.graph.inputs[0])) == ["attention", "relu"]  # not the Sigmoid of x itself
+
+
+def test_latency_is_timed_at_batch_1_and_8_where_the_batch_is_free_and_at_the_fixed_batch_otherwise():
+    feed = {"x": np.arange(3 * 2, dtype=np.float32).reshape(3, 2), "ids": np.ones((3, 4), np.int64)}
+    free = [InputInfo("x", np.dtype(np.float32), ("N", 2)), InputInfo("ids", np.dtype(np.int64), ("N", 4))]
+
+    feeds, note = latency_feeds(feed, free)
+
+    assert note is None and sorted(feeds) == [1, 8]
+    assert feeds[1]["x"].shape == (1, 2) and feeds[8]["ids"].shape == (8, 4)
+    np.testing.assert_array_equal(feeds[8]["x"][3:6], feed["x"])  # the samples repeated, not zeros
+
+    fixed = [InputInfo("x", np.dtype(np.float32), (3, 2)), free[1]]
+    feeds, note = latency_feeds(feed, fixed)
+    assert list(feeds) == [3] and "'x' has no free batch axis (3, 2)" in note

@@ -186,3 +186,48 @@ def test_positions_computed_from_shapes_stay_float_beyond_the_calibrated_length(
     assert angles.inputs[1].producer().op_type == "Unsqueeze"  # the positions reach it unquantized
     feed = {"x": np.random.default_rng(1).standard_normal((2, 64, 4)).astype(np.float32)}  # 64 positions
     assert _sqnr(run(parse(ROPE_ANGLES), feed)[0], run(model, feed)[0]) > 20  # 1.8 dB with quantized positions
+
+
+def _conv_hardswish_head() -> "ir.Model":
+    """Conv -> Relu -> Conv -> HardSwish -> learnable scale -> Conv -> Relu -> pooled Gemm head."""
+    rng = np.random.default_rng(1)
+    w = [", ".join(f"{v:.3f}" for v in rng.normal(0, 0.3, 4 * 4 * 9)) for _ in range(3)]
+    fc = ", ".join(f"{v:.3f}" for v in rng.normal(0, 0.5, 4 * 3))
+    return parse(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4, 8, 8] x) => (float[N, 3] y)
+            <float[4, 4, 3, 3] w0 = {{{w[0]}}}, float[4, 4, 3, 3] w1 = {{{w[1]}}}, float[4, 4, 3, 3] w2 = {{{w[2]}}},
+             float[1] scale = {{1.5}}, float[4, 3] fc = {{{fc}}}> {{
+            c0 = Conv<pads = [1, 1, 1, 1]>(x, w0)
+            r0 = Relu(c0)
+            c1 = Conv<pads = [1, 1, 1, 1]>(r0, w1)
+            h1 = HardSwish(c1)
+            s1 = Mul(h1, scale)
+            c2 = Conv<pads = [1, 1, 1, 1]>(s1, w2)
+            r2 = Relu(c2)
+            pooled = GlobalAveragePool(r2)
+            flat = Flatten(pooled)
+            y = MatMul(flat, fc)
+        }}""")
+
+
+def test_a_conv_whose_output_reaches_a_quantized_input_through_float_ops_gets_an_integer_output(tmp_path):
+    result, out = _compile(tmp_path, _conv_hardswish_head, options={"placement": "integer"})
+
+    c0, c1, c2 = (n for n in result.model.graph if n.op_type == "Conv")
+    assert [user.op_type for user, _ in c1.outputs[0].uses()] == ["QuantizeLinear"]  # HardSwish and Mul float
+    assert _ort_optimized_ops(out, tmp_path).count("QLinearConv") == 3
+    assert all(layer["precision"].startswith("w:int8") for layer in result.report["layers"])
+
+
+def test_float_islands_leave_convs_with_float_readers_float_weight_and_all_and_say_why(tmp_path):
+    result, out = _compile(tmp_path, _conv_hardswish_head, options={"placement": "float-islands"})
+
+    layers = {layer["name"]: layer for layer in result.report["layers"]}
+    floats = [layer for layer in layers.values() if layer["precision"] == "w:fp32 a:fp32"]
+    # c1 feeds HardSwish; c0 then feeds only a float Conv through Relu: both float. c2 -> Relu -> pool -> MatMul
+    # keeps its integer output.
+    assert len(floats) == 2 and all("float_islands" in layer["why"] for layer in floats)
+    assert _ort_optimized_ops(out, tmp_path).count("QLinearConv") == 1
+    feed = random_feed(result.model, batch=4, seed=2)
+    assert _sqnr(run(_conv_hardswish_head(), feed)[0], run(result.model, feed)[0]) > 25

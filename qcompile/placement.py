@@ -1,0 +1,101 @@
+"""Placement by measurement (`placement=measured`): which Convs run on integers, decided by timing the
+compiled model against fp32 on this machine.
+
+Every quantized Conv is first placed on integers. One whose output reaches the next quantized op only
+through float ops (HardSwish, a learnable scale, Sigmoid, ...) then needs DequantizeLinear, the float ops
+and QuantizeLinear after it, and on small feature maps those cost more than the integer Conv saves: a
+PP-LCNet classifier ran 1.2x fp32 so. Where the compiled model is slower than fp32 at batch 1 or 8, the
+model is compiled again with such Convs left float, weight and all (`float_islands`), the three models are
+timed interleaved, and the faster compiled model is kept. The note says what was measured.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import onnx_ir as ir
+
+from qcompile.calibration import CalibrationData
+from qcompile.data import model_inputs
+from qcompile.decisions import FLOAT_REASON_KEY
+from qcompile.io import save_model
+from qcompile.session import session
+from qcompile.targets import Target
+from qcompile.verify import interleaved_medians, latency_feeds
+
+T = TypeVar("T")
+# Two sessions of one model differ by up to ~7% on these shared machines: a model is slower than fp32
+# where its ratio passes 1 + TOLERANCE, and float islands are kept where they win by more than that.
+TOLERANCE = 0.04
+ROUNDS, SECONDS = 15, 2.0  # per batch size
+
+
+# An fp32 model quicker than this (ms, the smallest batch) is placed by the op rules: its time is mostly
+# per-op overhead and noise, not arithmetic that integers could speed up.
+MIN_TIMED_MS = 1.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    ratios: dict[int, float]  # batch -> compiled / fp32
+    fp32_ms: float  # at the smallest batch
+
+    @property
+    def worst(self) -> float:
+        return max(self.ratios.values())
+
+    def describe(self) -> str:
+        return " / ".join(f"{r:.2f}x" for r in self.ratios.values()) + " fp32 at batch " + \
+            " / ".join(str(b) for b in self.ratios)
+
+
+def time_against_fp32(reference: Path, models: list[ir.Model], data: CalibrationData, target: Target) -> list[Timing]:
+    """Each model's latency as a ratio to ``reference`` on the first batch of ``data`` (cut or repeated
+    to batch 1 and 8 where the batch is free), runs interleaved."""
+    inputs = model_inputs(models[0])
+    first = next(iter(data.batches(inputs)))
+    feeds, _ = latency_feeds(first, inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [save_model(model, Path(tmp) / f"candidate-{i}.onnx") for i, model in enumerate(models)]
+        sessions = [session(reference)] + [target.session(path) for path in paths]
+        names = [o.name for o in sessions[0].get_outputs()]
+        ratios: list[dict[int, float]] = [{} for _ in models]
+        fp32_ms = {}
+        for batch, feed in feeds.items():
+            for s in sessions:  # warm-up
+                s.run(names, feed)
+            (fp32_ms[batch], *compiled), _ = interleaved_medians(sessions, names, feed, ROUNDS, SECONDS)
+            for i, ms in enumerate(compiled):
+                ratios[i][batch] = ms / fp32_ms[batch]
+    return [Timing(r, fp32_ms[min(fp32_ms)]) for r in ratios]
+
+
+def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_islands: Callable[[], tuple[ir.Model, T]],
+                     data: CalibrationData, target: Target) -> tuple[tuple[ir.Model, T], str]:
+    """The faster of ``integer`` and, where that is slower than fp32, what ``compile_islands`` makes (each a
+    model and what came with it); and a note of what was measured."""
+    (timing,) = time_against_fp32(reference, [integer[0]], data, target)
+    if timing.fp32_ms < MIN_TIMED_MS:
+        return integer, (f"placement by the op rules: the fp32 model runs in {timing.fp32_ms:.2f} ms, too quick "
+                         f"to time Convs against")
+    if timing.worst <= 1 + TOLERANCE:
+        return integer, f"placement measured on this machine: {timing.describe()}, every Conv on integers"
+    islands = compile_islands()
+    left_float = sum(1 for node in islands[0].graph if FLOAT_REASON_KEY in node.meta)
+    if not left_float:
+        return integer, (f"placement measured on this machine: {timing.describe()}: slower than fp32, and no "
+                         f"Conv with float ops after it to leave float")
+    timing, islands_timing = time_against_fp32(reference, [integer[0], islands[0]], data, target)
+    if islands_timing.worst < timing.worst - TOLERANCE:
+        chosen, kept = islands, islands_timing
+        why = f"kept the {left_float} Convs with float ops after them float (float_islands): {kept.describe()}"
+    else:
+        chosen, kept = integer, timing
+        why = (f"leaving the {left_float} Convs with float ops after them float was no faster "
+               f"({islands_timing.describe()})")
+    slower = f"; still {kept.worst:.2f}x fp32 at worst" if kept.worst > 1 + TOLERANCE else ""
+    return chosen, (f"placement measured on this machine: {timing.describe()} with every Conv on integers; "
+                    f"{why}{slower}")

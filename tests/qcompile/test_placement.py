@@ -1,0 +1,62 @@
+"""The decision `placement=measured` takes from its timings (the timings themselves are machine noise)."""
+import pytest
+from helpers import parse
+
+from qcompile import placement
+from qcompile.decisions import FLOAT_REASON_KEY
+from qcompile.placement import Timing, choose_placement
+
+TWO_CONVS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 1, 4, 4] x) => (float[N, 1, 4, 4] y) <float[1, 1, 1, 1] w = {2}> {
+    c = Conv(x, w)
+    y = Conv(c, w)
+}
+"""
+
+
+@pytest.fixture
+def timings(monkeypatch):
+    """time_against_fp32 answers from a queue: one list of timings per call."""
+    answers = []
+    monkeypatch.setattr(placement, "time_against_fp32", lambda reference, models, data, target: answers.pop(0))
+    return answers
+
+
+def _islands(count):
+    model = parse(TWO_CONVS)
+    for node in list(model.graph)[:count]:
+        node.meta[FLOAT_REASON_KEY] = "test"
+    return model, "islands"
+
+
+def _choose(timings, answers, islands=1):
+    timings.extend(answers)
+    compiled = []
+    chosen, note = choose_placement("in.onnx", (parse(TWO_CONVS), "integer"),
+                                    lambda: compiled.append(1) or _islands(islands), None, None)
+    return chosen[1], note, bool(compiled)
+
+
+def test_a_model_no_slower_than_fp32_keeps_every_conv_on_integers_and_compiles_once(timings):
+    kept, note, compiled_again = _choose(timings, [[Timing({1: 0.8, 8: 1.03}, 5.0)]])
+    assert kept == "integer" and not compiled_again and "0.80x / 1.03x fp32 at batch 1 / 8" in note
+
+
+def test_a_model_too_quick_to_time_is_placed_by_the_op_rules(timings):
+    kept, note, compiled_again = _choose(timings, [[Timing({1: 1.5}, 0.2)]])
+    assert kept == "integer" and not compiled_again and "too quick" in note
+
+
+def test_float_islands_are_kept_only_where_they_win_by_more_than_the_noise(timings):
+    slower = Timing({1: 1.3, 8: 1.2}, 5.0)
+    kept, note, _ = _choose(timings, [[slower], [slower, Timing({1: 0.95, 8: 1.0}, 5.0)]])
+    assert kept == "islands" and "kept the 1 Convs" in note and "still" not in note
+
+    kept, note, _ = _choose(timings, [[slower], [slower, Timing({1: 1.28, 8: 1.25}, 5.0)]])
+    assert kept == "integer" and "no faster" in note and "still 1.30x fp32 at worst" in note
+
+
+def test_a_slower_model_with_no_conv_to_leave_float_says_so(timings):
+    kept, note, compiled_again = _choose(timings, [[Timing({1: 1.2}, 5.0)]], islands=0)
+    assert kept == "integer" and compiled_again and "no Conv with float ops after it" in note
