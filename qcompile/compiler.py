@@ -27,7 +27,7 @@ from qcompile.pipeline import Pipeline, dump_to_folder, pass_name
 from qcompile.placement import choose_placement
 from qcompile.recipes import Settings, get_recipe
 from qcompile.report import Latency, Layer, OutputError, PassRecord, Report, SizeBytes, Verification
-from qcompile.target_check import checked_on
+from qcompile.target_check import check_already_quantized, checked_on
 from qcompile.targets import TARGETS, get_target
 from qcompile.targets.x86 import cpu_profile
 from qcompile.verify import blame, compare_models, layer_errors
@@ -144,18 +144,19 @@ def _whole(what: str, value, minimum: int) -> int:
     return value
 
 
-def check_float32(model: ir.Model, path: Path) -> None:
-    """Refuse a model whose matmuls or convolutions compute in another float type: the passes quantize
-    float32 values (ONNX Runtime has no float16 QuantizeLinear / QLinear* kernels on the CPU)."""
+def check_float_types(model: ir.Model, path: Path) -> None:
+    """Refuse a model whose matmuls or convolutions compute in a float type other than float32 and
+    float16 (which `upcast-float16` turns into float32)."""
     for node in all_nodes(model):
         if node.op_type not in COMPUTE_OPS:
             continue
         dtype = next((v.dtype for v in node.inputs if v is not None and v.dtype is not None
-                      and v.dtype.is_floating_point() and v.dtype != ir.DataType.FLOAT), None)
+                      and v.dtype.is_floating_point() and v.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16)),
+                     None)
         if dtype is not None:
             which = f"{node.op_type} {node.name!r}" if node.name else f"an unnamed {node.op_type}"
             raise UsageError(f"{path}: {which} computes in {dtype.name.lower()}; qcompile "
-                             f"quantizes float32 models: export the model in float32")
+                             f"quantizes float32 and float16 models: export the model in one of those")
 
 
 def unmatched_patterns(settings: CompileConfig, before: list[str], after: list[str]) -> list[str]:
@@ -198,7 +199,10 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         raise UsageError(f"--dump-after {unknown[0]}: recipe {chosen.name} has no such pass ({', '.join(sorted(names))})")
 
     model = load_model(input_path)
-    check_float32(model, input_path)
+    check_float_types(model, input_path)
+    cpu = getattr(resolved, "cpu", None)
+    already = check_already_quantized(model, input_path, chosen_target,
+                                      vnni_only=cpu is not None and cpu_profile(cpu).choice == "vnni")
     input_nodes = [node.name for node in all_nodes(model)]
     dump = dump_to_folder(Path(dump_dir or "."), input_path.stem, set(dump_after)) if dump_after else None
     records = Pipeline(passes, verify_each=verify_each, dump_after=dump).run(model)
@@ -236,7 +240,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         size_bytes=SizeBytes(file_bytes(input_path)),
         passes=records,
         layers=[Layer(**row) for row in layer_precisions(model)],
-        notes=notes(model) + placement + unused_inputs,
+        notes=([already] if already else []) + notes(model) + placement + unused_inputs,
         cpu=asdict(cpu_profile(options["cpu"])) if "cpu" in options else None,
         versions=versions(),
         command=" ".join(sys.argv),

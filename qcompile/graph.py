@@ -13,6 +13,17 @@ def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
     return iter(ir.traversal.RecursiveGraphIterator(model.graph))
 
 
+def all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
+    """The main graph and, recursively, every control-flow subgraph."""
+    yield model.graph
+    for node in all_nodes(model):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield attr.value
+            elif attr.type == ir.AttributeType.GRAPHS:
+                yield from attr.value
+
+
 def graph_values(graph: ir.Graph) -> list[ir.Value]:
     """The graph's inputs, then every node's outputs, in order: the values an analysis can decide for."""
     return [*graph.inputs, *(value for node in graph for value in node.outputs)]

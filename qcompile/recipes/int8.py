@@ -20,6 +20,7 @@ from qcompile.passes.analysis.share_clip_grids import ShareClipGridsPass
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.fusion.fold_qdq import FoldQDQOptions, FoldQDQPass
 from qcompile.passes.fusion.gather_quantized_rows import GatherQuantizedRowsPass
+from qcompile.passes.fusion.store_float16_weights import StoreFloat16WeightsPass
 from qcompile.passes.lowering.correct_bias import CorrectBiasPass
 from qcompile.passes.lowering.fuse_dynamic_matmul import FuseDynamicMatMulPass
 from qcompile.passes.lowering.insert_qdq import InsertQDQOptions, InsertQDQPass
@@ -151,7 +152,7 @@ def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
                                 nodes=settings.nodes)
     return [*canonicalize(), *_untie(settings), AssignWeightSpecsPass(options), *_embeddings(settings),
             *_bias_correction_passes(settings),
-            QuantizeWeightsPass(), *_gather_rows(settings), EliminateDeadCodePass()]
+            QuantizeWeightsPass(), *_gather_rows(settings), StoreFloat16WeightsPass(), EliminateDeadCodePass()]
 
 
 def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
@@ -223,6 +224,7 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
         InsertQDQPass(InsertQDQOptions(contrib_16bit=target.contrib_ops)),
         FoldQDQPass(FoldQDQOptions(merge_duplicates=target.ort_qdq_layout)),
         *_qoperator(settings),
+        StoreFloat16WeightsPass(),
         EliminateDeadCodePass(),
     ]
 
@@ -242,6 +244,7 @@ def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
         QuantizeWeightsPass(),
         *_gather_rows(settings),
         FuseDynamicMatMulPass(contrib=settings.target.contrib_ops),
+        StoreFloat16WeightsPass(),
         EliminateDeadCodePass(),
     ]
 

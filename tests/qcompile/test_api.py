@@ -85,3 +85,34 @@ def test_moving_average_option_averages_the_batch_ranges_of_minmax(tmp_path):
 
     assert input_scale() == pytest.approx(6 / 255, rel=1e-6)
     assert input_scale(moving_average=0.5) == pytest.approx(4 / 255, rel=1e-6)  # -1 + 0.5 (-3 + 1), 1 + 0.5 (3 - 1)
+
+
+def _float16(model):
+    """The model exported in float16: every float32 tensor, weight and graph input and output."""
+    import onnx_ir as ir
+
+    for value in (*model.graph.inputs, *model.graph.outputs, *(v for node in model.graph for v in node.outputs)):
+        if value.dtype == ir.DataType.FLOAT:
+            value.dtype = ir.DataType.FLOAT16
+    for value in model.graph.initializers.values():
+        if value.dtype == ir.DataType.FLOAT:
+            value.const_value = ir.tensor(value.const_value.numpy().astype(np.float16), name=value.name)
+            value.dtype = ir.DataType.FLOAT16
+    return model
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a16"])
+def test_a_float16_model_is_quantized_and_keeps_its_float16_interface(tmp_path, recipe):
+    source = tmp_path / "fp16.onnx"
+    save_model(_float16(synthetic.cnn()), source)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", pixel_values=rng.standard_normal((8, 3, 32, 32)).astype(np.float16))
+    np.savez(tmp_path / "eval.npz", pixel_values=rng.standard_normal((8, 3, 32, 32)).astype(np.float16))
+
+    result = qcompile.compile(source, recipe=recipe, calib=str(tmp_path / "calib.npz"))
+    result.save(tmp_path / "out.onnx")
+    verification = result.verify(str(tmp_path / "eval.npz"))
+
+    assert [v.dtype.name for v in (*result.model.graph.inputs, *result.model.graph.outputs)] == ["FLOAT16"] * 2
+    assert all(layer["precision"].startswith("w:int8") for layer in result.report["layers"])
+    assert verification["outputs"][0]["sqnr_db"] > 25

@@ -40,7 +40,8 @@ def test_compile_writes_model_and_report_and_verifies(cnn_file, tmp_path, capsys
     assert _digest(cnn_file) == digest
     report = json.loads(report_path.read_text())
     assert report["recipe"] == "w8a16" and report["target"] == "ort-cpu"
-    assert [p["name"] for p in report["passes"]][:3] == ["upgrade-opset", "lift-constant-nodes", "fix-names"]
+    assert [p["name"] for p in report["passes"]][:4] == ["upgrade-opset", "lift-constant-nodes", "upcast-float16",
+                                                        "fix-names"]
     assert 0 < report["size_bytes"]["after"] < report["size_bytes"]["before"]
     assert {layer["precision"] for layer in report["layers"]} == {"w:int8 a:fp32"}
     (logits,) = report["verification"]["outputs"]
@@ -116,7 +117,8 @@ def test_dump_after_writes_the_intermediate_model(cnn_file, tmp_path):
     (["compile", "{cnn}", "-o", "{out}", "--recipe", "w8a8", "--calib", "random", "--option", "moving_average=0.1",
       "--option", "calib_method=mse"], "option moving_average: .* needs calib_method=minmax, not mse"),
     (["compile", "{cnn}", "-o", "{out}", "--calib", "{empty}"], "holds no samples"),
-    (["compile", "{fp16}", "-o", "{out}"], "unnamed MatMul computes in float16; qcompile quantizes float32 models"),
+    (["compile", "{bf16}", "-o", "{out}"], "unnamed MatMul computes in bfloat16; qcompile quantizes float32 and "
+                                           "float16 models"),
     (["compile", "{cnn}", "-o", "{out}", "--seed", "-1"], "argument --seed: expected 0 or more, got -1"),
     (["compile", "{cnn}", "-o", "{out}", "--verify", "--verify-size", "0"], "--verify-size: expected 1 or more"),
     (["compile", "{cnn}", "-o", "{out}", "--verify", "--min-sqnr", "nan"], "--min-sqnr: expected a finite number"),
@@ -131,13 +133,13 @@ def test_bad_input_is_one_line_and_exit_2(cnn_file, tmp_path, capsys, args, mess
     np.savez(tmp_path / "wrong_name.npz", image=np.zeros((4, 3, 32, 32), np.float32))
     np.savez(tmp_path / "nan.npz", pixel_values=np.full((4, 3, 32, 32), np.nan, np.float32))
     np.savez(tmp_path / "empty.npz", pixel_values=np.zeros((0, 3, 32, 32), np.float32))
-    fp16 = tmp_path / "fp16.onnx"
+    bf16 = tmp_path / "bf16.onnx"
     save_model(parse("""<ir_version: 10, opset_import: ["" : 17]>
-        g (float16[N, 4] x) => (float16[N, 2] y) <float16[4, 2] w = {1, 2, 3, 4, 5, 6, 7, 8}> { y = MatMul (x, w) }"""),
-               fp16)
+        g (bfloat16[N, 4] x) => (bfloat16[N, 2] y) <bfloat16[4, 2] w = {1, 2, 3, 4, 5, 6, 7, 8}> { y = MatMul (x, w) }"""),
+               bf16)
     paths = {"missing": tmp_path / "missing.onnx", "garbage": garbage, "cnn": cnn_file, "out": tmp_path / "o.onnx",
              "tmp": tmp_path, "wrong_shape": tmp_path / "wrong_shape.npz", "wrong_name": tmp_path / "wrong_name.npz",
-             "nan": tmp_path / "nan.npz", "empty": tmp_path / "empty.npz", "fp16": fp16}
+             "nan": tmp_path / "nan.npz", "empty": tmp_path / "empty.npz", "bf16": bf16}
     digest = _digest(cnn_file)
 
     try:
