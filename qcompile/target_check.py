@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.errors import UsageError
 from qcompile.graph import all_nodes, constant_array
 from qcompile.op_rules import weight_axis
 from qcompile.targets import STANDARD_DOMAINS, Target
@@ -26,8 +27,9 @@ INTEGER_OPS = {"ConvInteger": (1, 3), "MatMulInteger": (1, 3), "QLinearConv": (3
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
-def target_problems(model: ir.Model, target: Target) -> list[str]:
-    """One line per problem, naming the node; empty if the target takes the model as it is."""
+def target_problems(model: ir.Model, target: Target, vnni_only: bool = False) -> list[str]:
+    """One line per problem, naming the node; empty if the target takes the model as it is.
+    ``vnni_only``: the model deploys on CPUs with VNNI only, where u8 x s8 pairs do not saturate."""
     problems = []
     for node in all_nodes(model):
         where = f"{node.name or '(unnamed)'} ({_op(node)})"
@@ -35,9 +37,30 @@ def target_problems(model: ir.Model, target: Target) -> list[str]:
             problems.append(f"{where}: not an op {target.name} runs ({node.domain or 'ai.onnx'} domain)")
         if target.symmetric_int8_only:
             problems.extend(f"{where}: {p}" for p in _tensorrt(node))
-        if target.cpu_kernels:
+        if target.cpu_kernels and not vnni_only:
             problems.extend(f"{where}: {p}" for p in _avx2_saturation(node))
     return problems
+
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", *INTEGER_OPS}
+
+
+def check_already_quantized(model: ir.Model, path, target: Target, vnni_only: bool) -> str | None:
+    """For a model that is quantized already (the Q/DQ output of ONNX Runtime's quantizer, Quark, a QAT
+    export): a note if ``target`` runs its quantized ops as they are (compiling keeps them), else a
+    usage error naming the first op the target would reject or compute wrongly. None for a float model."""
+    count = sum(node.op_type in QUANTIZED_OPS for node in all_nodes(model))
+    if not count:
+        return None
+    problems = target_problems(model, target, vnni_only)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        vnni = (", or take it as it is for CPUs with VNNI only with --option cpu=vnni"
+                if any("saturate" in p for p in problems) else "")
+        raise UsageError(f"{path}: already quantized ({count} Q/DQ and integer ops), in a form {target.name} cannot "
+                         f"run as it is: {problems[0]}{more}; compile the float model instead{vnni}")
+    return (f"the input was already quantized ({count} Q/DQ and integer ops): those were kept as they are "
+            f"(their scales not re-calibrated)")
 
 
 def checked_on(model: ir.Model, target: Target) -> str:

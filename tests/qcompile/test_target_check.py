@@ -71,3 +71,22 @@ def test_verifying_integer_ops_for_a_gpu_target_on_a_cpu_without_vnni_says_the_e
     assert "saturate" not in checked_on(cpu_build, TARGETS["ort-cuda"])
     monkeypatch.setattr(target_check, "has_vnni", lambda: True)
     assert "saturate" not in checked_on(cuda_build, TARGETS["ort-cuda"])
+
+
+def test_an_already_quantized_model_is_kept_where_the_target_runs_it_and_refused_in_one_line_where_not(
+        cnn, tmp_path, capsys):
+    source, calib = cnn
+    quantized = tmp_path / "quantized.onnx"
+    qcompile.compile(source, recipe="w8a8", calib=calib, options={"cpu": "vnni"}).save(quantized)  # u8, full range
+    out = tmp_path / "out.onnx"
+
+    code = main(["compile", str(quantized), "-o", str(out), "--target", "tensorrt", "--calib", calib])
+    assert code == 2 and not out.exists()
+    line = capsys.readouterr().err.strip()
+    assert "already quantized" in line and "tensorrt cannot run" in line and "compile the float model" in line
+    code = main(["compile", str(quantized), "-o", str(out), "--calib", calib])  # AVX2 CPUs would saturate
+    assert code == 2 and "--option cpu=vnni" in capsys.readouterr().err
+
+    kept = qcompile.compile(quantized, recipe="w8a8", calib=calib, options={"cpu": "vnni"})
+    assert any("already quantized" in note for note in kept.report["notes"])
+    assert target_problems(kept.model, TARGETS["ort-cpu"], vnni_only=True) == []
