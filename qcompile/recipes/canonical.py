@@ -9,9 +9,11 @@ from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
 from qcompile.passes.canonicalize.fold_conv_affine import FoldConvAffinePass
 from qcompile.passes.canonicalize.fix_names import FixNamesPass
 from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
+from qcompile.passes.canonicalize.fuse_hard_swish import FuseHardSwishPass
 from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
 from qcompile.passes.canonicalize.lift_constant_nodes import LiftConstantNodesPass
+from qcompile.passes.canonicalize.upcast_float16 import UpcastFloat16Pass
 from qcompile.passes.canonicalize.upgrade_opset import UpgradeOpsetPass
 from qcompile.recipes.base import Recipe, Settings
 
@@ -20,12 +22,14 @@ def canonicalize() -> list[ir.passes.PassBase]:
     return [
         UpgradeOpsetPass(),
         LiftConstantNodesPass(),
+        UpcastFloat16Pass(),
         FixNamesPass(),
         InferShapesPass(),
         FoldConstantsPass(),
         EliminateIdentityPass(),
         FoldBatchNormPass(),
         FoldConvAffinePass(),
+        FuseHardSwishPass(),
         FuseMatMulAddPass(),
         EliminateDeadCodePass(),
         InferShapesPass(),
@@ -36,5 +40,5 @@ def _canonicalize(settings: Settings) -> list[ir.passes.PassBase]:
     return canonicalize()
 
 
-RECIPES = [Recipe("canonicalize", "opset raised to 13 where lower, shape inference, constant folding, BN and per-channel "
-                                  "Mul/Add folding into Conv, MatMul+Add->Gemm, DCE; no quantization", build=_canonicalize)]
+RECIPES = [Recipe("canonicalize", "opset raised to 13 where lower, float16 computed in float32, shape inference, constant folding, BN and per-channel "
+                                  "Mul/Add folding into Conv, x*HardSigmoid(x)->HardSwish, MatMul+Add->Gemm, DCE; no quantization", build=_canonicalize)]
