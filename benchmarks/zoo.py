@@ -193,8 +193,16 @@ def qcompile_one(path: Path, data: dict[str, Path], folder: Path, timeout: float
             float_layers=sum(layer["precision"].startswith("w:fp") for layer in r["layers"]),
             layers=len(r["layers"]),
             notes=r["notes"],
+            calib_sqnr_db=_sqnr_on(path, output, data["calibration"], timeout),
         )
     return result
+
+
+def _sqnr_on(reference: Path, candidate: Path, data: Path, timeout: float) -> float | None:
+    """The worst output SQNR of ``candidate`` on ``data`` (`qcompile eval`), None if that fails."""
+    code, _, _, printed = run([QCOMPILE, "eval", str(reference), str(candidate), "--data", str(data), "--json",
+                               "--layers", "1"], timeout)
+    return min(o["sqnr_db"] for o in json.loads(printed)["outputs"]) if code == 0 else None
 
 
 ORT_CHILD = """
@@ -284,16 +292,21 @@ def write_results(rows: list[dict], folder: Path) -> None:
              f"* {SAMPLES} calibration samples and {SAMPLES} evaluation samples from other photos / other texts; "
              "SQNR: the worst output on the evaluation data; latency: ratio to fp32 at batch 1 / 8 (medians of "
              "interleaved runs; one figure where the model's batch is fixed)", "",
-             "| model | package | qcompile | SQNR dB | latency x fp32 | size x fp32 | float layers | ORT static | "
-             "ORT SQNR dB | ORT latency x fp32 | exercises |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "* SQNR dB: on the evaluation data (on the calibration data); seconds: qcompile compile + verify, "
+             "ORT quantize_static alone (each a fresh process)", "",
+             "| model | package | qcompile | SQNR dB | latency x fp32 | size x fp32 | float layers | seconds | "
+             "ORT static | ORT SQNR dB | ORT latency x fp32 | ORT seconds | exercises |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         q, o = row.get("qcompile", {}), row.get("ort", {})
         status = row.get("setup_error") or (q["outcome"] + (f": {q['message']}" if q.get("message") else ""))
         lines.append("| " + " | ".join([
-            row["id"], row["package"], status.replace("|", "/"), _number(q.get("sqnr_db")),
+            row["id"], row["package"], status.replace("|", "/"),
+            f"{_number(q.get('sqnr_db'))} ({_number(q.get('calib_sqnr_db'))})" if "sqnr_db" in q else "–",
             _ratio_cell(q.get("latency_ratio")), _number(q.get("size_ratio"), 2),
-            f"{q['float_layers']}/{q['layers']}" if "layers" in q else "–", str(o.get("outcome", "–")).replace("|", "/"),
-            _number(o.get("sqnr_db")), _ratio_cell(o.get("latency_ratio")), row["exercises"]]) + " |")
+            f"{q['float_layers']}/{q['layers']}" if "layers" in q else "–", _number(q.get("seconds")),
+            str(o.get("outcome", "–")).replace("|", "/"), _number(o.get("sqnr_db")),
+            _ratio_cell(o.get("latency_ratio")), _number(o.get("seconds")), row["exercises"]]) + " |")
     (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"results: {folder / stem}.{{md,json}}")
 

@@ -26,6 +26,8 @@ class SelectOptions:
 ISLAND_REASON = ("placement: float ops (not quantized ones) read its output, and Q/DQ around them would cost more "
                  "than integers save; left float with its weight (float_islands)")
 
+EXCLUDED_REASON = "excluded (--exclude, or a [[nodes]] table with quantize = false)"
+
 
 def _is_activation(value: ir.Value | None) -> bool:
     if value is None or value.dtype not in FLOAT_TYPES or value.const_value is not None:
@@ -106,6 +108,8 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
                 modified = True
             if node in islands:
                 node.meta[FLOAT_REASON_KEY] = ISLAND_REASON
+            elif node.op_type in COMPUTE_OPS and self._excluded(node):
+                node.meta[FLOAT_REASON_KEY] = EXCLUDED_REASON
         for value in wanted:
             value.meta[NEEDS_RANGE_KEY] = True
         for group in _shared_groups(model, wanted):

@@ -56,6 +56,10 @@ def test_float_islands_are_kept_only_where_they_win_by_more_than_the_noise(timin
     kept, note, _ = _choose(timings, [[slower], [slower, Timing({1: 1.28, 8: 1.25}, 5.0)]])
     assert kept == "integer" and "no faster" in note and "still 1.30x fp32 at worst" in note
 
+    # slower at first, not when timed again beside the float islands: the smaller model stays
+    kept, note, _ = _choose(timings, [[slower], [Timing({1: 0.95, 8: 1.0}, 5.0), Timing({1: 0.8, 8: 0.8}, 5.0)]])
+    assert kept == "integer" and "timed again, no slower" in note and "still" not in note
+
 
 def test_a_slower_model_with_no_conv_to_leave_float_says_so(timings):
     kept, note, compiled_again = _choose(timings, [[Timing({1: 1.2}, 5.0)]], islands=0)

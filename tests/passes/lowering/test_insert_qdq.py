@@ -231,3 +231,17 @@ def test_float_islands_leave_convs_with_float_readers_float_weight_and_all_and_s
     assert _ort_optimized_ops(out, tmp_path).count("QLinearConv") == 1
     feed = random_feed(result.model, batch=4, seed=2)
     assert _sqnr(run(_conv_hardswish_head(), feed)[0], run(result.model, feed)[0]) > 25
+
+
+def test_an_excluded_conv_is_reported_float_and_why(tmp_path):
+    def named():
+        model = _conv_hardswish_head()
+        for i, node in enumerate(model.graph):
+            node.name = f"{node.op_type.lower()}{i}"
+        return model
+
+    result, _ = _compile(tmp_path, named, exclude=("conv2",), options={"placement": "integer"})
+
+    layers = {layer["name"]: layer for layer in result.report["layers"]}
+    assert layers["conv2"]["precision"] == "w:fp32 a:fp32" and "--exclude" in layers["conv2"]["why"]
+    assert layers["conv0"]["precision"].startswith("w:int8") and layers["conv0"]["why"] is None
