@@ -9,7 +9,6 @@ from qcompile.passes.canonicalize.fold_batch_norm import FoldBatchNormPass
 from qcompile.passes.canonicalize.fold_conv_affine import FoldConvAffinePass
 from qcompile.passes.canonicalize.fix_names import FixNamesPass
 from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
-from qcompile.passes.canonicalize.fuse_hard_swish import FuseHardSwishPass
 from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
 from qcompile.passes.canonicalize.lift_constant_nodes import LiftConstantNodesPass
@@ -29,7 +28,6 @@ def canonicalize() -> list[ir.passes.PassBase]:
         EliminateIdentityPass(),
         FoldBatchNormPass(),
         FoldConvAffinePass(),
-        FuseHardSwishPass(),
         FuseMatMulAddPass(),
         EliminateDeadCodePass(),
         InferShapesPass(),
@@ -40,5 +38,6 @@ def _canonicalize(settings: Settings) -> list[ir.passes.PassBase]:
     return canonicalize()
 
 
-RECIPES = [Recipe("canonicalize", "opset raised to 13 where lower, float16 computed in float32, shape inference, constant folding, BN and per-channel "
-                                  "Mul/Add folding into Conv, x*HardSigmoid(x)->HardSwish, MatMul+Add->Gemm, DCE; no quantization", build=_canonicalize)]
+RECIPES = [Recipe("canonicalize", "opset raised to 13 where lower, float16 computed in float32, shape inference, "
+                                  "constant folding, BN and per-channel Mul/Add folding into Conv, MatMul+Add->Gemm, "
+                                  "DCE; no quantization", build=_canonicalize)]
