@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from qcompile.decisions import (FLOAT_REASON_KEY, NEEDS_RANGE_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY,
+from qcompile.decisions import (FLOAT_ISLANDS_KEY, FLOAT_REASON_KEY, NEEDS_RANGE_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY,
                                 SharedSpec)
 from qcompile.graph import graph_values, name_matches
 from qcompile.notes import add_note
@@ -93,11 +93,16 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
         dependent = data_dependent_values(model.graph)
         islands: set[ir.Node] = set()
         while True:
-            marks, wanted = self._select(model.graph, dependent, islands)
+            marks, wanted = self._select(model.graph, dependent, islands, self.options.float_islands)
             found = float_islands(model.graph, marks, wanted) if self.options.float_islands else []
             if not found:
                 break
             islands.update(found)
+        if self.options.float_islands:
+            model.meta[FLOAT_ISLANDS_KEY] = len(islands)
+        else:  # whether `float_islands` would leave any Conv float (placement then times both)
+            model.meta[FLOAT_ISLANDS_KEY] = len(float_islands(
+                model.graph, *self._select(model.graph, dependent, set(), direct_only=True)))
         modified = False
         for node in model.graph:
             if node.meta.get(QUANTIZED_INPUTS_KEY) != marks.get(node):
@@ -117,8 +122,9 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
                 value.meta[SHARED_SPEC_KEY] = SharedSpec(group[0])
         return ir.passes.PassResult(model, modified=modified)
 
-    def _select(self, graph: ir.Graph, dependent: set[ir.Value], skipped: set[ir.Node]):
-        """The quantized input slots of each node, and the set of quantized values."""
+    def _select(self, graph: ir.Graph, dependent: set[ir.Value], skipped: set[ir.Node], direct_only: bool):
+        """The quantized input slots of each node, and the set of quantized values. ``direct_only``: a
+        Conv output is quantized only for readers that are quantized themselves."""
         marks: dict[ir.Node, tuple[int, ...]] = {}
         wanted: set[ir.Value] = set()
         for node in reversed(list(graph)):
@@ -134,9 +140,7 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
                 continue  # Add/Mul with a constant: a bias or scale, not a residual join
             wanted.update(node.inputs[i] for i in slots)
             marks[node] = tuple(slots)
-        # Without float islands, a Conv output is quantized for float ops that lead on to a quantized
-        # input; with them, only for readers that are quantized themselves.
-        feeding = wanted if self.options.float_islands else _feeding_quantized(graph, wanted)
+        feeding = wanted if direct_only else _feeding_quantized(graph, wanted)
         for node in graph:
             if node.op_type in QUANTIZED_OUTPUT_OPS and node in marks:
                 self._quantize_output(node.outputs[0], wanted, feeding, marks, skipped)

@@ -10,6 +10,8 @@ QUANT_SPEC_KEY = "qcompile.quant_spec"
 QUANTIZED_INPUTS_KEY = "qcompile.quantized_inputs"
 # node.meta: why a weighted op stays float (the report's `layers` say it).
 FLOAT_REASON_KEY = "qcompile.float_reason"
+# model.meta: how many Convs `float_islands` would leave float (`select-quantized-ops`, any placement).
+FLOAT_ISLANDS_KEY = "qcompile.float_islands"
 # value.meta: this activation needs a calibrated range.
 NEEDS_RANGE_KEY = "qcompile.needs_range"
 # value.meta: a `SharedSpec`: the value takes the spec of its group (Concat inputs, Reshape in and out, ...).

@@ -3,7 +3,7 @@ import pytest
 from helpers import parse
 
 from qcompile import placement
-from qcompile.decisions import FLOAT_REASON_KEY
+from qcompile.decisions import FLOAT_ISLANDS_KEY
 from qcompile.placement import Timing, choose_placement
 
 TWO_CONVS = """
@@ -25,15 +25,16 @@ def timings(monkeypatch):
 
 def _islands(count):
     model = parse(TWO_CONVS)
-    for node in list(model.graph)[:count]:
-        node.meta[FLOAT_REASON_KEY] = "test"
+    model.meta[FLOAT_ISLANDS_KEY] = count
     return model, "islands"
 
 
 def _choose(timings, answers, islands=1):
     timings.extend(answers)
     compiled = []
-    chosen, note = choose_placement("in.onnx", (parse(TWO_CONVS), "integer"),
+    integer = parse(TWO_CONVS)
+    integer.meta[FLOAT_ISLANDS_KEY] = islands
+    chosen, note = choose_placement("in.onnx", (integer, "integer"),
                                     lambda: compiled.append(1) or _islands(islands), None, None)
     return chosen[1], note, bool(compiled)
 
@@ -61,6 +62,6 @@ def test_float_islands_are_kept_only_where_they_win_by_more_than_the_noise(timin
     assert kept == "integer" and "timed again, no slower" in note and "still" not in note
 
 
-def test_a_slower_model_with_no_conv_to_leave_float_says_so(timings):
-    kept, note, compiled_again = _choose(timings, [[Timing({1: 1.2}, 5.0)]], islands=0)
-    assert kept == "integer" and compiled_again and "no Conv with float ops after it" in note
+def test_a_model_with_no_conv_to_leave_float_is_not_timed(timings):
+    kept, note, compiled_again = _choose(timings, [], islands=0)
+    assert kept == "integer" and not compiled_again and "nothing to time" in note
