@@ -295,9 +295,10 @@ def _cmd_eval(args) -> int:
     if args.json:
         out.print_json(json.dumps(result))
         return 0
-    table = Table("output", "SQNR dB", "cosine", "max |err|")
+    table = Table("output", "SQNR dB", "cosine", "max |err|", "same argmax (last axis)")
     for o in result["outputs"]:
-        table.add_row(escape(o["name"]), f"{o['sqnr_db']:.2f}", f"{o['cosine']:.5f}", f"{o['max_abs']:.4g}")
+        agreement = "-" if o["argmax_agreement"] is None else f"{o['argmax_agreement']:.2%}"
+        table.add_row(escape(o["name"]), f"{o['sqnr_db']:.2f}", f"{o['cosine']:.5f}", f"{o['max_abs']:.4g}", agreement)
     out.print(table)
     for lat in result.get("latency_ms", ()):
         out.print(f"latency at batch {lat['batch']}: reference {lat['reference']:.2f} ms, candidate "

@@ -24,12 +24,14 @@ from qcompile.targets import Target
 
 
 class _Accumulator:
-    """Running sums for SQNR (signal / error energy), per-sample cosine and max |error|."""
+    """Running sums for SQNR (signal / error energy), per-sample cosine, max |error|, and how often the
+    largest value along the last axis is at the same index (top-1 of a classifier, a CTC step's character)."""
 
     def __init__(self):
         self.signal = self.noise = 0.0
         self.cosines: list[float] = []
         self.max_abs = 0.0
+        self.same_argmax = self.positions = 0
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         ref64, cand64 = ref.astype(np.float64), cand.astype(np.float64)
@@ -42,10 +44,14 @@ class _Accumulator:
         norms = np.linalg.norm(rows_ref, axis=1) * np.linalg.norm(rows_cand, axis=1)
         dots = np.sum(rows_ref * rows_cand, axis=1)
         self.cosines.extend(np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 1.0).tolist())
+        if ref.ndim >= 2 and ref.shape[-1] > 1:
+            self.same_argmax += int(np.count_nonzero(np.argmax(ref64, axis=-1) == np.argmax(cand64, axis=-1)))
+            self.positions += ref[..., 0].size
 
     def result(self, name: str) -> OutputError:
         sqnr = float("inf") if self.noise == 0 else 10 * np.log10(max(self.signal, 1e-300) / self.noise)
-        return OutputError(name, sqnr, float(np.mean(self.cosines)), self.max_abs)
+        agreement = self.same_argmax / self.positions if self.positions else None
+        return OutputError(name, sqnr, float(np.mean(self.cosines)), self.max_abs, agreement)
 
 
 class _GridOverflow:

@@ -33,6 +33,7 @@ class OutputError:
     sqnr_db: float
     cosine: float
     max_abs: float
+    argmax_agreement: float | None = None  # share of positions with the same argmax along the last axis
 
 
 @dataclass

@@ -26,7 +26,9 @@ def print_compile_summary(report: Report, console: Console) -> None:
     verification = report.verification
     if verification:
         for o in verification.outputs:
-            table.add_row(f"output {o.name}", f"SQNR {o.sqnr_db:.1f} dB, cosine {o.cosine:.5f}, max |err| {o.max_abs:.3g}")
+            agreement = "" if o.argmax_agreement is None else f", same argmax {o.argmax_agreement:.1%}"
+            table.add_row(f"output {o.name}", f"SQNR {o.sqnr_db:.1f} dB, cosine {o.cosine:.5f}, "
+                                              f"max |err| {o.max_abs:.3g}{agreement}")
         for lat in verification.latency_ms or ():
             table.add_row(f"latency batch {lat.batch}", f"{lat.reference:.2f} ms -> {lat.candidate:.2f} ms "
                                                         f"({lat.ratio:.2f}x fp32)")
