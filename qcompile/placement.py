@@ -27,6 +27,9 @@ from qcompile.targets import Target
 from qcompile.verify import interleaved_medians, latency_feeds
 
 T = TypeVar("T")
+# Fewer Convs than this share of the quantized ones with float ops after them (a detection head's last
+# Convs, say): not worth timing, since leaving them float saves little.
+MIN_ISLAND_SHARE = 0.25
 # Two sessions of one model differ by up to ~7% on these shared machines: a model is slower than fp32
 # where its ratio passes 1 + TOLERANCE, and float islands are kept where they win by more than that.
 TOLERANCE = 0.04
@@ -73,13 +76,25 @@ def time_against_fp32(reference: Path, models: list[ir.Model], data: Calibration
     return [Timing(r, fp32_ms[min(fp32_ms)]) for r in ratios]
 
 
+def _quantized_convs(model: ir.Model) -> int:
+    def dequantized(value):
+        return value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
+
+    return sum((node.op_type == "Conv" and dequantized(node.inputs[1])) or node.op_type == "QLinearConv"
+               for node in model.graph)
+
+
 def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_islands: Callable[[], tuple[ir.Model, T]],
                      data: CalibrationData, target: Target) -> tuple[tuple[ir.Model, T], str]:
     """``integer``, or where that is slower than fp32 (measured twice: the second time interleaved with
     the other), what ``compile_islands`` makes if that is faster (each a model and what came with it);
     and a note of what was measured."""
-    if not integer[0].meta.get(FLOAT_ISLANDS_KEY):
+    candidates, convs = integer[0].meta.get(FLOAT_ISLANDS_KEY, 0), _quantized_convs(integer[0])
+    if not candidates:
         return integer, "placement: no Conv has float ops after it, so every Conv runs on integers (nothing to time)"
+    if candidates < MIN_ISLAND_SHARE * convs:
+        return integer, (f"placement: {candidates} of {convs} Convs have float ops after them, too few to matter: "
+                         f"every Conv on integers (not timed)")
     (timing,) = time_against_fp32(reference, [integer[0]], data, target)
     if timing.fp32_ms < MIN_TIMED_MS:
         return integer, (f"placement by the op rules: the fp32 model runs in {timing.fp32_ms:.2f} ms, too quick "

@@ -91,18 +91,11 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
             add_note(model, missing)
             return ir.passes.PassResult(model, modified=False)
         dependent = data_dependent_values(model.graph)
-        islands: set[ir.Node] = set()
-        while True:
-            marks, wanted = self._select(model.graph, dependent, islands, self.options.float_islands)
-            found = float_islands(model.graph, marks, wanted) if self.options.float_islands else []
-            if not found:
-                break
-            islands.update(found)
-        if self.options.float_islands:
-            model.meta[FLOAT_ISLANDS_KEY] = len(islands)
-        else:  # whether `float_islands` would leave any Conv float (placement then times both)
-            model.meta[FLOAT_ISLANDS_KEY] = len(float_islands(
-                model.graph, *self._select(model.graph, dependent, set(), direct_only=True)))
+        islands = self._float_islands(model.graph, dependent)
+        model.meta[FLOAT_ISLANDS_KEY] = len(islands)  # counted either way: placement decides whether to time
+        if not self.options.float_islands:
+            islands = set()
+        marks, wanted = self._select(model.graph, dependent, islands, self.options.float_islands)
         modified = False
         for node in model.graph:
             if node.meta.get(QUANTIZED_INPUTS_KEY) != marks.get(node):
@@ -121,6 +114,14 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
             for value in group:
                 value.meta[SHARED_SPEC_KEY] = SharedSpec(group[0])
         return ir.passes.PassResult(model, modified=modified)
+
+    def _float_islands(self, graph: ir.Graph, dependent: set[ir.Value]) -> set[ir.Node]:
+        """The Convs `float_islands` leaves float: those without an integer output, then those that lose
+        theirs because a reader was left float, until none does."""
+        islands: set[ir.Node] = set()
+        while found := float_islands(graph, *self._select(graph, dependent, islands, direct_only=True)):
+            islands.update(found)
+        return islands
 
     def _select(self, graph: ir.Graph, dependent: set[ir.Value], skipped: set[ir.Node], direct_only: bool):
         """The quantized input slots of each node, and the set of quantized values. ``direct_only``: a

@@ -6,11 +6,13 @@ from qcompile import placement
 from qcompile.decisions import FLOAT_ISLANDS_KEY
 from qcompile.placement import Timing, choose_placement
 
+# Two quantized Convs, as lowering leaves them
 TWO_CONVS = """
 <ir_version: 8, opset_import: ["" : 17]>
-g (float[N, 1, 4, 4] x) => (float[N, 1, 4, 4] y) <float[1, 1, 1, 1] w = {2}> {
-    c = Conv(x, w)
-    y = Conv(c, w)
+g (float[N, 1, 4, 4] x) => (float[N, 1, 4, 4] y) <int8[1, 1, 1, 1] w = {2}, float s = {1}> {
+    weight = DequantizeLinear(w, s)
+    c = Conv(x, weight)
+    y = Conv(c, weight)
 }
 """
 
@@ -62,6 +64,10 @@ def test_float_islands_are_kept_only_where_they_win_by_more_than_the_noise(timin
     assert kept == "integer" and "timed again, no slower" in note and "still" not in note
 
 
-def test_a_model_with_no_conv_to_leave_float_is_not_timed(timings):
+def test_a_model_with_no_conv_to_leave_float_or_too_few_is_not_timed(timings, monkeypatch):
     kept, note, compiled_again = _choose(timings, [], islands=0)
     assert kept == "integer" and not compiled_again and "nothing to time" in note
+
+    monkeypatch.setattr(placement, "MIN_ISLAND_SHARE", 0.6)  # one of the two Convs is too few
+    kept, note, compiled_again = _choose(timings, [], islands=1)
+    assert kept == "integer" and not compiled_again and "1 of 2 Convs" in note and "not timed" in note
