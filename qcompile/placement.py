@@ -6,7 +6,8 @@ through float ops (HardSwish, a learnable scale, Sigmoid, ...) then needs Dequan
 and QuantizeLinear after it, and on small feature maps those cost more than the integer Conv saves: a
 PP-LCNet classifier ran 1.2x fp32 so. Where the compiled model is slower than fp32 at batch 1 or 8, the
 model is compiled again with such Convs left float, weight and all (`float_islands`), the three models are
-timed interleaved, and the faster compiled model is kept. The note says what was measured.
+timed interleaved, and the faster compiled model is kept. The note says what was measured, or why
+nothing was: no such Conv, too few of them, or an fp32 model too quick to time.
 """
 from __future__ import annotations
 
@@ -34,8 +35,6 @@ MIN_ISLAND_SHARE = 0.25
 # where its ratio passes 1 + TOLERANCE, and float islands are kept where they win by more than that.
 TOLERANCE = 0.04
 ROUNDS, SECONDS = 5, 1.0  # per batch size
-
-
 # An fp32 model quicker than this (ms, the smallest batch) is placed by the op rules: its time is mostly
 # per-op overhead and noise, not arithmetic that integers could speed up.
 MIN_TIMED_MS = 1.0
@@ -51,8 +50,8 @@ class Timing:
         return max(self.ratios.values())
 
     def describe(self) -> str:
-        return " / ".join(f"{r:.2f}x" for r in self.ratios.values()) + " fp32 at batch " + \
-            " / ".join(str(b) for b in self.ratios)
+        ratios = " / ".join(f"{r:.2f}x" for r in self.ratios.values())
+        return f"{ratios} fp32 at batch {' / '.join(str(b) for b in self.ratios)}"
 
 
 def time_against_fp32(reference: Path, models: list[ir.Model], data: CalibrationData, target: Target) -> list[Timing]:
