@@ -9,12 +9,10 @@ float ops left between Q/DQ then run in float32 (faster on a CPU; on a GPU a flo
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.graph import all_graphs
+from qcompile.graph import all_graphs, graph_values
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 # model.meta: True once float16 tensors were made float32 (`store-float16-weights` stores the weights
@@ -22,11 +20,8 @@ F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 UPCAST_FLOAT16_KEY = "qcompile.upcast_float16"
 
 
-def _values(graph: ir.Graph) -> Iterator[ir.Value]:
-    yield from graph.inputs
-    yield from graph.initializers.values()
-    for node in graph:
-        yield from node.outputs
+def _values_of(graph: ir.Graph) -> list[ir.Value]:
+    return [*graph_values(graph), *graph.initializers.values()]
 
 
 def _upcast_value(value: ir.Value) -> bool:
@@ -55,7 +50,7 @@ def _is_cast(node: ir.Node | None, to: ir.DataType) -> bool:
 
 
 def has_float16(model: ir.Model) -> bool:
-    return any(value.dtype == F16 for graph in all_graphs(model) for value in _values(graph))
+    return any(value.dtype == F16 for graph in all_graphs(model) for value in _values_of(graph))
 
 
 class UpcastFloat16Pass(ir.passes.InPlacePass):
@@ -72,7 +67,7 @@ class UpcastFloat16Pass(ir.passes.InPlacePass):
                    and not _is_cast(value.producer(), F16)]
         modified = bool(inputs or outputs)
         for subgraph in list(all_graphs(model)):
-            for value in _values(subgraph):
+            for value in _values_of(subgraph):
                 if value not in interface:
                     modified |= _upcast_value(value)
             for node in subgraph:
