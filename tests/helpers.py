@@ -18,10 +18,14 @@ def clone(model: ir.Model) -> ir.Model:
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
-def run(model: ir.Model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run(model: ir.Model, feed: dict[str, np.ndarray], config: dict[str, str] | None = None) -> list[np.ndarray]:
+    """``model``'s outputs on ``feed`` in ONNX Runtime (CPU), with session ``config`` entries if given."""
     proto = ir.serde.serialize_model(model)
     proto.ir_version = runtime_ir_version(model)  # text models without one get onnx's newest
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return sess.run(None, feed)
 
 

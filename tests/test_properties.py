@@ -1,18 +1,20 @@
 """Property-based tests: random small graphs built from the ops the op rules know (random shapes and
 attributes, weights in initializers or Constant nodes, shared weights, float16), compiled with every ready
 recipe for every target. Never an internal error; `canonicalize` exact to float rounding; quantized outputs
-close to float; the target check clean on every output."""
+within a bound derived from their grids' steps; the target check clean on every output."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from helpers import run
+import onnx_ir.passes.common
+from helpers import clone, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
+from qcompile.graph import constant_array, register_constant
 from qcompile.io import save_model
 from qcompile.target_check import target_problems
 from qcompile.targets import get_target
@@ -118,6 +120,63 @@ RECIPES_AND_TARGETS = [("canonicalize", "ort-cpu"), ("w8a16", "ort-cpu"), ("w8a8
                        ("w8a8", "ort-cpu"), ("w8a8", "ort-cuda"), ("w8a8", "tensorrt"), ("w8a8", "portable")]
 
 
+def _with_grid_noise(model: ir.Model, rng: np.random.Generator, aligned: bool) -> ir.Model:
+    """``model`` with an error of its grids' size where it quantizes, in place of its rounding: each quantized
+    activation and each dequantized weight plus either independent uniform noise within half a step either
+    way, or (``aligned``) half a step of one random sign for the whole tensor, the two extremes of how
+    rounding errors line up. Rounding that does as well as its grids allow stays within a small factor of
+    these models' errors, however the graph cancels or amplifies (a small output left from large values)."""
+    model = clone(model)
+    graph = model.graph
+    tape = ir.tape.Tape(graph)
+
+    def activation(x: ir.Value, step: ir.Value) -> ir.Value:
+        if aligned:
+            error = tape.op("Constant", [], {"value": ir.tensor(np.array(rng.choice([-0.5, 0.5]), np.float32))})
+        else:
+            error = tape.op("RandomUniformLike", [x], {"low": -0.5, "high": 0.5, "seed": float(rng.integers(1 << 20))})
+        return tape.op("Add", [x, tape.op("Mul", [error, step])])
+
+    def weight(q: ir.Value, scale: ir.Value, zero: ir.Value | None, axis: int) -> ir.Value:
+        q, scale = constant_array(q), constant_array(scale)
+        scale = scale.reshape([-1 if i == axis % q.ndim else 1 for i in range(q.ndim)] if scale.ndim else ())
+        zero = 0 if zero is None else constant_array(zero).reshape(scale.shape)
+        error = rng.choice([-0.5, 0.5]) if aligned else rng.uniform(-0.5, 0.5, q.shape)
+        return register_constant(graph, "noisy_weight", ((q.astype(np.float64) - zero + error) * scale).astype(scale.dtype))
+
+    for node in list(graph):
+        if node.op_type == "QuantizeLinear" and constant_array(node.inputs[0]) is None:
+            noisy = activation(node.inputs[0], node.inputs[1])
+            for reader, _ in list(node.outputs[0].uses()):
+                if reader.op_type == "DequantizeLinear":
+                    reader.outputs[0].replace_all_uses_with(noisy, replace_graph_outputs=True)
+        elif node.op_type == "DequantizeLinear" and constant_array(node.inputs[0]) is not None:
+            axis = node.attributes.get_int("axis", 1) if constant_array(node.inputs[1]).ndim else 0
+            node.outputs[0].replace_all_uses_with(weight(*node.inputs[:2], node.inputs[2] if len(node.inputs) > 2
+                                                         else None, axis))
+        elif node.op_type == "DynamicQuantizeMatMul":  # A in uint8 over [min(A, 0), max(A, 0)], found at run time
+            a, b, b_scale, b_zero, bias = [*node.inputs, None, None][:5]
+            zero = tape.op("Constant", [], {"value": ir.tensor(np.array(0, np.float32))})
+            span = tape.op("Sub", [tape.op("Max", [tape.op("ReduceMax", [a], {"keepdims": 0}), zero]),
+                                   tape.op("Min", [tape.op("ReduceMin", [a], {"keepdims": 0}), zero])])
+            step = tape.op("Div", [span, tape.op("Constant", [], {"value": ir.tensor(np.array(255, np.float32))})])
+            product = tape.op("MatMul", [activation(a, step), weight(b, b_scale, b_zero, -1)])
+            node.outputs[0].replace_all_uses_with(product if bias is None else tape.op("Add", [product, bias]),
+                                                  replace_graph_outputs=True)
+    for new in tape.nodes:
+        graph.append(new)
+    return ir.passes.common.TopologicalSortPass()(ir.passes.common.RemoveUnusedNodesPass()(model).model).model
+
+
+# ONNX Runtime fuses a DequantizeLinear(int8 weight) -> MatMul into MatMulNBits, whose default accuracy level
+# quantizes the activations too: beyond the model's grids (see the LLM recipes issue)
+EXACT_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
+
+def _noise_power(expected: np.ndarray, actual: np.ndarray) -> float:
+    return float(np.mean((expected.astype(np.float64) - actual) ** 2))
+
+
 def _sqnr(expected: np.ndarray, actual: np.ndarray) -> float:
     expected, actual = expected.astype(np.float64), actual.astype(np.float64)
     noise = np.sum((expected - actual) ** 2)
@@ -137,7 +196,8 @@ def test_random_graphs_compile_with_every_recipe_and_target_and_stay_close_to_fl
     rng = np.random.default_rng(0)
     np.savez(folder / "calib.npz", x=rng.standard_normal(dims).astype(x.dtype.numpy()))
     feed = {"x": rng.standard_normal(dims).astype(x.dtype.numpy())}
-    expected = run(model, feed)[0]
+    calib = dict(np.load(folder / "calib.npz"))
+    expected, expected_calib = run(model, feed)[0], run(model, calib)[0]
     for recipe, target in RECIPES_AND_TARGETS:
         result = qcompile.compile(source, recipe=recipe, target=target, calib=str(folder / "calib.npz"),
                                   options={"placement": "integer"} if recipe == "w8a8" else None)
@@ -149,6 +209,9 @@ def test_random_graphs_compile_with_every_recipe_and_target_and_stay_close_to_fl
         if recipe == "canonicalize":  # exact but for float rounding (float16 now computes in float32)
             tolerance = 1e-2 if x.dtype == ir.DataType.FLOAT16 else 1e-4
             np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
-        else:
-            assert _sqnr(expected, actual) > 10, (recipe, target)
+        else:  # on the calibration data, where the grids' ranges hold every value
+            noise = max(np.mean([_noise_power(expected_calib, run(_with_grid_noise(result.model, rng, aligned), calib)[0])
+                                 for _ in range(4)]) for aligned in (False, True))
+            rounding = _noise_power(expected_calib, run(result.model, calib, EXACT_MATMULNBITS)[0])
+            assert rounding <= 4 * noise, (recipe, target, rounding, noise)
 

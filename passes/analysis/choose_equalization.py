@@ -103,6 +103,7 @@ class ChooseEqualizationPass(ir.passes.InPlacePass):
         for chain in chains:
             channel_max = maxima[chain.activation.outputs[0]].value
             top = float(channel_max.max())
-            scale = np.where(channel_max > 0, top / np.maximum(channel_max, top / MAX_SCALE), 1.0)
+            scale = (np.where(channel_max > 0, top / np.maximum(channel_max, top / MAX_SCALE), 1.0) if top > 0
+                     else np.ones_like(channel_max))  # an activation that is zero on all the data
             chain.conv.meta[EQUALIZATION_KEY] = Equalization(scale, chain.activation, tuple(chain.depthwise))
         return ir.passes.PassResult(model, modified=True)
