@@ -50,6 +50,34 @@ def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
     return bounds[0], bounds[1]
 
 
+def _saturation_interval(node: ir.Node, value: ir.Value) -> tuple[float, float]:
+    """The interval outside which ``node``'s output no longer changes with ``value``."""
+    if node.op_type in ("Relu", "Clip") and node.inputs[0] is value:
+        return clip_bounds(node) or (-np.inf, np.inf)
+    if node.op_type == "HardSwish":
+        return -3.0, np.inf
+    if node.op_type == "HardSigmoid":
+        alpha, beta = node.attributes.get_float("alpha", 0.2), node.attributes.get_float("beta", 0.5)
+        return (-beta / alpha, (1 - beta) / alpha) if alpha > 0 else (-np.inf, np.inf)
+    if node.op_type == "Mul" and len(node.inputs) == 2:  # x * HardSigmoid(x): a HardSwish written out
+        other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+        gate = other.producer() if other is not None else None
+        if gate is not None and gate.op_type == "HardSigmoid" and gate.inputs[0] is value:
+            return _saturation_interval(gate, value)[0], np.inf
+    return -np.inf, np.inf
+
+
+def reader_interval(value: ir.Value) -> tuple[float, float]:
+    """The interval outside which none of ``value``'s readers sees a difference (a HardSwish reads
+    nothing below -3): values beyond it may be clipped to it without changing any result."""
+    if value.is_graph_output():
+        return -np.inf, np.inf
+    intervals = [_saturation_interval(node, value) for node, _ in value.uses()]
+    if not intervals:
+        return -np.inf, np.inf
+    return min(lo for lo, _ in intervals), max(hi for _, hi in intervals)
+
+
 def name_matches(name: str | None, patterns: Iterable[str]) -> bool:
     """True if ``name`` matches one of the user's fnmatch patterns (``--exclude``, ``[[nodes]] match``)."""
     return any(fnmatch.fnmatchcase(name or "", pattern) for pattern in patterns)

@@ -54,6 +54,16 @@ class _Accumulator:
         return OutputError(name, sqnr, float(np.mean(self.cosines)), self.max_abs, agreement)
 
 
+def worst_sqnr_db(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """The lowest SQNR (dB) over the outputs of one run of two models."""
+    worst = float("inf")
+    for ref, cand in zip(reference, candidate):
+        accumulator = _Accumulator()
+        accumulator.add(ref, cand)
+        worst = min(worst, accumulator.result("").sqnr_db)
+    return worst
+
+
 class _GridOverflow:
     """How many reference values fall beyond a fixed quantization grid, and the largest as a multiple of
     the grid's end on its side."""

@@ -142,7 +142,8 @@ def _with_grid_noise(model: ir.Model, rng: np.random.Generator, aligned: bool) -
         scale = scale.reshape([-1 if i == axis % q.ndim else 1 for i in range(q.ndim)] if scale.ndim else ())
         zero = 0 if zero is None else constant_array(zero).reshape(scale.shape)
         error = rng.choice([-0.5, 0.5]) if aligned else rng.uniform(-0.5, 0.5, q.shape)
-        return register_constant(graph, "noisy_weight", ((q.astype(np.float64) - zero + error) * scale).astype(scale.dtype))
+        noisy = (q.astype(np.float64) - zero + error) * scale
+        return register_constant(graph, "noisy_weight", noisy.astype(scale.dtype))
 
     for node in list(graph):
         if node.op_type == "QuantizeLinear" and constant_array(node.inputs[0]) is None:
@@ -210,8 +211,9 @@ def test_random_graphs_compile_with_every_recipe_and_target_and_stay_close_to_fl
             tolerance = 1e-2 if x.dtype == ir.DataType.FLOAT16 else 1e-4
             np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
         else:  # on the calibration data, where the grids' ranges hold every value
-            noise = max(np.mean([_noise_power(expected_calib, run(_with_grid_noise(result.model, rng, aligned), calib)[0])
-                                 for _ in range(4)]) for aligned in (False, True))
+            noise = max(np.mean([_noise_power(expected_calib, run(noisy, calib)[0]) for noisy in
+                                 (_with_grid_noise(result.model, rng, aligned) for _ in range(4))])
+                        for aligned in (False, True))
             rounding = _noise_power(expected_calib, run(result.model, calib, EXACT_MATMULNBITS)[0])
             assert rounding <= 4 * noise, (recipe, target, rounding, noise)
 

@@ -11,7 +11,7 @@ from qcompile.config import NodeSettings, settings_for
 from qcompile.decisions import (MEAN_KEY, NEEDS_RANGE_KEY, QUANT_SPEC_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY,
                                 IntegerGrid, activation_spec)
 from qcompile.errors import UsageError
-from qcompile.graph import all_nodes, graph_values, name_matches
+from qcompile.graph import all_nodes, graph_values, name_matches, reader_interval
 from qcompile.notes import add_note
 from qcompile.op_rules import MIN_OPSET_16BIT_QDQ
 
@@ -99,6 +99,7 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         for group, (calibration, dtype) in zip(groups, settings):
             merged = [ranges[v] for v in group]
             lo, hi = min(r.lo for r in merged), max(r.hi for r in merged)
+            lo, hi = _within_readers(lo, hi, group)
             nonfinite = sum(r.nonfinite for r in merged)
             names = ", ".join(v.name for v in group)
             if nonfinite:
@@ -145,6 +146,19 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
                                  f"for an 8-bit grid; with activation_bits = 16 use minmax or percentile")
             calibration = replace(calibration, method=Method.MINMAX)
         return calibration, ir.DataType.INT16
+
+
+def _within_readers(lo: float, hi: float, group: list[ir.Value]) -> tuple[float, float]:
+    """[lo, hi] cut to where the group's readers see a difference: the grid of a Conv output that only a
+    HardSwish reads need not reach below -3, and its step halves where the range went down to -120."""
+    intervals = [reader_interval(v) for v in group]
+    low, high = min(i[0] for i in intervals), max(i[1] for i in intervals)
+    if not max(lo, low) < min(hi, high):
+        return lo, hi
+    # one 8-bit step past a cut, so that the grid's end, after its zero point is rounded, still lies
+    # beyond it: at -2.9 rather than -3, every value below -3 would read HardSwish(-2.9) = -0.05, not 0
+    step = (min(hi, high) - max(lo, low)) / 254
+    return (lo if lo >= low else low - step), (hi if hi <= high else high + step)
 
 
 def _read_by_layer(value: ir.Value) -> bool:

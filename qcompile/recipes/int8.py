@@ -82,9 +82,11 @@ class W8A8Options:
     format: str = option("qdq", "qdq (Q/DQ around float ops: portable, what TensorRT reads) or qoperator "
                                 "(ONNX Runtime's QLinearConv / QLinearMatMul / QLinearAdd; ort-cpu only)")
     placement: str = option("measured", "which Convs run on integers: measured (ort-cpu: where the model runs slower "
-                                        "than fp32 on this machine, Convs with float ops after them are left float "
-                                        "if that is faster), integer (every Conv; for a deployment machine other "
-                                        "than this one), float-islands (Convs with float ops after them left float)")
+                                        "than fp32 on this machine or under 20 dB on the calibration data, Convs "
+                                        "with float ops after them are left float if that is faster, or more "
+                                        "accurate and no slower than fp32), integer (every Conv; for a deployment "
+                                        "machine other than this one), float-islands (Convs with float ops after "
+                                        "them left float)")
 
 
 @dataclass(frozen=True)

@@ -188,20 +188,20 @@ def test_positions_computed_from_shapes_stay_float_beyond_the_calibrated_length(
     assert _sqnr(run(parse(ROPE_ANGLES), feed)[0], run(model, feed)[0]) > 20  # 1.8 dB with quantized positions
 
 
-def _conv_hardswish_head() -> "ir.Model":
+def _conv_hardswish_head(hardswish: str = "h1 = HardSwish(c1)", outputs: str = "float[N, 3] y") -> "ir.Model":
     """Conv -> Relu -> Conv -> HardSwish -> learnable scale -> Conv -> Relu -> pooled Gemm head."""
     rng = np.random.default_rng(1)
     w = [", ".join(f"{v:.3f}" for v in rng.normal(0, 0.3, 4 * 4 * 9)) for _ in range(3)]
     fc = ", ".join(f"{v:.3f}" for v in rng.normal(0, 0.5, 4 * 3))
     return parse(f"""
         <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 4, 8, 8] x) => (float[N, 3] y)
+        g (float[N, 4, 8, 8] x) => ({outputs})
             <float[4, 4, 3, 3] w0 = {{{w[0]}}}, float[4, 4, 3, 3] w1 = {{{w[1]}}}, float[4, 4, 3, 3] w2 = {{{w[2]}}},
              float[1] scale = {{1.5}}, float[4, 3] fc = {{{fc}}}> {{
             c0 = Conv<pads = [1, 1, 1, 1]>(x, w0)
             r0 = Relu(c0)
             c1 = Conv<pads = [1, 1, 1, 1]>(r0, w1)
-            h1 = HardSwish(c1)
+            {hardswish}
             s1 = Mul(h1, scale)
             c2 = Conv<pads = [1, 1, 1, 1]>(s1, w2)
             r2 = Relu(c2)
@@ -245,3 +245,22 @@ def test_an_excluded_conv_is_reported_float_and_why(tmp_path):
     layers = {layer["name"]: layer for layer in result.report["layers"]}
     assert layers["conv2"]["precision"] == "w:fp32 a:fp32" and "--exclude" in layers["conv2"]["why"]
     assert layers["conv0"]["precision"].startswith("w:int8") and layers["conv0"]["why"] is None
+
+
+
+@pytest.mark.parametrize("hardswish", ["h1 = HardSwish(c1)",  # and as paddle2onnx writes it out:
+                                       "g1 = HardSigmoid<alpha = 0.16666667, beta = 0.5>(c1)\n h1 = Mul(g1, c1)"])
+def test_a_conv_output_read_only_by_a_hardswish_gets_a_grid_from_minus_3_up(tmp_path, hardswish):
+    def build():
+        return _conv_hardswish_head(hardswish)
+
+    result, _ = _compile(tmp_path, build, options={"placement": "integer"})
+
+    calibration = dict(np.load(_calibration(tmp_path, build())))
+    c1_values = run(_conv_hardswish_head(hardswish, outputs="float[N, 3] y, float[N, 4, 8, 8] c1"), calibration)[1]
+    assert c1_values.min() < -6  # what a grid over the calibrated range would have spent steps on
+    quantize = next(n for n in result.model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "c1")
+    scale, zero = (v.const_value.numpy() for v in quantize.inputs[1:3])
+    assert -3 - 2 * float(scale) <= (np.iinfo(zero.dtype).min - int(zero)) * float(scale) <= -3  # and reaches -3
+    feed = random_feed(result.model, batch=4, seed=2)
+    assert _sqnr(run(build(), feed)[0], run(result.model, feed)[0]) > 25
