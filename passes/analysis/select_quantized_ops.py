@@ -135,7 +135,7 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
                      and (node.op_type not in COMPUTE_OPS or node.inputs[i] in dependent)]
             if not slots:
                 continue
-            if node.op_type not in COMPUTE_OPS and not any(out in wanted for out in node.outputs):
+            if node.op_type not in COMPUTE_OPS and not any(_reaches_quantized(out, wanted) for out in node.outputs):
                 continue
             if node.op_type in ELEMENTWISE_OPS and len(slots) < 2:
                 continue  # Add/Mul with a constant: a bias or scale, not a residual join
@@ -167,6 +167,16 @@ class SelectQuantizedOpsPass(ir.passes.InPlacePass):
 
     def _excluded(self, node: ir.Node) -> bool:
         return name_matches(node.name, self.options.exclude)
+
+
+def _reaches_quantized(value: ir.Value, wanted: set[ir.Value]) -> bool:
+    """Whether ``value`` is quantized, or read only by Relu / Clip whose outputs are: a residual Add before
+    a Relu, which ONNX Runtime runs as a QLinearAdd once the Relu's grid holds the clip."""
+    if value in wanted:
+        return True
+    users = [user for user, _ in value.uses()]
+    return bool(users) and not value.is_graph_output() and all(
+        user.op_type in CLIPS and user.outputs[0] in wanted for user in users)
 
 
 def _feeding_quantized(graph: ir.Graph, wanted: set[ir.Value]) -> set[ir.Value]:

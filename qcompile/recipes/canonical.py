@@ -12,6 +12,7 @@ from qcompile.passes.canonicalize.fold_constants import FoldConstantsPass
 from qcompile.passes.canonicalize.fuse_matmul_add import FuseMatMulAddPass
 from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
 from qcompile.passes.canonicalize.lift_constant_nodes import LiftConstantNodesPass
+from qcompile.passes.canonicalize.pool_spatial_mean import PoolSpatialMeanPass
 from qcompile.passes.canonicalize.upcast_float16 import UpcastFloat16Pass
 from qcompile.passes.canonicalize.upgrade_opset import UpgradeOpsetPass
 from qcompile.recipes.base import Recipe, Settings
@@ -29,6 +30,7 @@ def canonicalize() -> list[ir.passes.PassBase]:
         FoldBatchNormPass(),
         FoldConvAffinePass(),
         FuseMatMulAddPass(),
+        PoolSpatialMeanPass(),
         EliminateDeadCodePass(),
         InferShapesPass(),
     ]
@@ -40,4 +42,4 @@ def _canonicalize(settings: Settings) -> list[ir.passes.PassBase]:
 
 RECIPES = [Recipe("canonicalize", "opset raised to 13 where lower, float16 computed in float32, shape inference, "
                                   "constant folding, BN and per-channel Mul/Add folding into Conv, MatMul+Add->Gemm, "
-                                  "DCE; no quantization", build=_canonicalize)]
+                                  "spatial ReduceMean->GlobalAveragePool, DCE; no quantization", build=_canonicalize)]
