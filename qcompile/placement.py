@@ -10,9 +10,9 @@ came out at 4-7 dB with every Conv on integers, 21-35 dB with such Convs float, 
 Where the compiled model is slower than fp32 at batch 1 or 8, or under `MIN_SQNR_DB` on the first batch
 of calibration data, the model is compiled again with such Convs left float, weight and all
 (`float_islands`), and both are measured again (timed interleaved with fp32). The float islands are kept
-where they are faster, or where they are more accurate by `MIN_GAIN_DB` and no slower than fp32. The
-note says what was measured, or why nothing was: no such Conv, too few of them, or an fp32 model too
-quick to time.
+where they are faster, or where they are more accurate by `MIN_GAIN_DB`, no slower than fp32, and leave
+some weights quantized. The note says what was measured, or why nothing was: no such Conv, too few of
+them, or an fp32 model too quick to time.
 """
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ MIN_TIMED_MS = 1.0
 # Below this SQNR (dB, the worst output on the first calibration batch) float islands are tried for
 # accuracy, and kept where they gain this much more (dB) at no more than fp32's latency.
 MIN_SQNR_DB, MIN_GAIN_DB = 20.0, 3.0
+# Layers whose weights the compiled model must still quantize for float islands to be kept for accuracy:
+# where every one is left float (a chain of Convs ending in a float head), that is the fp32 model.
+WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,13 @@ def _too_quick(timing: Timing) -> str:
             f"against")
 
 
-def _quantized_convs(model: ir.Model) -> int:
+def _quantized_layers(model: ir.Model, op_types: tuple[str, ...] = ("Conv",)) -> int:
+    """How many ``op_types`` nodes read a dequantized weight, or were lowered to QLinear ops."""
     def dequantized(value):
         return value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
 
-    return sum((node.op_type == "Conv" and dequantized(node.inputs[1])) or node.op_type == "QLinearConv"
-               for node in model.graph)
+    return sum((node.op_type in op_types and len(node.inputs) > 1 and dequantized(node.inputs[1]))
+               or node.op_type in {f"QLinear{op}" for op in op_types} for node in model.graph)
 
 
 def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_islands: Callable[[], tuple[ir.Model, T]],
@@ -111,7 +115,7 @@ def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_islan
     """``integer``, or where that is slower than fp32 or under `MIN_SQNR_DB` (measured twice: the second
     time interleaved with the other), what ``compile_islands`` makes if that is faster, or more accurate
     and no slower than fp32 (each a model and what came with it); and a note of what was measured."""
-    candidates, convs = integer[0].meta.get(FLOAT_ISLANDS_KEY, 0), _quantized_convs(integer[0])
+    candidates, convs = integer[0].meta.get(FLOAT_ISLANDS_KEY, 0), _quantized_layers(integer[0])
     if not candidates:
         return integer, "placement: no Conv has float ops after it, so every Conv runs on integers (nothing to time)"
     if candidates < MIN_ISLAND_SHARE * convs:
@@ -131,7 +135,7 @@ def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_islan
     measured = (f"placement measured on this machine: every Conv on integers {timing.describe()}; the {left_float} "
                 f"Convs with float ops after them left float (float_islands) {islands_timing.describe()}")
     if timing.sqnr_db < MIN_SQNR_DB and islands_timing.sqnr_db >= timing.sqnr_db + MIN_GAIN_DB \
-            and islands_timing.worst <= 1 + TOLERANCE:
+            and islands_timing.worst <= 1 + TOLERANCE and _quantized_layers(islands[0], WEIGHTED) > 0:
         chosen, kept, why = islands, islands_timing, "kept float: more accurate, and no slower than fp32"
     elif timing.worst <= 1 + TOLERANCE:
         chosen, kept, why = integer, timing, "kept on integers: no slower than fp32"

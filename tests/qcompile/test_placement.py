@@ -30,19 +30,19 @@ def timings(monkeypatch):
     return answers
 
 
-def _islands(count):
-    model = parse(TWO_CONVS)
+def _islands(count, text=TWO_CONVS):
+    model = parse(text)
     model.meta[FLOAT_ISLANDS_KEY] = count
     return model, "islands"
 
 
-def _choose(timings, answers, islands=1):
+def _choose(timings, answers, islands=1, islands_text=TWO_CONVS):
     timings.extend(answers)
     compiled = []
     integer = parse(TWO_CONVS)
     integer.meta[FLOAT_ISLANDS_KEY] = islands
     chosen, note = choose_placement("in.onnx", (integer, "integer"),
-                                    lambda: compiled.append(1) or _islands(islands), None, None)
+                                    lambda: compiled.append(1) or _islands(islands, islands_text), None, None)
     return chosen[1], note, bool(compiled)
 
 
@@ -91,3 +91,9 @@ def test_float_islands_are_tried_where_the_integer_model_is_inaccurate_and_kept_
     assert kept == "integer"
     kept, note, _ = _choose(timings, [[fast_but_wrong, Timing({1: 1.2, 8: 1.1}, 5.0, 25.0)]])
     assert kept == "integer" and "kept on integers: no slower than fp32" in note
+
+    # nor where they leave no weight quantized: that is the fp32 model
+    all_float = TWO_CONVS.replace("int8[1, 1, 1, 1] w", "float[1, 1, 1, 1] w").replace("weight = DequantizeLinear(w, s)",
+                                                                                       "weight = Identity(w)")
+    kept, _, _ = _choose(timings, [[fast_but_wrong, Timing({1: 0.9, 8: 1.0}, 5.0, 90.0)]], islands_text=all_float)
+    assert kept == "integer"
