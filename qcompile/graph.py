@@ -52,6 +52,8 @@ def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
 
 def _saturation_interval(node: ir.Node, value: ir.Value) -> tuple[float, float]:
     """The interval outside which ``node``'s output no longer changes with ``value``."""
+    if node.domain not in ("", "ai.onnx"):
+        return -np.inf, np.inf
     if node.op_type in ("Relu", "Clip") and node.inputs[0] is value:
         return clip_bounds(node) or (-np.inf, np.inf)
     if node.op_type == "HardSwish":
