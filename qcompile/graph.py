@@ -69,6 +69,20 @@ def _saturation_interval(node: ir.Node, value: ir.Value) -> tuple[float, float]:
     return -np.inf, np.inf
 
 
+# Ops whose output cannot leave an interval, whatever their input.
+_BOUNDED_OUTPUTS = {"Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
+
+
+def producer_interval(value: ir.Value) -> tuple[float, float]:
+    """The interval ``value``'s producer keeps it in (a Sigmoid's (0, 1), a Clip's bounds), else the real line."""
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return -np.inf, np.inf
+    if node.op_type in ("Relu", "Clip"):
+        return clip_bounds(node) or (-np.inf, np.inf)
+    return _BOUNDED_OUTPUTS.get(node.op_type, (-np.inf, np.inf))
+
+
 def reader_interval(value: ir.Value) -> tuple[float, float]:
     """The interval outside which none of ``value``'s readers sees a difference (a HardSwish reads
     nothing below -3): values beyond it may be clipped to it without changing any result."""

@@ -11,7 +11,7 @@ from qcompile.config import NodeSettings, settings_for
 from qcompile.decisions import (MEAN_KEY, NEEDS_RANGE_KEY, QUANT_SPEC_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY,
                                 IntegerGrid, activation_spec)
 from qcompile.errors import UsageError
-from qcompile.graph import all_nodes, graph_values, name_matches, reader_interval
+from qcompile.graph import all_nodes, graph_values, name_matches, producer_interval, reader_interval
 from qcompile.notes import add_note
 from qcompile.op_rules import MIN_OPSET_16BIT_QDQ
 
@@ -28,8 +28,10 @@ class CalibrateOptions:
     # A calibrated range wider than this is not a range an integer grid should serve (an additive
     # attention mask of float-min values, say): the tensor stays float and the report says so.
     max_abs: float = 1e4
-    # A 16-bit grid has levels to spare, and unseen data reaches past the calibrated range more often
-    # than a 16-bit step matters: its range is this many times the calibrated one (2 of 16 bits).
+    # Unseen data reaches past the calibrated range, and a value clipped there can cost more than a
+    # coarser step: an 8-bit range is this many times the calibrated one (`headroom`). A 16-bit grid has
+    # levels to spare: its range is this many times the calibrated one (2 of 16 bits).
+    headroom: float = 1.0
     headroom_16bit: float = 4.0
     # Per-node calib_method / percentile / activation_bits (16: INT16) for the tensors they read.
     nodes: tuple[NodeSettings, ...] = ()
@@ -99,7 +101,6 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         for group, (calibration, dtype) in zip(groups, settings):
             merged = [ranges[v] for v in group]
             lo, hi = min(r.lo for r in merged), max(r.hi for r in merged)
-            lo, hi = _within_readers(lo, hi, group)
             nonfinite = sum(r.nonfinite for r in merged)
             names = ", ".join(v.name for v in group)
             if nonfinite:
@@ -109,8 +110,9 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
                               f"{16 if dtype == ir.DataType.INT16 else 8} bits; left float")
                 spec = None
             else:
-                widen = self.options.headroom_16bit if dtype == ir.DataType.INT16 else 1.0
-                spec = activation_spec(lo * widen, hi * widen, dtype, calibration.method.value)
+                widen = self.options.headroom_16bit if dtype == ir.DataType.INT16 else self.options.headroom
+                spec = activation_spec(*_within_reach(lo * widen, hi * widen, group), dtype,
+                                       calibration.method.value)
             for v in group:
                 del v.meta[NEEDS_RANGE_KEY]
                 if spec is not None:
@@ -148,17 +150,24 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         return calibration, ir.DataType.INT16
 
 
-def _within_readers(lo: float, hi: float, group: list[ir.Value]) -> tuple[float, float]:
-    """[lo, hi] cut to where the group's readers see a difference: the grid of a Conv output that only a
-    HardSwish reads need not reach below -3, and its step halves where the range went down to -120."""
-    intervals = [reader_interval(v) for v in group]
-    low, high = min(i[0] for i in intervals), max(i[1] for i in intervals)
-    if not max(lo, low) < min(hi, high):
-        return lo, hi
+def _within_reach(lo: float, hi: float, group: list[ir.Value]) -> tuple[float, float]:
+    """[lo, hi] cut to what the group's producers can emit (`headroom` does not widen a Sigmoid's output
+    past 1) and to where its readers see a difference: the grid of a Conv output that only a HardSwish
+    reads need not reach below -3, and its step halves where the range went down to -120."""
+    produced = [producer_interval(v) for v in group]
+    lo, hi = _cut(lo, hi, min(p[0] for p in produced), max(p[1] for p in produced))
+    read = [reader_interval(v) for v in group]
+    low, high = min(r[0] for r in read), max(r[1] for r in read)
     # one 8-bit step past a cut, so that the grid's end, after its zero point is rounded, still lies
     # beyond it: at -2.9 rather than -3, every value below -3 would read HardSwish(-2.9) = -0.05, not 0
     step = (min(hi, high) - max(lo, low)) / 254
-    return (lo if lo >= low else low - step), (hi if hi <= high else high + step)
+    return _cut(lo, hi, low - step, high + step)
+
+
+def _cut(lo: float, hi: float, low: float, high: float) -> tuple[float, float]:
+    """[lo, hi] within [low, high], or as it is where they do not overlap."""
+    cut = max(lo, low), min(hi, high)
+    return cut if cut[0] < cut[1] else (lo, hi)
 
 
 def _read_by_layer(value: ir.Value) -> bool:

@@ -71,6 +71,8 @@ class W8A8Options:
     per_channel: bool = _per_channel()
     calib_method: str = option("minmax", "activation ranges: minmax, percentile, entropy, mse")
     percentile: float = option(99.999, "with calib_method=percentile: the percentile of |x| kept")
+    headroom: float = option(1.0, "8-bit activation ranges widened by this factor (>= 1) beyond the calibrated "
+                                  "ones, for data that reaches further than the calibration set")
     moving_average: str = option("off", "with calib_method=minmax: c in (0, 1] to average the min/max of each batch "
                                         "(up to 8 samples) as m += c * (batch - m), rather than take the extremes")
     cpu: str = _cpu()
@@ -108,6 +110,12 @@ def _calibration(options: W8A8Options) -> CalibrationOptions:
     if moving_average is not None and method != "minmax":
         raise UsageError(f"option moving_average: it averages min/max, so it needs calib_method=minmax, not {method}")
     return CalibrationOptions(method=Method(method), percentile=percentile, moving_average=moving_average)
+
+
+def _headroom(value: float) -> float:
+    if not value >= 1:
+        raise UsageError(f"option headroom: expected a number >= 1, got {value}")
+    return value
 
 
 def _fraction(key: str, text: str, auto: bool = False) -> float | None:
@@ -215,7 +223,8 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
         SelectQuantizedOpsPass(SelectOptions(exclude=settings.excluded, float_islands=_float_islands(settings))),
         CalibrateActivationsPass(CalibrateOptions(data, target.activation_dtype, calibration, nodes=settings.nodes,
                                                   record_means=_corrects_bias(settings),
-                                                  contrib_16bit=target.contrib_ops)),
+                                                  contrib_16bit=target.contrib_ops,
+                                                  headroom=_headroom(settings.options.headroom))),
         *([ShareClipGridsPass()] if target.ort_qdq_layout else []),
         AssignWeightSpecsPass(weights),
         *_embeddings(settings),

@@ -1,8 +1,8 @@
-"""IR helpers: the interval a value's readers can tell apart."""
+"""IR helpers: the intervals a value's producer keeps it in and its readers can tell apart."""
 import numpy as np
 from helpers import parse
 
-from qcompile.graph import reader_interval
+from qcompile.graph import producer_interval, reader_interval
 
 READERS = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -44,3 +44,17 @@ def test_a_hardswish_written_out_saturates_below_and_any_other_reader_or_a_graph
     low, high = reader_interval(c)
     assert np.isclose(low, -3.0) and high == np.inf
     assert reader_interval(model.graph.inputs[0]) == (-np.inf, np.inf)  # read by Neg
+
+
+def test_the_interval_a_producer_keeps_its_output_in():
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[4] x) => (float[4] s, float[4] t, float[4] c, float[4] n) <float lo = {-1}, float hi = {2}> {
+            s = Sigmoid(x)
+            t = Tanh(x)
+            c = Clip(x, lo, hi)
+            n = Neg(x)
+        }""")
+    s, t, c, n = (node.outputs[0] for node in model.graph)
+    assert [producer_interval(v) for v in (s, t, c, n)] == [(0, 1), (-1, 1), (-1, 2), (-np.inf, np.inf)]
+    assert producer_interval(model.graph.inputs[0]) == (-np.inf, np.inf)

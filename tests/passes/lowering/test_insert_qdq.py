@@ -98,6 +98,34 @@ def test_w8a8_without_calibration_data_is_a_usage_error(tmp_path):
         qcompile.compile(source, recipe="w8a8")
 
 
+def _activation_grids(model):
+    """Quantized activation -> (its producer's op type, scale, the grid's top value)."""
+    grids = {}
+    for node in model.graph:
+        if node.op_type == "QuantizeLinear" and node.inputs[0].const_value is None:
+            scale, zero = (v.const_value.numpy() for v in node.inputs[1:3])
+            top = (np.iinfo(zero.dtype).max - int(zero)) * float(scale)
+            producer = node.inputs[0].producer()
+            grids[node.inputs[0].name] = (producer.op_type if producer else None, float(scale), top)
+    return grids
+
+
+def test_headroom_widens_8bit_activation_ranges_up_to_what_their_producers_emit(tmp_path):
+    plain, _ = _compile(tmp_path, synthetic.cnn, options={"placement": "integer"})
+    wide, _ = _compile(tmp_path, synthetic.cnn, options={"placement": "integer", "headroom": 1.5})
+    plain_grids, wide_grids = _activation_grids(plain.model), _activation_grids(wide.model)
+    assert plain_grids.keys() == wide_grids.keys()
+    clipped = {name for name, (op, _, _) in plain_grids.items() if op == "Clip"}  # ReLU6: never past 6
+    assert clipped and len(clipped) < len(plain_grids)
+    for name, (_, scale, top) in wide_grids.items():
+        if name in clipped:
+            assert 6 <= top <= 6 + scale
+        else:
+            assert scale == pytest.approx(1.5 * plain_grids[name][1], rel=1e-5)
+    with pytest.raises(qcompile.errors.UsageError, match="headroom"):
+        _compile(tmp_path, synthetic.cnn, options={"headroom": 0.9})
+
+
 def test_vnni_profile_uses_signed_weights(tmp_path):
     result, _ = _compile(tmp_path, synthetic.cnn, options={"cpu": "vnni"})
     weights = [n.inputs[0].const_value.numpy() for n in result.model.graph
