@@ -139,7 +139,8 @@ def test_recipe_level_entropy_gives_16bit_tensors_minmax_with_headroom(tmp_path)
     x = run(reference, calibration)[1]
     assert x.min() >= 0
     scale = float(dequantize.inputs[1].const_value.numpy())
-    np.testing.assert_allclose(scale * 65535, 4 * x.max(), rtol=1e-5)
+    np.testing.assert_allclose(scale * 65535, min(4 * x.max(), 6), rtol=1e-5)  # headroom, up to ReLU6's 6
+    assert 4 * x.max() > 6  # so the cut is what this checks
 
 
 def test_fold_qdq_moves_pass_through_ops_onto_contrib_16bit_tensors(tmp_path):
