@@ -1,11 +1,12 @@
-"""In a model that was float16, float weights that float16 holds exactly are stored in float16 again,
-behind a Cast to float32.
+"""In a model that was float16, the float weights are stored in float16 again, behind a Cast to float32.
 
 A float16 model computes in float32 here (`upcast-float16`), so the weights left float (in Loop bodies,
 in layers kept float) would take twice the bytes they took in the input: a Keras mixed-precision model
-compiled 1.06x its size. ONNX Runtime folds the Cast of an initializer when it loads the model: no cost
-when it runs. Lossless: only tensors whose every value float16 holds exactly (not those BatchNorm
-folding changed). Not the scales and zero points that Q/DQ read.
+compiled 1.06x its size, a MobileNetV4 whose Convs placement kept float 1.19x. ONNX Runtime folds the
+Cast of an initializer when it loads the model: no cost when it runs. Weights the input held in float16
+come back exactly; those BatchNorm folding changed are rounded to float16, as the input held their
+factors (relative error at most 2^-11, ~66 dB). Not tensors float16 cannot hold (beyond 65504, or
+non-zero values it would flush to zero), nor the scales and zero points that Q/DQ read.
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ def _stored_float16(value: ir.Value) -> np.ndarray | None:
     array = value.const_value.numpy()
     if array.size < MIN_ELEMENTS:
         return None
-    half = array.astype(np.float16)
-    return half if np.array_equal(half.astype(np.float32), array) else None
+    with np.errstate(over="ignore"):
+        half = array.astype(np.float16)
+    representable = np.isfinite(half) & ((half != 0) | (array == 0))
+    return half if representable.all() else None
 
 
 class StoreFloat16WeightsPass(ir.passes.InPlacePass):
-    """float32 initializers exact in float16 -> a float16 initializer and a Cast (every graph)."""
+    """float32 initializers -> a float16 initializer and a Cast (every graph), in a model that was float16."""
 
     name = "store-float16-weights"
 
