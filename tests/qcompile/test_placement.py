@@ -93,7 +93,7 @@ def test_float_islands_are_tried_where_the_integer_model_is_inaccurate_and_kept_
     assert kept == "integer" and "kept on integers: no slower than fp32" in note
 
     # nor where they leave no weight quantized: that is the fp32 model
-    all_float = TWO_CONVS.replace("int8[1, 1, 1, 1] w", "float[1, 1, 1, 1] w").replace("weight = DequantizeLinear(w, s)",
-                                                                                       "weight = Identity(w)")
+    all_float = TWO_CONVS.replace("int8[1, 1, 1, 1] w", "float[1, 1, 1, 1] w")
+    all_float = all_float.replace("weight = DequantizeLinear(w, s)", "weight = Identity(w)")
     kept, _, _ = _choose(timings, [[fast_but_wrong, Timing({1: 0.9, 8: 1.0}, 5.0, 90.0)]], islands_text=all_float)
     assert kept == "integer"
