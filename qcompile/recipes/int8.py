@@ -71,7 +71,7 @@ class W8A8Options:
     per_channel: bool = _per_channel()
     calib_method: str = option("minmax", "activation ranges: minmax, percentile, entropy, mse")
     percentile: float = option(99.999, "with calib_method=percentile: the percentile of |x| kept")
-    headroom: float = option(1.0, "8-bit activation ranges widened by this factor (>= 1) beyond the calibrated "
+    headroom: float = option(1.0, "8-bit activation ranges widened by this factor (1 to 16) beyond the calibrated "
                                   "ones, for data that reaches further than the calibration set")
     moving_average: str = option("off", "with calib_method=minmax: c in (0, 1] to average the min/max of each batch "
                                         "(up to 8 samples) as m += c * (batch - m), rather than take the extremes")
@@ -112,9 +112,12 @@ def _calibration(options: W8A8Options) -> CalibrationOptions:
     return CalibrationOptions(method=Method(method), percentile=percentile, moving_average=moving_average)
 
 
+MAX_HEADROOM = 16.0  # 4 of 8 bits spent on room no calibrated value used
+
+
 def _headroom(value: float) -> float:
-    if not value >= 1:
-        raise UsageError(f"option headroom: expected a number >= 1, got {value}")
+    if not 1 <= value <= MAX_HEADROOM:
+        raise UsageError(f"option headroom: expected a number from 1 to {MAX_HEADROOM:g}, got {value}")
     return value
 
 

@@ -122,8 +122,9 @@ def test_headroom_widens_8bit_activation_ranges_up_to_what_their_producers_emit(
             assert 6 <= top <= 6 + scale
         else:
             assert scale == pytest.approx(1.5 * plain_grids[name][1], rel=1e-5)
-    with pytest.raises(qcompile.errors.UsageError, match="headroom"):
-        _compile(tmp_path, synthetic.cnn, options={"headroom": 0.9})
+    for bad in (0.9, float("inf"), float("nan")):
+        with pytest.raises(qcompile.errors.UsageError, match="headroom"):
+            _compile(tmp_path, synthetic.cnn, options={"headroom": bad})
 
 
 def test_vnni_profile_uses_signed_weights(tmp_path):
