@@ -11,7 +11,7 @@ Where the compiled model is slower than fp32 at batch 1 or 8, or under `MIN_SQNR
 of calibration data, the model is compiled again with such Convs left float, weight and all
 (`float_islands`), and both are measured again (timed interleaved with fp32). The float islands are kept
 where they are faster, or where they are more accurate by `MIN_GAIN_DB`, no slower than fp32, and leave
-some weights quantized. The note says what was measured, or why nothing was: no such Conv, too few of
+some weights quantized (timed a second time where they are slower by about the noise). The note says what was measured, or why nothing was: no such Conv, too few of
 them, or an fp32 model too quick to time.
 """
 from __future__ import annotations
@@ -39,6 +39,9 @@ MIN_ISLAND_SHARE = 0.25
 # Two sessions of one model differ by up to ~7% on these shared machines: a model is slower than fp32
 # where its ratio passes 1 + TOLERANCE, and float islands are kept where they win by more than that.
 TOLERANCE = 0.04
+# Float islands that are more accurate but measure slower than fp32 by up to this many TOLERANCEs are
+# timed again, and the two timings averaged: one timing of a ~1 ms model can be that far off.
+CLOSE = 3
 ROUNDS, SECONDS = 5, 1.0  # per batch size
 # An fp32 model quicker than this (ms, the smallest batch) is placed by the op rules: its time is mostly
 # noise. At 1 ms the PP-OCRv4 classifier went untimed and shipped 1.42x fp32 with every Conv on integers;
@@ -102,6 +105,12 @@ def _too_quick(timing: Timing) -> str:
             f"against")
 
 
+def _mean(first: Timing, second: Timing) -> Timing:
+    """Two timings of one model, their ratios averaged per batch."""
+    ratios = {batch: (ratio + second.ratios[batch]) / 2 for batch, ratio in first.ratios.items()}
+    return Timing(ratios, (first.fp32_ms + second.fp32_ms) / 2, first.sqnr_db)
+
+
 def _quantized_layers(model: ir.Model, op_types: tuple[str, ...] = ("Conv",)) -> int:
     """How many ``op_types`` nodes read a dequantized weight, or were lowered to QLinear ops."""
     def dequantized(value):
@@ -133,10 +142,15 @@ def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_islan
     timing, islands_timing = time_against_fp32(reference, [integer[0], islands[0]], data, target)
     if timing.fp32_ms < MIN_TIMED_MS:
         return integer, _too_quick(timing)
+    more_accurate = (timing.sqnr_db < MIN_SQNR_DB and islands_timing.sqnr_db >= timing.sqnr_db + MIN_GAIN_DB
+                     and _quantized_layers(islands[0], WEIGHTED) > 0)
+    if more_accurate and 1 + TOLERANCE < islands_timing.worst <= 1 + CLOSE * TOLERANCE:
+        # more accurate, and slower than fp32 by no more than two sessions of one model differ: timed again
+        again = time_against_fp32(reference, [integer[0], islands[0]], data, target)
+        timing, islands_timing = (_mean(first, second) for first, second in zip((timing, islands_timing), again))
     measured = (f"placement measured on this machine: every Conv on integers {timing.describe()}; the {left_float} "
                 f"Convs with float ops after them left float (float_islands) {islands_timing.describe()}")
-    if timing.sqnr_db < MIN_SQNR_DB and islands_timing.sqnr_db >= timing.sqnr_db + MIN_GAIN_DB \
-            and islands_timing.worst <= 1 + TOLERANCE and _quantized_layers(islands[0], WEIGHTED) > 0:
+    if more_accurate and islands_timing.worst <= 1 + TOLERANCE:
         chosen, kept, why = islands, islands_timing, "kept float: more accurate, and no slower than fp32"
     elif timing.worst <= 1 + TOLERANCE:
         chosen, kept, why = integer, timing, "kept on integers: no slower than fp32"

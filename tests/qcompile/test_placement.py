@@ -97,3 +97,16 @@ def test_float_islands_are_tried_where_the_integer_model_is_inaccurate_and_kept_
     all_float = all_float.replace("weight = DequantizeLinear(w, s)", "weight = Identity(w)")
     kept, _, _ = _choose(timings, [[fast_but_wrong, Timing({1: 0.9, 8: 1.0}, 5.0, 90.0)]], islands_text=all_float)
     assert kept == "integer"
+
+
+def test_more_accurate_float_islands_slower_than_fp32_by_about_the_noise_are_timed_again_and_averaged(timings):
+    fast_but_wrong = Timing({1: 0.5, 8: 0.7}, 5.0, INACCURATE)
+    close = Timing({1: 1.07, 8: 0.97}, 5.0, 35.0)
+    kept, note, _ = _choose(timings, [[fast_but_wrong, close], [fast_but_wrong, Timing({1: 0.99, 8: 0.95}, 5.0, 35.0)]])
+    assert kept == "islands" and not timings and "1.03x / 0.96x" in note  # the averages
+
+    kept, _, _ = _choose(timings, [[fast_but_wrong, close], [fast_but_wrong, Timing({1: 1.09, 8: 0.97}, 5.0, 35.0)]])
+    assert kept == "integer" and not timings
+
+    kept, _, _ = _choose(timings, [[fast_but_wrong, Timing({1: 1.2, 8: 0.97}, 5.0, 35.0)]])  # too far: once
+    assert kept == "integer" and not timings
