@@ -66,7 +66,7 @@ def main() -> int:
     parser.add_argument("--results-dir", type=Path, default=zoo.RESULTS_DIR)
     args = parser.parse_args()
     values = args.values.split(",")
-    models = manifest_models()
+    models = zoo.manifest()
     if args.models:
         models = [m for m in models if m["id"] in args.models.split(",")]
     rows = []
@@ -76,10 +76,6 @@ def main() -> int:
         print(f"  {rows[-1]['sqnr_db']}", flush=True)
     write_results(rows, args.option, values, args.results_dir)
     return 0
-
-
-def manifest_models() -> list[dict]:
-    return zoo.tomllib.loads(zoo.MANIFEST.read_text())["model"]
 
 
 def median_gain(rows: list[dict], baseline: str, value: str) -> float | None:

@@ -50,6 +50,11 @@ TEXTS = {"calibration": Path(sys.base_prefix) / "lib" / f"python{sys.version_inf
          / "LICENSE.txt", "evaluation": Path("/usr/share/common-licenses/GPL-3")}
 
 
+def manifest() -> list[dict]:
+    """The models of `zoo.toml`, in order."""
+    return tomllib.loads(MANIFEST.read_text())["model"]
+
+
 def cache_dir() -> Path:
     from qcompile.paths import cache_dir as qcompile_cache
 
@@ -337,8 +342,7 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true", help="replace these models' rows in today's results on this "
                                                                "machine, keeping the others")
     args = parser.parse_args()
-    manifest = tomllib.loads(MANIFEST.read_text())["model"]
-    models = manifest
+    models = manifest()
     if args.models:
         wanted = args.models.split(",")
         models = [m for m in models if m["id"] in wanted]
@@ -366,7 +370,7 @@ def main() -> int:
         previous = json.loads(earlier.read_text())
         kept = {row["id"]: {"commit": previous["commit"], **row} for row in previous["rows"]}
         kept.update((row["id"], row) for row in rows)
-        rows = [kept[m["id"]] for m in manifest if m["id"] in kept]
+        rows = [kept[m["id"]] for m in manifest() if m["id"] in kept]
     write_results(rows, args.results_dir)
     return 0
 
