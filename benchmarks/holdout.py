@@ -66,9 +66,7 @@ def main() -> int:
     parser.add_argument("--results-dir", type=Path, default=zoo.RESULTS_DIR)
     args = parser.parse_args()
     values = args.values.split(",")
-    models = zoo.manifest()
-    if args.models:
-        models = [m for m in models if m["id"] in args.models.split(",")]
+    models = zoo.chosen_models(parser, args.models)
     rows = []
     for model in models:
         print(f"{datetime.datetime.now():%H:%M:%S} {model['id']}", flush=True)

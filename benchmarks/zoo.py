@@ -55,6 +55,18 @@ def manifest() -> list[dict]:
     return tomllib.loads(MANIFEST.read_text())["model"]
 
 
+def chosen_models(parser: argparse.ArgumentParser, ids: str | None) -> list[dict]:
+    """The manifest's models named by ``--models`` (comma-separated ids; all where None); an unknown id is
+    a usage error."""
+    models = manifest()
+    if ids is None:
+        return models
+    wanted = ids.split(",")
+    if unknown := sorted(set(wanted) - {m["id"] for m in models}):
+        parser.error(f"--models: no such model in {MANIFEST.name}: {', '.join(unknown)}")
+    return [m for m in models if m["id"] in wanted]
+
+
 def cache_dir() -> Path:
     from qcompile.paths import cache_dir as qcompile_cache
 
@@ -342,10 +354,7 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true", help="replace these models' rows in today's results on this "
                                                                "machine, keeping the others")
     args = parser.parse_args()
-    models = manifest()
-    if args.models:
-        wanted = args.models.split(",")
-        models = [m for m in models if m["id"] in wanted]
+    models = chosen_models(parser, args.models)
     rows = []
     for model in models:
         folder = cache_dir() / "runs" / model["id"]
