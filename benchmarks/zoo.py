@@ -258,7 +258,7 @@ def qcompile_one(path: Path, data: dict[str, Path], folder: Path, timeout: float
     r = json.loads(report.read_text())
     result.update(size_ratio=r["size_bytes"]["after"] / r["size_bytes"]["before"],
                   size_mb=r["size_bytes"]["before"] / 1e6,
-                  float_layers=sum(layer["precision"].startswith("w:fp") for layer in r["layers"]),
+                  float_layers=sum(" a:fp" in layer["precision"] for layer in r["layers"]),
                   layers=len(r["layers"]), notes=r["notes"])
     evaluation = _evaluate(path, output, data["evaluation"], timeout)
     if "message" in evaluation:

@@ -208,13 +208,13 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
     records = Pipeline(passes, verify_each=verify_each, dump_after=dump).run(model)
     placement = []
     if getattr(resolved, "placement", None) == "measured" and not chosen_target.qdq_semantics and data is not None:
-        def compile_islands():
-            islands = load_model(input_path)
-            settings_islands = Settings(chosen_target, replace(resolved, placement="float-islands"),
-                                        tuple(settings.exclude), data, settings.nodes)
-            return islands, Pipeline(chosen.build(settings_islands), verify_each=verify_each).run(islands)
+        def compile_as(placement: str):
+            again = load_model(input_path)
+            settings_again = Settings(chosen_target, replace(resolved, placement=placement), tuple(settings.exclude),
+                                      data, settings.nodes)
+            return again, Pipeline(chosen.build(settings_again), verify_each=verify_each).run(again)
 
-        (model, records), note = choose_placement(input_path, (model, records), compile_islands, data, chosen_target)
+        (model, records), note = choose_placement(input_path, (model, records), compile_as, data, chosen_target)
         placement.append(note)
     reads_data = _reads_data(passes)
     unused_inputs = ([f"recipe {chosen.name} as set up reads no data: --calib {calib} was not used"]

@@ -6,31 +6,50 @@ import onnx_ir as ir
 from qcompile.decisions import FLOAT_REASON_KEY
 from qcompile.graph import all_nodes
 
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "QLinearConv",
-                "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulBnb4"}
+                "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulBnb4",
+                *RECURRENT_OPS}
 DEQUANTIZE_OPS = {"DequantizeLinear"}
 # Ops that take (a, a_scale, a_zero_point, b, ...): their weight is input 3; every other op's is input 1.
 QLINEAR_WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3}
 
 
+def _decoded_integer(value: ir.Value) -> ir.Value | None:
+    """The integer tensor ``value`` is decoded from: a DequantizeLinear's input, or the Cast's input in
+    `store-int8-weights`' Mul(Cast(int8), scale)."""
+    producer = value.producer()
+    if producer is None or not producer.inputs or producer.inputs[0] is None:
+        return None
+    if producer.op_type in DEQUANTIZE_OPS:
+        return producer.inputs[0]
+    cast = producer.inputs[0].producer() if producer.op_type == "Mul" else None
+    if cast is not None and cast.op_type == "Cast" and cast.inputs[0] is not None \
+            and cast.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8):
+        return cast.inputs[0]
+    return None
+
+
 def _operand_precision(value: ir.Value | None) -> str:
+    if value is not None and (integer := _decoded_integer(value)) is not None:
+        return integer.dtype.name.lower() if integer.dtype is not None else "?"
     if value is None or value.dtype is None:
         return "?"
-    producer = value.producer()
-    if producer is not None and producer.op_type in DEQUANTIZE_OPS and producer.inputs[0] is not None:
-        stored = producer.inputs[0].dtype
-        return stored.name.lower() if stored is not None else "?"
     return {ir.DataType.FLOAT: "fp32", ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}.get(
         value.dtype, value.dtype.name.lower())
 
 
-# Ops through which a stored weight reaches its layer.
-WEIGHT_PATH_OPS = DEQUANTIZE_OPS | {"Transpose", "Reshape", "Cast"}
+# Ops through which a stored weight reaches its layer (besides those `_decoded_integer` reads).
+WEIGHT_PATH_OPS = {"Transpose", "Reshape", "Cast"}
 
 
 def _stored(value: ir.Value) -> bool:
-    """Whether ``value`` is a constant, possibly dequantized, transposed or reshaped: a weight, not an activation."""
+    """Whether ``value`` is a constant, possibly decoded, transposed or reshaped: a weight, not an activation."""
     while value.const_value is None and value.producer() is not None:
+        if (integer := _decoded_integer(value)) is not None:
+            value = integer
+            continue
         producer = value.producer()
         if producer.op_type == "Constant":
             return True
@@ -38,6 +57,14 @@ def _stored(value: ir.Value) -> bool:
             return False
         value = producer.inputs[0]
     return value.const_value is not None
+
+
+def _float_by_nature(node: ir.Node, model: ir.Model) -> str | None:
+    if node.op_type in RECURRENT_OPS:
+        return f"{node.op_type}: ONNX has no integer recurrent op, so it computes in float"
+    if node.graph is not model.graph:
+        return "in a control-flow subgraph: only the main graph is quantized"
+    return None
 
 
 def layer_precisions(model: ir.Model) -> list[dict]:
@@ -57,9 +84,7 @@ def layer_precisions(model: ir.Model) -> list[dict]:
         precision = (f"a:{activation} x a:{weight}" if operand is not None and not _stored(operand)
                      else f"w:{weight} a:{activation}")
         row = {"name": node.name, "op_type": node.op_type, "precision": precision}
-        if weight.startswith(("fp", "bf")) and _stored(operand):
-            row["why"] = node.meta.get(FLOAT_REASON_KEY) or (
-                "in a control-flow subgraph: only the main graph is quantized" if node.graph is not model.graph
-                else None)
+        if activation.startswith(("fp", "bf")) and _stored(operand):
+            row["why"] = node.meta.get(FLOAT_REASON_KEY) or _float_by_nature(node, model)
         rows.append(row)
     return rows

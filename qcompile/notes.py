@@ -18,3 +18,8 @@ def add_note(model: ir.Model, message: str) -> None:
 
 def notes(model: ir.Model) -> list[str]:
     return list(model.meta.get(NOTES_KEY, []))
+
+
+def some_names(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names, and "..." where there are more: for a note's list."""
+    return f"{', '.join(names[:shown])}{', ...' if len(names) > shown else ''}"

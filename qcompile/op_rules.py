@@ -36,7 +36,8 @@ def qdq_missing_note(model) -> str | None:
     opset = model.opset_imports.get("", 1)
     if opset >= MIN_OPSET_QDQ:
         return None
-    return f"opset {opset} has no QuantizeLinear/DequantizeLinear (opset {MIN_OPSET_QDQ} has): nothing quantized"
+    return (f"opset {opset} has no QuantizeLinear/DequantizeLinear (opset {MIN_OPSET_QDQ} has): every layer computes "
+            f"in float")
 
 # op type -> indexes of the activation inputs that get Q/DQ
 COMPUTE_OPS: dict[str, tuple[int, ...]] = {

@@ -7,12 +7,16 @@ and QuantizeLinear after it, and on small feature maps those cost more than the 
 PP-LCNet classifier ran 1.2x fp32 so. Those two roundings per Conv also add up: PaddleOCR's recognizers
 came out at 4-7 dB with every Conv on integers, 21-35 dB with such Convs float, still faster than fp32.
 
-Where the compiled model is slower than fp32 at batch 1 or 8, or under `MIN_SQNR_DB` on the first batch
-of calibration data, the model is compiled again with such Convs left float, weight and all
-(`float_islands`), and both are measured again (timed interleaved with fp32). The float islands are kept
-where they are faster, or where they are more accurate by `MIN_GAIN_DB`, no slower than fp32, and leave
-some weights quantized (timed a second time where they are slower by about the noise). The note says what was measured, or why nothing was: no such Conv, too few of
-them, or an fp32 model too quick to time.
+Where the compiled model is slower than fp32 at batch 1 or 8, or under `MIN_SQNR_DB` on the first
+`SQNR_SAMPLES` calibration samples, it is compiled twice more: with such Convs left float
+(`float-islands`, if there are enough of them), and with every layer in float, its weights stored as INT8
+that ONNX Runtime decodes when it loads the model (`float`: fp32's speed, a quarter of its size where the
+outputs bear the weights' rounding, `choose-int8-storage`). All are timed interleaved with fp32; kept is
+the fastest at `MIN_SQNR_DB` and no slower than fp32, else the most accurate no slower than fp32, else the
+fastest. An alternative that stores no weight as integers (`float_weights=float32`) is the fp32 model
+and not one. Where a more accurate candidate is slower than fp32 by about the noise, all are timed again.
+The note says what was measured, or why nothing was: no such Conv, too few of them, or an fp32 model too
+quick to time.
 """
 from __future__ import annotations
 
@@ -22,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompile.calibration import CalibrationData
-from qcompile.data import model_inputs
+from qcompile.data import InputInfo, model_inputs
 from qcompile.decisions import FLOAT_ISLANDS_KEY
 from qcompile.io import save_model
+from qcompile.layers import layer_precisions
 from qcompile.session import session
 from qcompile.targets import Target
 from qcompile.verify import interleaved_medians, latency_feeds, worst_sqnr_db
@@ -39,27 +45,29 @@ MIN_ISLAND_SHARE = 0.25
 # Two sessions of one model differ by up to ~7% on these shared machines: a model is slower than fp32
 # where its ratio passes 1 + TOLERANCE, and float islands are kept where they win by more than that.
 TOLERANCE = 0.04
-# Float islands that are more accurate but measure slower than fp32 by up to this many TOLERANCEs are
-# timed again, and the two timings averaged: one timing of a ~1 ms model can be that far off.
+# Where a more accurate candidate measures slower than fp32 by up to this many TOLERANCEs, all are timed
+# again and the two timings averaged: one timing of a ~1 ms model can be that far off.
 CLOSE = 3
 ROUNDS, SECONDS = 5, 1.0  # per batch size
 # An fp32 model quicker than this (ms, the smallest batch) is placed by the op rules: its time is mostly
 # noise. At 1 ms the PP-OCRv4 classifier went untimed and shipped 1.42x fp32 with every Conv on integers;
 # a second of interleaved runs (hundreds of rounds at that size) times it well enough.
 MIN_TIMED_MS = 0.25
-# Below this SQNR (dB, the worst output on the first calibration batch) float islands are tried for
-# accuracy, and kept where they gain this much more (dB) at no more than fp32's latency.
+# SQNRs are measured on this many calibration samples (the first batches): one image can be far from the
+# rest (CRAFT's first: 24 dB, where the 16 make 11 dB).
+SQNR_SAMPLES = 8
+# Below this SQNR (dB, the worst output on the first calibration samples) the other placements are tried
+# for accuracy; of candidates under it, those within MIN_GAIN_DB of the most accurate count as equal.
 MIN_SQNR_DB, MIN_GAIN_DB = 20.0, 3.0
-# Layers whose weights the compiled model must still quantize for float islands to be kept for accuracy:
-# where every one is left float (a chain of Convs ending in a float head), that is the fp32 model.
-WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# The placements tried beside `integer`, in the order preferred at equal speed (more on integers first).
+ALTERNATIVES = ("float-islands", "float")
 
 
 @dataclass(frozen=True)
 class Timing:
     ratios: dict[int, float]  # batch -> compiled / fp32
     fp32_ms: float  # at the smallest batch
-    sqnr_db: float  # the worst output, on the first calibration batch
+    sqnr_db: float  # the worst output, on the first calibration samples
 
     @property
     def worst(self) -> float:
@@ -70,17 +78,34 @@ class Timing:
         return f"{ratios} fp32 at batch {' / '.join(str(b) for b in self.ratios)}, {self.sqnr_db:.1f} dB"
 
 
+def _first_samples(data: CalibrationData, inputs: list[InputInfo]) -> list[dict[str, np.ndarray]]:
+    """The first batches of ``data`` that hold `SQNR_SAMPLES` samples (or all of it)."""
+    feeds, count = [], 0
+    for feed in data.batches(inputs):
+        feeds.append(feed)
+        count += feed[inputs[0].name].shape[0] if all(i.batched for i in inputs) else 1
+        if count >= SQNR_SAMPLES:
+            break
+    return feeds
+
+
+def _outputs(sess, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Each output over ``feeds``, flattened and concatenated."""
+    runs = [sess.run(names, feed) for feed in feeds]
+    return [np.concatenate([run[i].ravel() for run in runs]) for i in range(len(names))]
+
+
 def time_against_fp32(reference: Path, models: list[ir.Model], data: CalibrationData, target: Target) -> list[Timing]:
     """Each model's latency as a ratio to ``reference`` on the first batch of ``data`` (cut or repeated
-    to batch 1 and 8 where the batch is free), runs interleaved; and its SQNR on that batch."""
+    to batch 1 and 8 where the batch is free), runs interleaved; and its SQNR on the first samples."""
     inputs = model_inputs(models[0])
-    first = next(iter(data.batches(inputs)))
-    feeds, _ = latency_feeds(first, inputs)
+    first_samples = _first_samples(data, inputs)
+    feeds, _ = latency_feeds(first_samples[0], inputs)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [save_model(model, Path(tmp) / f"candidate-{i}.onnx") for i, model in enumerate(models)]
         sessions = [session(reference)] + [target.session(path) for path in paths]
         names = [o.name for o in sessions[0].get_outputs()]
-        expected, *outputs = [s.run(names, first) for s in sessions]
+        expected, *outputs = [_outputs(s, names, first_samples) for s in sessions]
         ratios: list[dict[int, float]] = [{} for _ in models]
         fp32_ms = {}
         for batch, feed in feeds.items():
@@ -93,11 +118,13 @@ def time_against_fp32(reference: Path, models: list[ir.Model], data: Calibration
 
 
 def sqnr_against_fp32(reference: Path, model: ir.Model, data: CalibrationData, target: Target) -> float:
-    """``model``'s SQNR (dB, its worst output) against ``reference`` on the first batch of ``data``."""
-    first = next(iter(data.batches(model_inputs(model))))
+    """``model``'s SQNR (dB, its worst output) against ``reference`` on the first samples of ``data``."""
+    first_samples = _first_samples(data, model_inputs(model))
     with tempfile.TemporaryDirectory() as tmp:
-        expected = session(reference).run(None, first)
-        return worst_sqnr_db(expected, target.session(save_model(model, Path(tmp) / "candidate.onnx")).run(None, first))
+        candidate = target.session(save_model(model, Path(tmp) / "candidate.onnx"))
+        names = [o.name for o in candidate.get_outputs()]
+        return worst_sqnr_db(_outputs(session(reference), names, first_samples),
+                             _outputs(candidate, names, first_samples))
 
 
 def _too_quick(timing: Timing) -> str:
@@ -120,43 +147,82 @@ def _quantized_layers(model: ir.Model, op_types: tuple[str, ...] = ("Conv",)) ->
                or node.op_type in {f"QLinear{op}" for op in op_types} for node in model.graph)
 
 
-def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_islands: Callable[[], tuple[ir.Model, T]],
+def _stores_integer_weights(model: ir.Model) -> bool:
+    """Whether some layer's weight is stored as integers: if none is, the model is the fp32 one."""
+    return any(row["precision"].startswith(("w:int", "w:uint")) for row in layer_precisions(model))
+
+
+def _islands_untimed(integer: ir.Model) -> str | None:
+    """Why the float islands are not worth trying, or None."""
+    islands, convs = integer.meta.get(FLOAT_ISLANDS_KEY, 0), _quantized_layers(integer)
+    if not islands:
+        return "placement: no Conv has float ops after it, so every Conv runs on integers (nothing to time)"
+    if islands < MIN_ISLAND_SHARE * convs:
+        return (f"placement: {islands} of {convs} Convs have float ops after them, too few to matter: every Conv on "
+                f"integers (not timed)")
+    return None
+
+
+def _fastest(timings: list[Timing], among: list[int]) -> int:
+    """The quickest of ``among``; of those within the noise of it, the first (the one most on integers)."""
+    quickest = min(timings[i].worst for i in among)
+    return next(i for i in among if timings[i].worst <= quickest + TOLERANCE)
+
+
+def _decide(timings: list[Timing]) -> tuple[int, str]:
+    """Which candidate to keep, and why: the fastest at `MIN_SQNR_DB` no slower than fp32; else the most
+    accurate no slower than fp32 (the fastest within `MIN_GAIN_DB` of it); else the fastest."""
+    no_slower = [i for i, timing in enumerate(timings) if timing.worst <= 1 + TOLERANCE]
+    accurate = [i for i in no_slower if timings[i].sqnr_db >= MIN_SQNR_DB]
+    if accurate:
+        return _fastest(timings, accurate), f"the fastest at {MIN_SQNR_DB:g} dB or more and no slower than fp32"
+    if no_slower:
+        top = max(timings[i].sqnr_db for i in no_slower)
+        near_top = [i for i in no_slower if timings[i].sqnr_db > top - MIN_GAIN_DB]
+        return _fastest(timings, near_top), "the most accurate no slower than fp32"
+    return _fastest(timings, list(range(len(timings)))), "the fastest"
+
+
+def _close_call(timings: list[Timing], chosen: int) -> bool:
+    """Whether a candidate more accurate than the chosen one measured slower than fp32 by about the noise."""
+    return any(timing.sqnr_db >= timings[chosen].sqnr_db + MIN_GAIN_DB
+               and 1 + TOLERANCE < timing.worst <= 1 + CLOSE * TOLERANCE for timing in timings)
+
+
+def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_as: Callable[[str], tuple[ir.Model, T]],
                      data: CalibrationData, target: Target) -> tuple[tuple[ir.Model, T], str]:
-    """``integer``, or where that is slower than fp32 or under `MIN_SQNR_DB` (measured twice: the second
-    time interleaved with the other), what ``compile_islands`` makes if that is faster, or more accurate
-    and no slower than fp32 (each a model and what came with it); and a note of what was measured."""
-    candidates, convs = integer[0].meta.get(FLOAT_ISLANDS_KEY, 0), _quantized_layers(integer[0])
-    if not candidates:
-        return integer, "placement: no Conv has float ops after it, so every Conv runs on integers (nothing to time)"
-    if candidates < MIN_ISLAND_SHARE * convs:
-        return integer, (f"placement: {candidates} of {convs} Convs have float ops after them, too few to matter: "
-                         f"every Conv on integers (not timed)")
-    if sqnr_against_fp32(reference, integer[0], data, target) >= MIN_SQNR_DB:  # else timed beside the islands
+    """``integer``, or where that is slower than fp32 or under `MIN_SQNR_DB`, the one `_decide` keeps of it
+    and what ``compile_as`` makes with the alternative placements (each a model and what came with it),
+    all timed interleaved; and a note of what was measured."""
+    islands_untimed = _islands_untimed(integer[0])
+    if sqnr_against_fp32(reference, integer[0], data, target) >= MIN_SQNR_DB:  # else timed beside the others
+        if islands_untimed:
+            return integer, islands_untimed
         (timing,) = time_against_fp32(reference, [integer[0]], data, target)
         if timing.fp32_ms < MIN_TIMED_MS:
             return integer, _too_quick(timing)
         if timing.worst <= 1 + TOLERANCE:
             return integer, f"placement measured on this machine: every Conv on integers {timing.describe()}"
-    islands = compile_islands()
-    left_float = islands[0].meta[FLOAT_ISLANDS_KEY]
-    timing, islands_timing = time_against_fp32(reference, [integer[0], islands[0]], data, target)
-    if timing.fp32_ms < MIN_TIMED_MS:
-        return integer, _too_quick(timing)
-    more_accurate = (timing.sqnr_db < MIN_SQNR_DB and islands_timing.sqnr_db >= timing.sqnr_db + MIN_GAIN_DB
-                     and _quantized_layers(islands[0], WEIGHTED) > 0)
-    if more_accurate and 1 + TOLERANCE < islands_timing.worst <= 1 + CLOSE * TOLERANCE:
-        # more accurate, and slower than fp32 by no more than two sessions of one model differ: timed again
-        again = time_against_fp32(reference, [integer[0], islands[0]], data, target)
-        timing, islands_timing = (_mean(first, second) for first, second in zip((timing, islands_timing), again))
-    measured = (f"placement measured on this machine: every Conv on integers {timing.describe()}; the {left_float} "
-                f"Convs with float ops after them left float (float_islands) {islands_timing.describe()}")
-    if more_accurate and islands_timing.worst <= 1 + TOLERANCE:
-        chosen, kept, why = islands, islands_timing, "kept float: more accurate, and no slower than fp32"
-    elif timing.worst <= 1 + TOLERANCE:
-        chosen, kept, why = integer, timing, "kept on integers: no slower than fp32"
-    elif islands_timing.worst < timing.worst - TOLERANCE:
-        chosen, kept, why = islands, islands_timing, "kept float: faster"
-    else:
-        chosen, kept, why = integer, timing, "kept on integers: leaving them float was no faster"
-    slower = f"; still {kept.worst:.2f}x fp32 at worst" if kept.worst > 1 + TOLERANCE else ""
-    return chosen, f"{measured}: {why}{slower}"
+    alternatives = [(name, compile_as(name)) for name in ALTERNATIVES if name != "float-islands" or not islands_untimed]
+    candidates = [("integer", integer)] + [(name, c) for name, c in alternatives if _stores_integer_weights(c[0])]
+    models = [compiled[0] for _, compiled in candidates]
+    timings = time_against_fp32(reference, models, data, target)
+    if timings[0].fp32_ms < MIN_TIMED_MS:
+        return integer, _too_quick(timings[0])
+    chosen, why = _decide(timings)
+    if _close_call(timings, chosen):  # timed again, the two timings averaged
+        again = time_against_fp32(reference, models, data, target)
+        timings = [_mean(first, second) for first, second in zip(timings, again)]
+        chosen, why = _decide(timings)
+    measured = "; ".join(f"{_described(name, compiled[0])} {timing.describe()}"
+                         for (name, compiled), timing in zip(candidates, timings))
+    slower = f"; still {timings[chosen].worst:.2f}x fp32 at worst" if timings[chosen].worst > 1 + TOLERANCE else ""
+    name, compiled = candidates[chosen]
+    return compiled, f"placement measured on this machine: {measured}: kept {name}, {why}{slower}"
+
+
+def _described(name: str, model: ir.Model) -> str:
+    if name == "float-islands":
+        return f"the {model.meta[FLOAT_ISLANDS_KEY]} Convs with float ops after them left float (float-islands)"
+    return {"integer": "every Conv on integers (integer)",
+            "float": "every layer in float, weights stored INT8 (float)"}[name]

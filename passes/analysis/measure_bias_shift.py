@@ -25,7 +25,7 @@ from qcompile.calibration import CalibrationData, CalibrationRunner, MeanStatist
 from qcompile.decisions import BIAS_CORRECTION_KEY, MEAN_KEY, QUANT_SPEC_KEY, BiasCorrection, QuantSpec
 from qcompile.graph import constant_array, graph_values, register_constant
 from qcompile.io import runtime_ir_version
-from qcompile.notes import add_note
+from qcompile.notes import add_note, some_names
 from qcompile.runtime import onnxruntime
 from qcompile.session import run
 
@@ -151,9 +151,5 @@ class MeasureBiasShiftPass(ir.passes.InPlacePass):
                 layer.meta[BIAS_CORRECTION_KEY] = BiasCorrection(shift)
         if skipped:
             add_note(model, f"bias correction skipped for {len(skipped)} layers whose inputs had NaN or Inf on the "
-                            f"calibration data: {_some(skipped)}")
+                            f"calibration data: {some_names(skipped)}")
         return ir.passes.PassResult(model, modified=len(layers) > len(skipped))
-
-
-def _some(names: list[str]) -> str:
-    return f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"

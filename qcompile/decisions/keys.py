@@ -24,6 +24,9 @@ SMOOTHING_KEY = "qcompile.smoothing"
 EQUALIZATION_KEY = "qcompile.equalization"
 # node.meta: a `BiasCorrection` decision: the mean output shift to take off the node's bias.
 BIAS_CORRECTION_KEY = "qcompile.bias_correction"
+# value.meta: a float weight of float layers to store as INT8: the axes that get their own scales
+# (`choose-int8-storage` decides, `store-int8-weights` rewrites).
+INT8_STORAGE_KEY = "qcompile.int8_storage"
 # model.meta: the notes passes leave for the report (`qcompile.notes`).
 NOTES_KEY = "qcompile.notes"
 

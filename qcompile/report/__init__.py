@@ -24,7 +24,7 @@ class Layer:
     name: str
     op_type: str
     precision: str  # "w:int8 a:uint8", "a:uint8 x a:uint8" (two activations), "w:fp32 a:fp32"
-    why: str | None = None  # why a stored float weight stayed float, where a pass said
+    why: str | None = None  # why a layer with a stored weight computes in float, where a pass said
 
 
 @dataclass

@@ -43,6 +43,9 @@ class Target:
     symmetric_int8_only: bool = False
     # Activations quantized at run time (w8a8-dynamic).
     dynamic_activations: bool = True
+    # Its runtime folds `Cast(int8) -> Mul(scale)` of initializers when it loads a model, so the weights of
+    # float layers may be stored as INT8 (`store-int8-weights`). Not relied on for TensorRT.
+    folds_int8_weights: bool = True
     # Custom-op domains its runtime registers a library for (the custom-op issue fills this).
     custom_op_domains: tuple[str, ...] = ()
 
@@ -80,7 +83,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("ort-cuda", "ONNX Runtime CUDA", ir.DataType.UINT8, _INTEGERS,
            domains=(*STANDARD_DOMAINS, CONTRIB_DOMAIN), qdq_semantics=True),
     Target("tensorrt", "TensorRT", ir.DataType.INT8, (ir.DataType.INT8,), qdq_semantics=True,
-           ort_qdq_layout=False, symmetric_int8_only=True, dynamic_activations=False),
+           ort_qdq_layout=False, symmetric_int8_only=True, dynamic_activations=False, folds_int8_weights=False),
     Target("portable", "standard ONNX ops only (any runtime)", ir.DataType.UINT8, _INTEGERS, cpu_kernels=True),
 )}
 DEFAULT_TARGET = "ort-cpu"

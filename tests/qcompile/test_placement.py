@@ -30,83 +30,140 @@ def timings(monkeypatch):
     return answers
 
 
-def _islands(count, text=TWO_CONVS):
-    model = parse(text)
-    model.meta[FLOAT_ISLANDS_KEY] = count
-    return model, "islands"
+# The same as `placement=float` leaves them: in float, weights stored INT8 (or float32, with float_weights=float32)
+FLOAT_INT8_WEIGHTS = TWO_CONVS.replace("weight = DequantizeLinear(w, s)", "wf = Cast <to = 1> (w)\n    weight = Mul(wf, s)")
+FLOAT32_WEIGHTS = TWO_CONVS.replace("int8[1, 1, 1, 1] w", "float[1, 1, 1, 1] w").replace(
+    "weight = DequantizeLinear(w, s)", "weight = Identity(w)")
 
 
-def _choose(timings, answers, islands=1, islands_text=TWO_CONVS):
+def _choose(timings, answers, islands=1, islands_text=TWO_CONVS, float_text=FLOAT_INT8_WEIGHTS):
+    """The placement kept, its note, and the placements compiled besides integer."""
     timings.extend(answers)
     compiled = []
+
+    def compile_as(name):
+        compiled.append(name)
+        model = parse(islands_text if name == "float-islands" else float_text)
+        model.meta[FLOAT_ISLANDS_KEY] = islands
+        return model, name
+
     integer = parse(TWO_CONVS)
     integer.meta[FLOAT_ISLANDS_KEY] = islands
-    chosen, note = choose_placement("in.onnx", (integer, "integer"),
-                                    lambda: compiled.append(1) or _islands(islands, islands_text), None, None)
-    return chosen[1], note, bool(compiled)
+    chosen, note = choose_placement("in.onnx", (integer, "integer"), compile_as, None, None)
+    return chosen[1], note, compiled
+
+
+def _timing(ratio_1, ratio_8, sqnr_db):
+    return Timing({1: ratio_1, 8: ratio_8}, 5.0, sqnr_db)
+
+
+SLOWER = _timing(1.3, 1.2, ACCURATE)
+FAST_BUT_WRONG = _timing(0.5, 0.7, INACCURATE)
 
 
 def test_a_model_no_slower_than_fp32_keeps_every_conv_on_integers_and_compiles_once(timings):
-    kept, note, compiled_again = _choose(timings, [[Timing({1: 0.8, 8: 1.03}, 5.0, ACCURATE)]])
-    assert kept == "integer" and not compiled_again and "0.80x / 1.03x fp32 at batch 1 / 8" in note
+    kept, note, compiled = _choose(timings, [[_timing(0.8, 1.03, ACCURATE)]])
+    assert kept == "integer" and not compiled and "0.80x / 1.03x fp32 at batch 1 / 8" in note
 
 
 def test_a_model_too_quick_to_time_is_placed_by_the_op_rules(timings):
-    kept, note, compiled_again = _choose(timings, [[Timing({1: 1.5}, 0.2, ACCURATE)]])
-    assert kept == "integer" and not compiled_again and "too quick" in note
+    kept, note, compiled = _choose(timings, [[Timing({1: 1.5}, 0.2, ACCURATE)]])
+    assert kept == "integer" and not compiled and "too quick" in note
 
 
-def test_float_islands_are_kept_only_where_they_win_by_more_than_the_noise(timings):
-    slower = Timing({1: 1.3, 8: 1.2}, 5.0, ACCURATE)
-    kept, note, _ = _choose(timings, [[slower], [slower, Timing({1: 0.95, 8: 1.0}, 5.0, ACCURATE)]])
-    assert kept == "islands" and "the 1 Convs" in note and "kept float: faster" in note and "still" not in note
+def test_a_slower_model_gets_the_fastest_placement_no_slower_than_fp32_preferring_integers_within_the_noise(timings):
+    kept, note, compiled = _choose(timings, [[SLOWER], [SLOWER, _timing(0.95, 0.97, ACCURATE),
+                                                        _timing(1.0, 0.98, ACCURATE)]])
+    assert kept == "float-islands" and compiled == ["float-islands", "float"]
+    assert "the 1 Convs with float ops after them left float (float-islands) 0.95x / 0.97x" in note
+    assert "every layer in float, weights stored INT8 (float) 1.00x / 0.98x" in note
+    assert "kept float-islands, the fastest at 20 dB" in note and "still" not in note
 
-    kept, note, _ = _choose(timings, [[slower], [slower, Timing({1: 1.28, 8: 1.25}, 5.0, ACCURATE)]])
-    assert kept == "integer" and "no faster" in note and "still 1.30x fp32 at worst" in note
+    kept, note, _ = _choose(timings, [[SLOWER], [SLOWER, _timing(1.28, 1.25, ACCURATE), _timing(1.01, 1.0, ACCURATE)]])
+    assert kept == "float" and "kept float," in note
 
-    # slower at first, not when timed again beside the float islands: the smaller model stays
-    again = [Timing({1: 0.95, 8: 1.0}, 5.0, ACCURATE), Timing({1: 0.8, 8: 0.8}, 5.0, ACCURATE)]
-    kept, note, _ = _choose(timings, [[slower], again])
-    assert kept == "integer" and "kept on integers: no slower" in note and "still" not in note
+    # slower at first, not when timed again beside the others: the integer model stays
+    kept, note, _ = _choose(timings, [[SLOWER], [_timing(0.95, 0.95, ACCURATE), _timing(0.93, 0.9, ACCURATE),
+                                                 _timing(1.0, 1.0, ACCURATE)]])
+    assert kept == "integer" and "still" not in note
 
 
-def test_a_model_with_no_conv_to_leave_float_or_too_few_is_not_timed(timings, monkeypatch):
-    kept, note, compiled_again = _choose(timings, [], islands=0)
-    assert kept == "integer" and not compiled_again and "nothing to time" in note
+def test_where_every_placement_is_slower_than_fp32_the_fastest_is_kept_and_the_note_says_so(timings):
+    kept, note, _ = _choose(timings, [[SLOWER], [SLOWER, _timing(1.28, 1.25, ACCURATE)]], float_text=FLOAT32_WEIGHTS)
+    assert kept == "integer" and "kept integer, the fastest; still 1.30x fp32 at worst" in note
+    assert "(float)" not in note  # with float32 weights that is the fp32 model, not a candidate
+
+
+def test_a_model_with_no_conv_to_leave_float_or_too_few_is_not_timed_where_accurate(timings, monkeypatch):
+    kept, note, compiled = _choose(timings, [[_timing(0.8, 0.8, ACCURATE)]], islands=0)
+    assert kept == "integer" and not compiled and "nothing to time" in note
+    timings.clear()
 
     monkeypatch.setattr(placement, "MIN_ISLAND_SHARE", 0.6)  # one of the two Convs is too few
-    kept, note, compiled_again = _choose(timings, [], islands=1)
-    assert kept == "integer" and not compiled_again and "1 of 2 Convs" in note and "not timed" in note
+    kept, note, compiled = _choose(timings, [[_timing(0.8, 0.8, ACCURATE)]], islands=1)
+    assert kept == "integer" and not compiled and "1 of 2 Convs" in note and "not timed" in note
+    timings.clear()
+
+    # inaccurate: the float placement is still tried
+    kept, note, compiled = _choose(timings, [[FAST_BUT_WRONG, _timing(1.0, 1.01, ACCURATE)]], islands=0)
+    assert kept == "float" and compiled == ["float"]
 
 
-def test_float_islands_are_tried_where_the_integer_model_is_inaccurate_and_kept_where_they_gain_at_no_more_than_fp32(
+def test_an_inaccurate_model_gets_the_fastest_placement_at_20_db_else_the_most_accurate_no_slower_than_fp32(
         timings):
-    fast_but_wrong = Timing({1: 0.5, 8: 0.7}, 5.0, INACCURATE)
-    kept, note, compiled_again = _choose(timings, [[fast_but_wrong, Timing({1: 0.9, 8: 1.0}, 5.0, 25.0)]])
-    assert kept == "islands" and compiled_again and "more accurate" in note and "8.0 dB" in note and "25.0 dB" in note
-    assert not timings  # the integer model was timed once, beside the islands
+    kept, note, compiled = _choose(timings, [[FAST_BUT_WRONG, _timing(0.9, 1.0, 25.0), _timing(1.0, 1.0, 40.0)]])
+    assert kept == "float-islands" and "8.0 dB" in note and "25.0 dB" in note and "40.0 dB" in note
+    assert not timings  # the integer model was timed once, beside the others
 
-    # not where the gain is within MIN_GAIN_DB, nor where the islands would be slower than fp32
-    kept, _, _ = _choose(timings, [[fast_but_wrong, Timing({1: 0.9, 8: 1.0}, 5.0, 10.0)]])
-    assert kept == "integer"
-    kept, note, _ = _choose(timings, [[fast_but_wrong, Timing({1: 1.2, 8: 1.1}, 5.0, 25.0)]])
-    assert kept == "integer" and "kept on integers: no slower than fp32" in note
-
-    # nor where they leave no weight quantized: that is the fp32 model
-    all_float = TWO_CONVS.replace("int8[1, 1, 1, 1] w", "float[1, 1, 1, 1] w")
-    all_float = all_float.replace("weight = DequantizeLinear(w, s)", "weight = Identity(w)")
-    kept, _, _ = _choose(timings, [[fast_but_wrong, Timing({1: 0.9, 8: 1.0}, 5.0, 90.0)]], islands_text=all_float)
+    # under 20 dB everywhere: the fastest of those within MIN_GAIN_DB of the most accurate
+    kept, _, _ = _choose(timings, [[FAST_BUT_WRONG, _timing(0.9, 1.0, 10.0), _timing(1.0, 1.0, 12.0)]])
+    assert kept == "float-islands"
+    kept, note, _ = _choose(timings, [[FAST_BUT_WRONG, _timing(0.9, 1.0, 10.0), _timing(1.0, 1.0, 16.0)]])
+    assert kept == "float" and "the most accurate no slower than fp32" in note
+    kept, _, _ = _choose(timings, [[FAST_BUT_WRONG, _timing(1.2, 1.1, 25.0), _timing(1.2, 1.1, 25.0)]])
     assert kept == "integer"
 
+    # islands that leave no weight quantized are the fp32 model
+    kept, note, compiled = _choose(timings, [[FAST_BUT_WRONG]], islands_text=FLOAT32_WEIGHTS,
+                                   float_text=FLOAT32_WEIGHTS)
+    assert kept == "integer" and compiled == ["float-islands", "float"] and "(float" not in note
 
-def test_more_accurate_float_islands_slower_than_fp32_by_about_the_noise_are_timed_again_and_averaged(timings):
-    fast_but_wrong = Timing({1: 0.5, 8: 0.7}, 5.0, INACCURATE)
-    close = Timing({1: 1.07, 8: 0.97}, 5.0, 35.0)
-    kept, note, _ = _choose(timings, [[fast_but_wrong, close], [fast_but_wrong, Timing({1: 0.99, 8: 0.95}, 5.0, 35.0)]])
-    assert kept == "islands" and not timings and "1.03x / 0.96x" in note  # the averages
 
-    kept, _, _ = _choose(timings, [[fast_but_wrong, close], [fast_but_wrong, Timing({1: 1.09, 8: 0.97}, 5.0, 35.0)]])
+def test_a_more_accurate_candidate_slower_than_fp32_by_about_the_noise_is_timed_again_and_averaged(timings):
+    close = _timing(1.07, 0.97, 35.0)
+
+    def choose(second):
+        return _choose(timings, [[FAST_BUT_WRONG, close], [FAST_BUT_WRONG, second]], float_text=FLOAT32_WEIGHTS)
+
+    kept, note, _ = choose(_timing(0.99, 0.95, 35.0))
+    assert kept == "float-islands" and not timings and "1.03x / 0.96x" in note  # the averages
+
+    kept, _, _ = choose(_timing(1.09, 0.97, 35.0))
     assert kept == "integer" and not timings
 
-    kept, _, _ = _choose(timings, [[fast_but_wrong, Timing({1: 1.2, 8: 0.97}, 5.0, 35.0)]])  # too far: once
-    assert kept == "integer" and not timings
+    kept, _, _ = _choose(timings, [[FAST_BUT_WRONG, _timing(1.2, 0.97, 35.0)]], float_text=FLOAT32_WEIGHTS)
+    assert kept == "integer" and not timings  # too far: timed once
+
+
+def test_sqnr_is_measured_on_the_first_calibration_samples_not_only_the_first(tmp_path):
+    """A fixed batch of 1: each batch is one sample. The first is within the clip; the next seven are not."""
+    import numpy as np
+
+    from qcompile.calibration import CalibrationData
+    from qcompile.io import save_model
+    from qcompile.targets import get_target
+
+    reference = tmp_path / "reference.onnx"
+    save_model(parse('<ir_version: 8, opset_import: ["" : 17]> g (float[1, 4] x) => (float[1, 4] y) '
+                     '{ y = Identity(x) }'), reference)
+    clipped = parse('<ir_version: 8, opset_import: ["" : 17]> g (float[1, 4] x) => (float[1, 4] y) '
+                    '<float lo = {-1}, float hi = {1}> { y = Clip(x, lo, hi) }')
+    samples = np.full((placement.SQNR_SAMPLES + 4, 1, 4), 2.0, np.float32)
+    samples[0] = 0.5
+    np.savez(tmp_path / "calib.npz", x=samples)
+
+    sqnr = placement.sqnr_against_fp32(reference, clipped, CalibrationData(str(tmp_path / "calib.npz")),
+                                       get_target("ort-cpu"))
+
+    # 7 of 8 samples lose half their value: noise 7 * 4 * 1, signal 4 * 0.25 + 7 * 4 * 4
+    assert sqnr == pytest.approx(10 * np.log10((1 + 7 * 4 * 4) / (7 * 4)), abs=0.01)

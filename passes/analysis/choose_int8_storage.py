@@ -1,0 +1,176 @@
+"""Which float weights of layers that compute in float to store as INT8 (`store-int8-weights`), by the
+error each causes at the model's outputs.
+
+Rounding a weight to INT8 with one scale per channel costs it ~40 dB, but what that does to the outputs
+differs by model and layer: in PP-OCRv2's recognizer one 144-value depthwise kernel (48 dB on its own)
+took the output to 15 dB, while most other weights cost it nothing measurable. So each candidate is
+rounded alone and the compiled model run on the first calibration sample, all of them in one session that
+reads the weights as inputs. Weights are then chosen in order of least output error per byte saved, while
+the sum of their errors stays `OUTPUT_SQNR_DB` below every output. Without calibration data, and inside
+control-flow subgraphs, every candidate is stored. A weight that INT8 holds worse than `MIN_WEIGHT_SQNR_DB`
+itself, and the weights of layers the user excluded, stay float32.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qcompile.calibration import CalibrationData
+from qcompile.data import model_inputs
+from qcompile.decisions import INT8_STORAGE_KEY
+from qcompile.graph import all_graphs, name_matches
+from qcompile.io import save_model
+from qcompile.layers import RECURRENT_OPS
+from qcompile.notes import add_note, some_names
+from qcompile.op_rules import weight_axis
+from qcompile.session import run, session
+from qcompile.verify import latency_feeds, worst_sqnr_db
+
+MIN_ELEMENTS = 16  # smaller constants gain nothing
+MIN_WEIGHT_SQNR_DB = 30.0
+OUTPUT_SQNR_DB = 30.0  # a 20 dB model loses under 0.5 dB to it
+QMAX = 127
+
+
+@dataclass(frozen=True)
+class ChooseInt8StorageOptions:
+    data: CalibrationData | None = None  # None: every candidate is stored, unmeasured
+    exclude: tuple[str, ...] = ()  # --exclude patterns: their layers keep float32 weights
+
+
+def _channel_axes(node: ir.Node, index: int) -> tuple[int, ...] | None:
+    """The axes along which ``node``'s input ``index`` gets its own scales, if it is a weight."""
+    if node.domain != "":
+        return None
+    if index == 1 and (axis := weight_axis(node)) is not None:
+        return (axis,)
+    if node.op_type in RECURRENT_OPS and index in (1, 2):  # W, R: [directions, gates x hidden, inputs]
+        return (0, 1)
+    if node.op_type == "Gather" and index == 0 and node.attributes.get_int("axis", 0) == 0:
+        return (0,)  # an embedding table: one scale per row
+    return None
+
+
+def _weight_axes(value: ir.Value, exclude: tuple[str, ...]) -> tuple[int, ...] | None:
+    """The channel axes every reader of ``value`` agrees on, or None if one reads it as other than a weight
+    or is excluded."""
+    if any(name_matches(user.name, exclude) for user, _ in value.uses()):
+        return None
+    axes = {_channel_axes(user, index) for user, index in value.uses()}
+    return axes.pop() if len(axes) == 1 else None
+
+
+def int8_storage(array: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` as INT8 on [-127, 127] and its float32 scales, one per index of ``axes`` (shaped to broadcast)."""
+    reduced = tuple(i for i in range(array.ndim) if i not in axes)
+    peak = np.max(np.abs(array), axis=reduced, keepdims=True)
+    scale = np.where(peak > 0, peak / QMAX, 1.0).astype(np.float32)
+    return np.clip(np.rint(array / scale), -QMAX, QMAX).astype(np.int8), scale
+
+
+def _decoded(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    values, scale = int8_storage(array, axes)
+    return values * scale
+
+
+@dataclass
+class _Candidate:
+    value: ir.Value
+    axes: tuple[int, ...]
+    in_main_graph: bool
+    relative_error: float = 0.0  # output noise over signal (the worst output) with this weight alone rounded
+
+
+class ChooseInt8StoragePass(ir.passes.InPlacePass):
+    """Mark (`INT8_STORAGE_KEY`) the float weights of float layers whose INT8 rounding the outputs can bear."""
+
+    name = "choose-int8-storage"
+    reads_calibration_data = True
+
+    def __init__(self, options: ChooseInt8StorageOptions = ChooseInt8StorageOptions()):
+        super().__init__()
+        self.options = options
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        candidates, held_badly = self._candidates(model)
+        if held_badly:
+            add_note(model, f"{len(held_badly)} float weight(s) stored as float32: INT8 would hold them under "
+                     f"{MIN_WEIGHT_SQNR_DB:g} dB: {some_names(held_badly)}")
+        measured = [c for c in candidates if c.in_main_graph]
+        chosen = [c for c in candidates if not c.in_main_graph]
+        if measured and self.options.data is not None:
+            _measure(model, measured, self.options.data)
+            kept = _within_budget(measured)
+            if len(kept) < len(measured):
+                left = [c.value.name for c in measured if c not in kept]
+                add_note(model, f"{len(left)} of {len(measured)} float weights of float layers stored as float32: "
+                         f"INT8 would take the outputs under {OUTPUT_SQNR_DB:g} dB (measured on one calibration "
+                         f"sample): {some_names(left)}")
+            chosen += kept
+        else:
+            chosen += measured
+        for candidate in chosen:
+            candidate.value.meta[INT8_STORAGE_KEY] = candidate.axes
+        return ir.passes.PassResult(model, modified=bool(chosen))
+
+    def _candidates(self, model: ir.Model) -> tuple[list[_Candidate], list[str]]:
+        candidates, held_badly = [], []
+        for graph in all_graphs(model):
+            for value in graph.initializers.values():
+                if (value.dtype != ir.DataType.FLOAT or value.is_graph_input() or value.is_graph_output()
+                        or INT8_STORAGE_KEY in value.meta or not value.uses()):
+                    continue
+                array = value.const_value.numpy()
+                if array.size < MIN_ELEMENTS or (axes := _weight_axes(value, self.options.exclude)) is None:
+                    continue
+                if worst_sqnr_db([array], [_decoded(array, axes)]) < MIN_WEIGHT_SQNR_DB:
+                    held_badly.append(value.name)
+                    continue
+                candidates.append(_Candidate(value, axes, graph is model.graph))
+        return candidates, held_badly
+
+
+def _measure(model: ir.Model, candidates: list[_Candidate], data: CalibrationData) -> None:
+    """Each candidate's `relative_error`: the model run on the first calibration sample with that weight
+    alone rounded, against the run with none rounded."""
+    inputs = model_inputs(model)
+    feeds, _ = latency_feeds(next(iter(data.batches(inputs))), inputs)
+    feed = feeds[min(feeds)]
+    weights = {c.value.name: c.value.const_value.numpy() for c in candidates}
+    with tempfile.TemporaryDirectory(prefix="qcompile-storage-") as folder:
+        sess = session(_weights_as_inputs(model, list(weights), Path(folder)))
+        expected = run(sess, None, {**feed, **weights}, "the model on calibration data")
+        for candidate in candidates:
+            rounded = {candidate.value.name: _decoded(weights[candidate.value.name], candidate.axes)}
+            outputs = run(sess, None, {**feed, **weights, **rounded}, "the model on calibration data")
+            candidate.relative_error = 10 ** (-worst_sqnr_db(expected, outputs) / 10)
+
+
+def _weights_as_inputs(model: ir.Model, names: list[str], folder: Path) -> Path:
+    """``model`` saved in ``folder`` with the main graph's initializers ``names`` turned into inputs."""
+    path = save_model(model, folder / "probe.onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    chosen = set(names)
+    kept = [tensor for tensor in proto.graph.initializer if tensor.name not in chosen]
+    moved = [tensor for tensor in proto.graph.initializer if tensor.name in chosen]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    proto.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in moved)
+    onnx.save(proto, str(path))
+    return path
+
+
+def _within_budget(candidates: list[_Candidate]) -> list[_Candidate]:
+    """The candidates taken in order of least error per byte, while their errors sum to under the budget."""
+    budget, spent, kept = 10 ** (-OUTPUT_SQNR_DB / 10), 0.0, []
+    for candidate in sorted(candidates, key=lambda c: c.relative_error / c.value.const_value.size):
+        if spent + candidate.relative_error > budget:
+            continue
+        spent += candidate.relative_error
+        kept.append(candidate)
+    return kept
