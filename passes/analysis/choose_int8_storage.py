@@ -6,7 +6,9 @@ differs by model and layer: in PP-OCRv2's recognizer one 144-value depthwise ker
 took the output to 15 dB, while most other weights cost it nothing measurable. So each candidate is
 rounded alone and the compiled model run on the first calibration sample, all of them in one session that
 reads the weights as inputs. Weights are then chosen in order of least output error per byte saved, while
-the sum of their errors stays `OUTPUT_SQNR_DB` below every output. Without calibration data, and inside
+the sum of their errors stays `OUTPUT_SQNR_DB` below every output; the others are stored as float16
+(`store-float16-weights`) where the outputs bear that too (measured once, all of them together), else
+float32. Without calibration data, and inside
 control-flow subgraphs, every candidate is stored. A weight that INT8 holds worse than `MIN_WEIGHT_SQNR_DB`
 itself, and the weights of layers the user excluded, stay float32.
 """
@@ -22,12 +24,13 @@ import onnx_ir as ir
 
 from qcompile.calibration import CalibrationData
 from qcompile.data import model_inputs
-from qcompile.decisions import INT8_STORAGE_KEY
+from qcompile.decisions import FLOAT16_STORAGE_KEY, INT8_STORAGE_KEY
 from qcompile.graph import all_graphs, name_matches
 from qcompile.io import save_model
 from qcompile.layers import RECURRENT_OPS
 from qcompile.notes import add_note, some_names
 from qcompile.op_rules import weight_axis
+from qcompile.passes.fusion.store_float16_weights import float16_copy
 from qcompile.session import run, session
 from qcompile.verify import latency_feeds, worst_sqnr_db
 
@@ -81,6 +84,7 @@ def _decoded(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
 @dataclass
 class _Candidate:
     value: ir.Value
+    array: np.ndarray
     axes: tuple[int, ...]
     in_main_graph: bool
     relative_error: float = 0.0  # output noise over signal (the worst output) with this weight alone rounded
@@ -99,24 +103,40 @@ class ChooseInt8StoragePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         candidates, held_badly = self._candidates(model)
         if held_badly:
-            add_note(model, f"{len(held_badly)} float weight(s) stored as float32: INT8 would hold them under "
+            add_note(model, f"{len(held_badly)} float weight(s) kept float32: INT8 would hold them under "
                      f"{MIN_WEIGHT_SQNR_DB:g} dB: {some_names(held_badly)}")
         measured = [c for c in candidates if c.in_main_graph]
         chosen = [c for c in candidates if not c.in_main_graph]
         if measured and self.options.data is not None:
-            _measure(model, measured, self.options.data)
-            kept = _within_budget(measured)
-            if len(kept) < len(measured):
-                left = [c.value.name for c in measured if c not in kept]
-                add_note(model, f"{len(left)} of {len(measured)} float weights of float layers stored as float32: "
-                         f"INT8 would take the outputs under {OUTPUT_SQNR_DB:g} dB (measured on one calibration "
-                         f"sample): {some_names(left)}")
-            chosen += kept
+            with tempfile.TemporaryDirectory(prefix="qcompile-storage-") as folder:
+                chosen += self._within_budget(model, _Probe(model, measured, self.options.data, Path(folder)))
         else:
             chosen += measured
         for candidate in chosen:
             candidate.value.meta[INT8_STORAGE_KEY] = candidate.axes
         return ir.passes.PassResult(model, modified=bool(chosen))
+
+    def _within_budget(self, model: ir.Model, probe: _Probe) -> list[_Candidate]:
+        """The candidates to store as INT8, in order of least error per byte while their errors sum to under
+        the budget; the others marked for float16 where the outputs bear that too, all at once."""
+        budget, spent, kept = 10 ** (-OUTPUT_SQNR_DB / 10), 0.0, []
+        for candidate in probe.candidates:
+            candidate.relative_error = probe.relative_error({candidate.value: _decoded(candidate.array, candidate.axes)})
+        for candidate in sorted(probe.candidates, key=lambda c: c.relative_error / c.array.size):
+            if spent + candidate.relative_error <= budget:
+                spent += candidate.relative_error
+                kept.append(candidate)
+        left = [c for c in probe.candidates if c not in kept]
+        if not left:
+            return kept
+        halves = {c.value: half.astype(np.float32) for c in left if (half := float16_copy(c.array)) is not None}
+        as_float16 = bool(halves) and spent + probe.relative_error(halves) <= budget
+        for value in halves if as_float16 else ():
+            value.meta[FLOAT16_STORAGE_KEY] = True
+        add_note(model, f"{len(left)} of {len(probe.candidates)} float weights of float layers stored as "
+                 f"{'float16' if as_float16 else 'float32'}: INT8 would take the outputs under {OUTPUT_SQNR_DB:g} dB "
+                 f"(measured on one calibration sample): {some_names([c.value.name for c in left])}")
+        return kept
 
     def _candidates(self, model: ir.Model) -> tuple[list[_Candidate], list[str]]:
         candidates, held_badly = [], []
@@ -131,24 +151,29 @@ class ChooseInt8StoragePass(ir.passes.InPlacePass):
                 if worst_sqnr_db([array], [_decoded(array, axes)]) < MIN_WEIGHT_SQNR_DB:
                     held_badly.append(value.name)
                     continue
-                candidates.append(_Candidate(value, axes, graph is model.graph))
+                candidates.append(_Candidate(value, array, axes, graph is model.graph))
         return candidates, held_badly
 
 
-def _measure(model: ir.Model, candidates: list[_Candidate], data: CalibrationData) -> None:
-    """Each candidate's `relative_error`: the model run on the first calibration sample with that weight
-    alone rounded, against the run with none rounded."""
-    inputs = model_inputs(model)
-    feeds, _ = latency_feeds(next(iter(data.batches(inputs))), inputs)
-    feed = feeds[min(feeds)]
-    weights = {c.value.name: c.value.const_value.numpy() for c in candidates}
-    with tempfile.TemporaryDirectory(prefix="qcompile-storage-") as folder:
-        sess = session(_weights_as_inputs(model, list(weights), Path(folder)))
-        expected = run(sess, None, {**feed, **weights}, "the model on calibration data")
-        for candidate in candidates:
-            rounded = {candidate.value.name: _decoded(weights[candidate.value.name], candidate.axes)}
-            outputs = run(sess, None, {**feed, **weights, **rounded}, "the model on calibration data")
-            candidate.relative_error = 10 ** (-worst_sqnr_db(expected, outputs) / 10)
+class _Probe:
+    """The compiled model on the first calibration sample, in one session that reads the candidates' weights
+    as inputs: the outputs' error when some of them are replaced."""
+
+    def __init__(self, model: ir.Model, candidates: list[_Candidate], data: CalibrationData, folder: Path):
+        self.candidates = candidates
+        inputs = model_inputs(model)
+        feeds, _ = latency_feeds(next(iter(data.batches(inputs))), inputs)
+        self.feed = {**feeds[min(feeds)], **{c.value.name: c.array for c in candidates}}
+        self.session = session(_weights_as_inputs(model, [c.value.name for c in candidates], folder))
+        self.expected = self._run({})
+
+    def _run(self, replaced: dict[ir.Value, np.ndarray]) -> list[np.ndarray]:
+        feed = {**self.feed, **{value.name: array for value, array in replaced.items()}}
+        return run(self.session, None, feed, "the model on calibration data")
+
+    def relative_error(self, replaced: dict[ir.Value, np.ndarray]) -> float:
+        """Noise over signal power of the worst output."""
+        return 10 ** (-worst_sqnr_db(self.expected, self._run(replaced)) / 10)
 
 
 def _weights_as_inputs(model: ir.Model, names: list[str], folder: Path) -> Path:
@@ -163,14 +188,3 @@ def _weights_as_inputs(model: ir.Model, names: list[str], folder: Path) -> Path:
     proto.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in moved)
     onnx.save(proto, str(path))
     return path
-
-
-def _within_budget(candidates: list[_Candidate]) -> list[_Candidate]:
-    """The candidates taken in order of least error per byte, while their errors sum to under the budget."""
-    budget, spent, kept = 10 ** (-OUTPUT_SQNR_DB / 10), 0.0, []
-    for candidate in sorted(candidates, key=lambda c: c.relative_error / c.value.const_value.size):
-        if spent + candidate.relative_error > budget:
-            continue
-        spent += candidate.relative_error
-        kept.append(candidate)
-    return kept

@@ -1,4 +1,5 @@
-"""In a model that was float16, the float weights are stored in float16 again, behind a Cast to float32.
+"""In a model that was float16, the float weights are stored in float16 again, behind a Cast to float32;
+in any model, so are those `choose-int8-storage` found the outputs bear in float16 but not in INT8.
 
 A float16 model computes in float32 here (`upcast-float16`), so the weights left float (in Loop bodies,
 in layers kept float) would take twice the bytes they took in the input: a Keras mixed-precision model
@@ -13,11 +14,20 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.decisions import FLOAT16_STORAGE_KEY
 from qcompile.graph import all_graphs, register_constant
 from qcompile.passes.canonicalize.upcast_float16 import UPCAST_FLOAT16_KEY
 
 MIN_ELEMENTS = 16  # smaller constants (clip bounds, shapes' scalars) gain nothing
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def float16_copy(array: np.ndarray) -> np.ndarray | None:
+    """``array`` in float16, unless float16 cannot hold it (beyond 65504, or non-zero values it flushes to zero)."""
+    with np.errstate(over="ignore"):
+        half = array.astype(np.float16)
+    representable = np.isfinite(half) & ((half != 0) | (array == 0))
+    return half if representable.all() else None
 
 
 def _stored_float16(value: ir.Value) -> np.ndarray | None:
@@ -26,25 +36,22 @@ def _stored_float16(value: ir.Value) -> np.ndarray | None:
     if any(user.op_type in QDQ_OPS for user, _ in value.uses()) or not value.uses():
         return None
     array = value.const_value.numpy()
-    if array.size < MIN_ELEMENTS:
-        return None
-    with np.errstate(over="ignore"):
-        half = array.astype(np.float16)
-    representable = np.isfinite(half) & ((half != 0) | (array == 0))
-    return half if representable.all() else None
+    return float16_copy(array) if array.size >= MIN_ELEMENTS else None
 
 
 class StoreFloat16WeightsPass(ir.passes.InPlacePass):
-    """float32 initializers -> a float16 initializer and a Cast (every graph), in a model that was float16."""
+    """float32 initializers -> a float16 initializer and a Cast (every graph), in a model that was float16;
+    in any model, those `choose-int8-storage` marked (`FLOAT16_STORAGE_KEY`)."""
 
     name = "store-float16-weights"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        if not model.meta.get(UPCAST_FLOAT16_KEY):  # a float32 model's weights are float32
-            return ir.passes.PassResult(model, modified=False)
+        was_float16 = model.meta.get(UPCAST_FLOAT16_KEY)  # else a weight is float32 unless marked
         for graph in list(all_graphs(model)):
             for value in list(graph.initializers.values()):
+                if not (was_float16 or value.meta.get(FLOAT16_STORAGE_KEY)):
+                    continue
                 if (half := _stored_float16(value)) is None:
                     continue
                 name = value.name

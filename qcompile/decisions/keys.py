@@ -27,6 +27,9 @@ BIAS_CORRECTION_KEY = "qcompile.bias_correction"
 # value.meta: a float weight of float layers to store as INT8: the axes that get their own scales
 # (`choose-int8-storage` decides, `store-int8-weights` rewrites).
 INT8_STORAGE_KEY = "qcompile.int8_storage"
+# value.meta: True: a float weight of float layers to store as float16 (`choose-int8-storage` decides,
+# `store-float16-weights` rewrites).
+FLOAT16_STORAGE_KEY = "qcompile.float16_storage"
 # model.meta: the notes passes leave for the report (`qcompile.notes`).
 NOTES_KEY = "qcompile.notes"
 

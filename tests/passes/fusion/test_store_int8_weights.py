@@ -13,6 +13,7 @@ from qcompile.layers import layer_precisions
 from qcompile.calibration import CalibrationData
 from qcompile.passes.analysis.choose_int8_storage import (MIN_WEIGHT_SQNR_DB, OUTPUT_SQNR_DB, ChooseInt8StorageOptions,
                                                           ChooseInt8StoragePass)
+from qcompile.passes.fusion.store_float16_weights import StoreFloat16WeightsPass
 from qcompile.passes.fusion.store_int8_weights import StoreInt8WeightsPass
 from qcompile.recipes import get_recipe
 from qcompile.recipes.base import Settings
@@ -179,19 +180,26 @@ g (float[N, 32] x) => (float[N, 32] diff, float[N, 32] plain) <float[32, 32] w =
 """
 
 
-def test_with_calibration_data_weights_whose_rounding_the_outputs_cannot_bear_stay_float32(tmp_path):
+@pytest.mark.parametrize("apart, stored, said", [(3e-2, ir.DataType.FLOAT16, "float16"),
+                                                (1e-3, ir.DataType.FLOAT, "float32")])
+def test_with_calibration_data_weights_whose_int8_rounding_the_outputs_cannot_bear_are_float16_or_float32(
+        tmp_path, apart, stored, said):
+    """w and v ``apart`` (relative): INT8 rounding swamps their difference; float16 rounding does at 1e-3."""
     w = rng.standard_normal((32, 32)).astype(np.float32)
-    v = (w * (1 + 1e-3)).astype(np.float32)
+    v = (w * (1 + apart)).astype(np.float32)
     u = rng.standard_normal((32, 32)).astype(np.float32)
     model = parse(CANCELLING % tuple(", ".join(map(str, a.ravel().tolist())) for a in (w, v, u)))
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((4, 32)).astype(np.float32))
 
     apply(model, ChooseInt8StoragePass(ChooseInt8StorageOptions(CalibrationData(str(tmp_path / "calib.npz")))),
-          StoreInt8WeightsPass())
+          StoreInt8WeightsPass(), StoreFloat16WeightsPass())
 
     assert set(_decoded(model)) == {"u"}
-    assert any(f"2 of 3 float weights of float layers stored as float32: INT8 would take the outputs under "
-               f"{OUTPUT_SQNR_DB:g} dB" in note and "w" in note for note in model.meta["qcompile.notes"])
+    initializers = model.graph.initializers
+    assert {initializers[f"{name}.float16"].dtype if f"{name}.float16" in initializers else initializers[name].dtype
+            for name in ("w", "v")} == {stored}
+    assert any(f"2 of 3 float weights of float layers stored as {said}: INT8 would take the outputs "
+               f"under {OUTPUT_SQNR_DB:g} dB" in note for note in model.meta["qcompile.notes"])
 
 
 @pytest.mark.parametrize("target, option, stored", [("ort-cpu", "int8", True), ("ort-cpu", "float32", False),
