@@ -177,16 +177,25 @@ def _gather_rows(settings: Settings) -> list[ir.passes.PassBase]:
 FLOAT_WEIGHTS = ("int8", "float32")
 
 
-def _stored_weights(settings: Settings) -> list[ir.passes.PassBase]:
-    """How the weights left float are stored: INT8 where the target folds their decoding, then float16 in
-    a model that was float16."""
+def _int8_storage(settings: Settings) -> bool:
     if settings.options.float_weights not in FLOAT_WEIGHTS:
         raise UsageError(f"option float_weights: expected one of {', '.join(FLOAT_WEIGHTS)}, "
                          f"got {settings.options.float_weights!r}")
-    if settings.options.float_weights == "int8" and settings.target.folds_int8_weights:
-        choose = ChooseInt8StoragePass(ChooseInt8StorageOptions(settings.calib, settings.excluded))
-        return [choose, StoreInt8WeightsPass(), StoreFloat16WeightsPass()]
-    return [StoreFloat16WeightsPass()]
+    return settings.options.float_weights == "int8" and settings.target.folds_int8_weights
+
+
+def _choose_storage(settings: Settings) -> list[ir.passes.PassBase]:
+    """Which weights left float to store as INT8: measured while activations are still float (after Q/DQ,
+    a weight's small change flips roundings downstream, which is no error of the weight's)."""
+    if not _int8_storage(settings):
+        return []
+    return [ChooseInt8StoragePass(ChooseInt8StorageOptions(settings.calib, settings.excluded))]
+
+
+def _stored_weights(settings: Settings) -> list[ir.passes.PassBase]:
+    """The weights left float stored as chosen: INT8 where the target folds their decoding, float16 where
+    marked and in a model that was float16."""
+    return [*([StoreInt8WeightsPass()] if _int8_storage(settings) else []), StoreFloat16WeightsPass()]
 
 
 def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
@@ -194,7 +203,8 @@ def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
                                 nodes=settings.nodes)
     return [*canonicalize(), *_untie(settings), AssignWeightSpecsPass(options), *_embeddings(settings),
             *_bias_correction_passes(settings),
-            QuantizeWeightsPass(), *_gather_rows(settings), *_stored_weights(settings), EliminateDeadCodePass()]
+            QuantizeWeightsPass(), *_gather_rows(settings), *_choose_storage(settings), *_stored_weights(settings),
+            EliminateDeadCodePass()]
 
 
 def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
@@ -241,7 +251,7 @@ def _placement(settings: Settings) -> str:
 def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
     calibration = _calibration(settings.options)
     if _placement(settings) == "float":  # float layers, weights as `float_weights` stores them
-        return [*canonicalize(), *_stored_weights(settings), EliminateDeadCodePass()]
+        return [*canonicalize(), *_choose_storage(settings), *_stored_weights(settings), EliminateDeadCodePass()]
     target = settings.target
     weights = integer_weights(settings)
     data = settings.require_calib("w8a8")
@@ -266,6 +276,7 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
         *([AssignBiasSpecsPass()] if target.ort_qdq_layout else []),
         QuantizeWeightsPass(),
         *_gather_rows(settings),
+        *_choose_storage(settings),
         InsertQDQPass(InsertQDQOptions(contrib_16bit=target.contrib_ops)),
         FoldQDQPass(FoldQDQOptions(merge_duplicates=target.ort_qdq_layout)),
         *_qoperator(settings),
@@ -288,6 +299,7 @@ def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
         *_bias_correction_passes(settings),
         QuantizeWeightsPass(),
         *_gather_rows(settings),
+        *_choose_storage(settings),
         FuseDynamicMatMulPass(contrib=settings.target.contrib_ops),
         *_stored_weights(settings),
         EliminateDeadCodePass(),
