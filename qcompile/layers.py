@@ -16,23 +16,23 @@ DEQUANTIZE_OPS = {"DequantizeLinear"}
 QLINEAR_WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3}
 
 
-def _decoded_integer(value: ir.Value) -> ir.Value | None:
-    """The integer tensor ``value`` is decoded from: a DequantizeLinear's input, or the Cast's input in
-    `store-int8-weights`' Mul(Cast(int8), scale)."""
+def decoded_integer(value: ir.Value) -> ir.Value | None:
+    """The integer tensor ``value`` is decoded from: a DequantizeLinear's input, or the stored INT8 in
+    `store-int8-weights`' Mul(Cast(int8 constant), constant scale) (not an image's Cast(uint8) -> Mul)."""
     producer = value.producer()
     if producer is None or not producer.inputs or producer.inputs[0] is None:
         return None
     if producer.op_type in DEQUANTIZE_OPS:
         return producer.inputs[0]
-    cast = producer.inputs[0].producer() if producer.op_type == "Mul" else None
-    if cast is not None and cast.op_type == "Cast" and cast.inputs[0] is not None \
-            and cast.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8):
-        return cast.inputs[0]
-    return None
+    cast = producer.inputs[0].producer() if producer.op_type == "Mul" and len(producer.inputs) == 2 else None
+    if cast is None or cast.op_type != "Cast" or producer.inputs[1] is None or producer.inputs[1].const_value is None:
+        return None
+    stored = cast.inputs[0]
+    return stored if stored is not None and stored.const_value is not None and stored.dtype == ir.DataType.INT8 else None
 
 
 def _operand_precision(value: ir.Value | None) -> str:
-    if value is not None and (integer := _decoded_integer(value)) is not None:
+    if value is not None and (integer := decoded_integer(value)) is not None:
         return integer.dtype.name.lower() if integer.dtype is not None else "?"
     if value is None or value.dtype is None:
         return "?"
@@ -40,14 +40,14 @@ def _operand_precision(value: ir.Value | None) -> str:
         value.dtype, value.dtype.name.lower())
 
 
-# Ops through which a stored weight reaches its layer (besides those `_decoded_integer` reads).
+# Ops through which a stored weight reaches its layer (besides those `decoded_integer` reads).
 WEIGHT_PATH_OPS = {"Transpose", "Reshape", "Cast"}
 
 
 def _stored(value: ir.Value) -> bool:
     """Whether ``value`` is a constant, possibly decoded, transposed or reshaped: a weight, not an activation."""
     while value.const_value is None and value.producer() is not None:
-        if (integer := _decoded_integer(value)) is not None:
+        if (integer := decoded_integer(value)) is not None:
             value = integer
             continue
         producer = value.producer()

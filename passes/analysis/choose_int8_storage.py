@@ -31,27 +31,29 @@ from qcompile.io import save_model
 from qcompile.layers import RECURRENT_OPS
 from qcompile.notes import add_note, some_names
 from qcompile.op_rules import weight_axis
-from qcompile.passes.fusion.store_float16_weights import float16_copy
 from qcompile.runtime import onnxruntime
 from qcompile.session import run
 from qcompile.verify import latency_feeds, worst_sqnr_db
+from qcompile.weight_storage import float16_copy, int8_decoded
 
 MIN_ELEMENTS = 16  # smaller constants gain nothing
+MIN_PER_SCALE = 8  # fewer values per scale (a [V, 2] table's rows) save too little against the scales' bytes
+MIN_OPSET = 7  # Mul broadcasts from opset 7
 MIN_WEIGHT_SQNR_DB = 30.0
 # A 20 dB model would lose 0.1 dB to the errors' sum if they added up as measured; they do not quite: one
 # sample with float activations understates them. At 30 dB, PP-OCRv5's recognizer with float islands went
 # from 20.4 to 17.7 dB on its calibration samples.
 OUTPUT_SQNR_DB = 36.0
-QMAX = 127
 
 
 @dataclass(frozen=True)
 class ChooseInt8StorageOptions:
     data: CalibrationData | None = None  # None: every candidate is stored, unmeasured
     exclude: tuple[str, ...] = ()  # --exclude patterns: their layers keep float32 weights
+    tables: bool = True  # embedding Gathers' tables too (the recipes' `embeddings` option)
 
 
-def _channel_axes(node: ir.Node, index: int) -> tuple[int, ...] | None:
+def _channel_axes(node: ir.Node, index: int, tables: bool) -> tuple[int, ...] | None:
     """The axes along which ``node``'s input ``index`` gets its own scales, if it is a weight."""
     if node.domain != "":
         return None
@@ -59,31 +61,18 @@ def _channel_axes(node: ir.Node, index: int) -> tuple[int, ...] | None:
         return (axis,)
     if node.op_type in RECURRENT_OPS and index in (1, 2):  # W, R: [directions, gates x hidden, inputs]
         return (0, 1)
-    if node.op_type == "Gather" and index == 0 and node.attributes.get_int("axis", 0) == 0:
+    if tables and node.op_type == "Gather" and index == 0 and node.attributes.get_int("axis", 0) == 0:
         return (0,)  # an embedding table: one scale per row
     return None
 
 
-def _weight_axes(value: ir.Value, exclude: tuple[str, ...]) -> tuple[int, ...] | None:
+def _weight_axes(value: ir.Value, options: ChooseInt8StorageOptions) -> tuple[int, ...] | None:
     """The channel axes every reader of ``value`` agrees on, or None if one reads it as other than a weight
     or is excluded."""
-    if any(name_matches(user.name, exclude) for user, _ in value.uses()):
+    if any(name_matches(user.name, options.exclude) for user, _ in value.uses()):
         return None
-    axes = {_channel_axes(user, index) for user, index in value.uses()}
+    axes = {_channel_axes(user, index, options.tables) for user, index in value.uses()}
     return axes.pop() if len(axes) == 1 else None
-
-
-def int8_storage(array: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """``array`` as INT8 on [-127, 127] and its float32 scales, one per index of ``axes`` (shaped to broadcast)."""
-    reduced = tuple(i for i in range(array.ndim) if i not in axes)
-    peak = np.max(np.abs(array), axis=reduced, keepdims=True)
-    scale = np.where(peak > 0, peak / QMAX, 1.0).astype(np.float32)
-    return np.clip(np.rint(array / scale), -QMAX, QMAX).astype(np.int8), scale
-
-
-def _decoded(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    values, scale = int8_storage(array, axes)
-    return values * scale
 
 
 @dataclass
@@ -93,6 +82,11 @@ class _Candidate:
     axes: tuple[int, ...]
     in_main_graph: bool
     relative_error: float = 0.0  # output noise over signal (the worst output) with this weight alone rounded
+
+    @property
+    def bytes_saved(self) -> int:
+        """float32 -> INT8, less the float32 scales."""
+        return 3 * self.array.size - 4 * int(np.prod([self.array.shape[axis] for axis in self.axes]))
 
 
 class ChooseInt8StoragePass(ir.passes.InPlacePass):
@@ -119,41 +113,50 @@ class ChooseInt8StoragePass(ir.passes.InPlacePass):
             chosen += measured
         for candidate in chosen:
             candidate.value.meta[INT8_STORAGE_KEY] = candidate.axes
-        return ir.passes.PassResult(model, modified=bool(chosen))
+        return ir.passes.PassResult(model, modified=bool(candidates))
 
     def _within_budget(self, model: ir.Model, probe: _Probe) -> list[_Candidate]:
         """The candidates to store as INT8, in order of least error per byte while their errors sum to under
         the budget; the others marked for float16 where the outputs bear that too, all at once."""
         budget, spent, kept = 10 ** (-OUTPUT_SQNR_DB / 10), 0.0, []
         for candidate in probe.candidates:
-            candidate.relative_error = probe.relative_error({candidate.value: _decoded(candidate.array, candidate.axes)})
-        for candidate in sorted(probe.candidates, key=lambda c: c.relative_error / c.array.size):
+            rounded = int8_decoded(candidate.array, candidate.axes)
+            candidate.relative_error = probe.relative_error({candidate.value: rounded})
+        for candidate in sorted(probe.candidates, key=lambda c: c.relative_error / c.bytes_saved):
             if spent + candidate.relative_error <= budget:
                 spent += candidate.relative_error
                 kept.append(candidate)
         left = [c for c in probe.candidates if c not in kept]
+        for candidate in left:
+            candidate.value.meta[INT8_STORAGE_KEY] = None  # measured: not INT8 (a second run leaves it)
         if not left:
             return kept
         halves = {c.value: half.astype(np.float32) for c in left if (half := float16_copy(c.array)) is not None}
         as_float16 = bool(halves) and spent + probe.relative_error(halves) <= budget
         for value in halves if as_float16 else ():
             value.meta[FLOAT16_STORAGE_KEY] = True
-        add_note(model, f"{len(left)} of {len(probe.candidates)} float weights of float layers stored as "
-                 f"{'float16' if as_float16 else 'float32'}: INT8 would take the outputs under {OUTPUT_SQNR_DB:g} dB "
-                 f"(measured on one calibration sample): {some_names([c.value.name for c in left])}")
+        stored = (f"{len(halves)} as float16, {len(left) - len(halves)} as float32" if as_float16
+                  else "as float32")
+        add_note(model, f"{len(left)} of {len(probe.candidates)} float weights of float layers stored {stored}: "
+                 f"INT8 would take the outputs under {OUTPUT_SQNR_DB:g} dB (measured on one calibration sample): "
+                 f"{some_names([c.value.name for c in left])}")
         return kept
 
     def _candidates(self, model: ir.Model) -> tuple[list[_Candidate], list[str]]:
         candidates, held_badly = [], []
+        if model.opset_imports.get("", 1) < MIN_OPSET:
+            return candidates, held_badly
         for graph in all_graphs(model):
             for value in graph.initializers.values():
                 if (value.dtype != ir.DataType.FLOAT or value.is_graph_input() or value.is_graph_output()
                         or INT8_STORAGE_KEY in value.meta or not value.uses()):
                     continue
                 array = value.const_value.numpy()
-                if array.size < MIN_ELEMENTS or (axes := _weight_axes(value, self.options.exclude)) is None:
+                if array.size < MIN_ELEMENTS or (axes := _weight_axes(value, self.options)) is None:
                     continue
-                if worst_sqnr_db([array], [_decoded(array, axes)]) < MIN_WEIGHT_SQNR_DB:
+                if array.size < MIN_PER_SCALE * np.prod([array.shape[axis] for axis in axes]):
+                    continue
+                if worst_sqnr_db([array], [int8_decoded(array, axes)]) < MIN_WEIGHT_SQNR_DB:
                     held_badly.append(value.name)
                     continue
                 candidates.append(_Candidate(value, array, axes, graph is model.graph))

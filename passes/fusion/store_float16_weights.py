@@ -16,24 +16,20 @@ import onnx_ir as ir
 
 from qcompile.decisions import FLOAT16_STORAGE_KEY
 from qcompile.graph import all_graphs, register_constant
+from qcompile.layers import decoded_integer
 from qcompile.passes.canonicalize.upcast_float16 import UPCAST_FLOAT16_KEY
+from qcompile.weight_storage import float16_copy
 
 MIN_ELEMENTS = 16  # smaller constants (clip bounds, shapes' scalars) gain nothing
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-def float16_copy(array: np.ndarray) -> np.ndarray | None:
-    """``array`` in float16, unless float16 cannot hold it (beyond 65504, or non-zero values it flushes to zero)."""
-    with np.errstate(over="ignore"):
-        half = array.astype(np.float16)
-    representable = np.isfinite(half) & ((half != 0) | (array == 0))
-    return half if representable.all() else None
-
-
 def _stored_float16(value: ir.Value) -> np.ndarray | None:
     if value.dtype != ir.DataType.FLOAT or value.const_value is None or value.is_graph_output():
         return None
-    if any(user.op_type in QDQ_OPS for user, _ in value.uses()) or not value.uses():
+    if any(user.op_type in QDQ_OPS or decoded_integer(user.outputs[0]) is not None for user, _ in value.uses()):
+        return None  # a scale: of a Q/DQ, or of `store-int8-weights`' decoding
+    if not value.uses():
         return None
     array = value.const_value.numpy()
     return float16_copy(array) if array.size >= MIN_ELEMENTS else None

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from qcompile.decisions import INT8_STORAGE_KEY
 from qcompile.graph import all_graphs, register_constant
-from qcompile.passes.analysis.choose_int8_storage import int8_storage
+from qcompile.weight_storage import int8_storage
 
 
 class StoreInt8WeightsPass(ir.passes.InPlacePass):

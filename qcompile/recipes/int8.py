@@ -96,9 +96,10 @@ class W8A8Options:
                                 "(ONNX Runtime's QLinearConv / QLinearMatMul / QLinearAdd; ort-cpu only)")
     placement: str = option("measured", "which Convs run on integers: measured (ort-cpu: where the model runs slower "
                                         "than fp32 on this machine or under 20 dB on the calibration data, the "
-                                        "float-islands and float placements are measured too, and the fastest one "
-                                        "at 20 dB and no slower than fp32 kept, else the most accurate no slower "
-                                        "than fp32), integer (every Conv; for a deployment machine other than this "
+                                        "float-islands and float placements are measured too, and kept is the "
+                                        "fastest at 20 dB no slower than fp32, else the fastest at 20 dB slower by "
+                                        "no more than the timing noise, else the most accurate no slower than "
+                                        "fp32), integer (every Conv; for a deployment machine other than this "
                                         "one), float-islands (Convs with float ops after them left float), float "
                                         "(every layer computes in float, its weights stored as float_weights says: "
                                         "fp32's speed, a quarter of its size with int8)")
@@ -189,7 +190,8 @@ def _choose_storage(settings: Settings) -> list[ir.passes.PassBase]:
     a weight's small change flips roundings downstream, which is no error of the weight's)."""
     if not _int8_storage(settings):
         return []
-    return [ChooseInt8StoragePass(ChooseInt8StorageOptions(settings.calib, settings.excluded))]
+    return [ChooseInt8StoragePass(ChooseInt8StorageOptions(settings.calib, settings.excluded,
+                                                           tables=settings.options.embeddings))]
 
 
 def _stored_weights(settings: Settings) -> list[ir.passes.PassBase]:
@@ -251,6 +253,9 @@ def _placement(settings: Settings) -> str:
 def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
     calibration = _calibration(settings.options)
     if _placement(settings) == "float":  # float layers, weights as `float_weights` stores them
+        if not settings.target.folds_int8_weights:
+            raise UsageError(f"option placement=float stores weights as INT8 behind a Cast and a Mul, which "
+                             f"{settings.target.summary} is not relied on to fold: use placement=integer")
         return [*canonicalize(), *_choose_storage(settings), *_stored_weights(settings), EliminateDeadCodePass()]
     target = settings.target
     weights = integer_weights(settings)

@@ -180,8 +180,8 @@ g (float[N, 32] x) => (float[N, 32] diff, float[N, 32] plain) <float[32, 32] w =
 """
 
 
-@pytest.mark.parametrize("apart, stored, said", [(3e-2, ir.DataType.FLOAT16, "float16"),
-                                                (1e-3, ir.DataType.FLOAT, "float32")])
+@pytest.mark.parametrize("apart, stored, said", [(3e-2, ir.DataType.FLOAT16, "2 as float16, 0 as float32"),
+                                                (1e-3, ir.DataType.FLOAT, "as float32")])
 def test_with_calibration_data_weights_whose_int8_rounding_the_outputs_cannot_bear_are_float16_or_float32(
         tmp_path, apart, stored, said):
     """w and v ``apart`` (relative): INT8 rounding swamps their difference; float16 rounding does at 1e-3."""
@@ -198,8 +198,23 @@ def test_with_calibration_data_weights_whose_int8_rounding_the_outputs_cannot_be
     initializers = model.graph.initializers
     assert {initializers[f"{name}.float16"].dtype if f"{name}.float16" in initializers else initializers[name].dtype
             for name in ("w", "v")} == {stored}
-    assert any(f"2 of 3 float weights of float layers stored as {said}: INT8 would take the outputs "
+    assert any(f"2 of 3 float weights of float layers stored {said}: INT8 would take the outputs "
                f"under {OUTPUT_SQNR_DB:g} dB" in note for note in model.meta["qcompile.notes"])
+    # decided once: a second run measures nothing again
+    again = ChooseInt8StoragePass(ChooseInt8StorageOptions(CalibrationData(str(tmp_path / "calib.npz"))))
+    assert not again(model).modified
+
+
+def test_initializers_a_user_can_override_or_reads_as_outputs_stay_float32():
+    weights = ", ".join(["0.5"] * 256)
+    model = parse(f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 16] x, float[16, 16] overridable) => (float[N, 16] y, float[16, 16] shown)
+        <float[16, 16] overridable = {{{weights}}}, float[16, 16] shown = {{{weights}}}> {{
+            a = MatMul(x, overridable)
+            y = MatMul(a, shown)
+        }}""")
+
+    assert not apply(model, ChooseInt8StoragePass(), StoreInt8WeightsPass())
 
 
 @pytest.mark.parametrize("target, option, stored", [("ort-cpu", "int8", True), ("ort-cpu", "float32", False),
@@ -209,6 +224,13 @@ def test_recipes_store_float_weights_as_asked_where_the_target_folds_them(target
     settings = Settings(target=get_target(target), options=recipe.resolve_options({"float_weights": option}))
 
     assert ("store-int8-weights" in [p.name for p in recipe.build(settings)]) == stored
+
+
+def test_placement_float_for_a_target_not_relied_on_to_fold_the_decoding_is_a_usage_error():
+    recipe = get_recipe("w8a8")
+    settings = Settings(target=get_target("tensorrt"), options=recipe.resolve_options({"placement": "float"}))
+    with pytest.raises(UsageError, match="placement=float.*TensorRT.*placement=integer"):
+        recipe.build(settings)
 
 
 def test_an_unknown_float_weights_value_is_a_usage_error():
