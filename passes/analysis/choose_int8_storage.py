@@ -69,10 +69,37 @@ def _channel_axes(node: ir.Node, index: int, tables: bool) -> tuple[int, ...] | 
 def _weight_axes(value: ir.Value, options: ChooseInt8StorageOptions) -> tuple[int, ...] | None:
     """The channel axes every reader of ``value`` agrees on, or None if one reads it as other than a weight
     or is excluded."""
-    if any(name_matches(user.name, options.exclude) for user, _ in value.uses()):
-        return None
-    axes = {_channel_axes(user, index, options.tables) for user, index in value.uses()}
+    axes = _readers_axes(value, options)
     return axes.pop() if len(axes) == 1 else None
+
+
+def _hands_on(node: ir.Node, index: int) -> bool:
+    """Whether ``node`` hands its input ``index`` on with the same axes: Identity, a Slice or Split of it,
+    a Cast to float32 (a float16 model's, after `upcast-float16`)."""
+    if index != 0 or node.domain != "":
+        return False
+    return node.op_type in ("Identity", "Slice", "Split") or (
+        node.op_type == "Cast" and node.attributes.get_int("to") == ir.DataType.FLOAT)
+
+
+def _readers_axes(value: ir.Value, options: ChooseInt8StorageOptions) -> set[tuple[int, ...] | None]:
+    """The channel axes each reader of ``value`` asks for (None: not a weight), looking through ops that
+    keep its axes (`_hands_on`) and into the carried inputs of Loops whose body hands them on unchanged
+    (tf2onnx's Keras LSTM carries its weights so, and slices each gate's columns off them)."""
+    axes: set[tuple[int, ...] | None] = set()
+    for user, index in value.uses():
+        if name_matches(user.name, options.exclude):
+            return {None}
+        if _hands_on(user, index):
+            for output in user.outputs:
+                axes |= {None} if output.is_graph_output() else _readers_axes(output, options)
+        elif user.op_type == "Loop" and user.domain == "" and index >= 2:
+            body = user.attributes["body"].value
+            carried = body.inputs[index]  # Loop inputs (M, cond, carried...) match body inputs (i, cond, carried...)
+            axes |= _readers_axes(carried, options) if body.outputs[index - 1] is carried else {None}
+        else:
+            axes.add(_channel_axes(user, index, options.tables))
+    return axes
 
 
 @dataclass

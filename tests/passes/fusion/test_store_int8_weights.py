@@ -159,6 +159,41 @@ def test_the_report_reads_a_stored_weight_as_int8_and_says_why_its_layer_is_floa
                               and row["name"] not in ("first", "second", "third", "spiky_matmul", "small_matmul"))
 
 
+def test_a_weight_a_loop_carries_unchanged_into_its_body_is_stored_where_the_body_reads_it_as_one():
+    """tf2onnx's Keras LSTM: the weights are Loop-carried values, cast to float and split by columns in the
+    body, handed on as they are."""
+    body = helper.make_graph(
+        [helper.make_node("Cast", ["w_in"], ["w_float"], to=TensorProto.FLOAT),
+         helper.make_node("Split", ["w_float"], ["w_left", "w_right"], axis=1),
+         helper.make_node("MatMul", ["h_in", "w_left"], ["m_left"]),
+         helper.make_node("MatMul", ["h_in", "w_right"], ["m_right"]),
+         helper.make_node("Concat", ["m_left", "m_right"], ["m"], axis=1), helper.make_node("Tanh", ["m"], ["h_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [2, D]),
+         helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [D, D])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [2, D]),
+         helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [D, D])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "x", "carried_w"], ["h", "w_after"], body=body)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, D])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, D])],
+        [numpy_helper.from_array(BODY_W, "carried_w"), numpy_helper.from_array(np.array(3, np.int64), "trips")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model))
+    reference = clone(model)
+
+    assert apply(model, ChooseInt8StoragePass(), StoreInt8WeightsPass())
+
+    weights = _decoded(model)
+    assert set(weights) == {"carried_w"}
+    feed = {"x": np.random.default_rng(3).standard_normal((2, D)).astype(np.float32)}
+    np.testing.assert_allclose(run(model, feed)[0], run(_with_weights(reference, weights), feed)[0], rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_layers_the_user_excluded_keep_float32_weights():
     model = _model()
 
