@@ -191,8 +191,8 @@ class ChooseInt8StoragePass(ir.passes.InPlacePass):
 
 
 class _Probe:
-    """The compiled model on the first calibration sample, in one session that reads the candidates' weights
-    as inputs: the outputs' error when some of them are replaced."""
+    """The model (its activations still float) on the first calibration sample, in one session that reads
+    the candidates' weights as inputs: the outputs' error when some of them are replaced."""
 
     def __init__(self, model: ir.Model, candidates: list[_Candidate], data: CalibrationData, folder: Path):
         self.candidates = candidates
