@@ -28,7 +28,8 @@ def decoded_integer(value: ir.Value) -> ir.Value | None:
     if cast is None or cast.op_type != "Cast" or producer.inputs[1] is None or producer.inputs[1].const_value is None:
         return None
     stored = cast.inputs[0]
-    return stored if stored is not None and stored.const_value is not None and stored.dtype == ir.DataType.INT8 else None
+    is_int8_constant = stored is not None and stored.const_value is not None and stored.dtype == ir.DataType.INT8
+    return stored if is_int8_constant else None
 
 
 def _operand_precision(value: ir.Value | None) -> str:

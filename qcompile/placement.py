@@ -172,7 +172,8 @@ def _decide(timings: list[Timing]) -> tuple[int, str]:
     accurate = [i for i, timing in enumerate(timings) if timing.sqnr_db >= MIN_SQNR_DB]
     no_slower = [i for i, timing in enumerate(timings) if timing.worst <= 1 + TOLERANCE]
     if fast_and_accurate := [i for i in accurate if i in no_slower]:
-        return _fastest(timings, fast_and_accurate), f"the fastest at {MIN_SQNR_DB:g} dB or more and no slower than fp32"
+        return _fastest(timings, fast_and_accurate), (f"the fastest at {MIN_SQNR_DB:g} dB or more and no slower "
+                                                      f"than fp32")
     if within_noise := [i for i in accurate if timings[i].worst <= 1 + CLOSE * TOLERANCE]:
         return _fastest(timings, within_noise), (f"the fastest at {MIN_SQNR_DB:g} dB or more, slower than fp32 by "
                                                  f"no more than two timings of one model differ")

@@ -31,7 +31,8 @@ def timings(monkeypatch):
 
 
 # The same as `placement=float` leaves them: in float, weights stored INT8 (or float32, with float_weights=float32)
-FLOAT_INT8_WEIGHTS = TWO_CONVS.replace("weight = DequantizeLinear(w, s)", "wf = Cast <to = 1> (w)\n    weight = Mul(wf, s)")
+FLOAT_INT8_WEIGHTS = TWO_CONVS.replace("weight = DequantizeLinear(w, s)",
+                                      "wf = Cast <to = 1> (w)\n    weight = Mul(wf, s)")
 FLOAT32_WEIGHTS = TWO_CONVS.replace("int8[1, 1, 1, 1] w", "float[1, 1, 1, 1] w").replace(
     "weight = DequantizeLinear(w, s)", "weight = Identity(w)")
 
