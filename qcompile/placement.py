@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.calibration import CalibrationData
+from qcompile.calibration.runner import batch_samples
 from qcompile.data import InputInfo, model_inputs
 from qcompile.decisions import FLOAT_ISLANDS_KEY
 from qcompile.io import save_model
@@ -84,7 +85,7 @@ def _first_samples(data: CalibrationData, inputs: list[InputInfo]) -> list[dict[
     feeds, count = [], 0
     for feed in data.batches(inputs):
         feeds.append(feed)
-        count += feed[inputs[0].name].shape[0] if all(i.batched for i in inputs) else 1
+        count += batch_samples(feed, inputs)
         if count >= SQNR_SAMPLES:
             break
     return feeds

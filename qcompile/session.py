@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from qcompile.errors import UsageError
 from qcompile.runtime import onnxruntime
 
 
 def session(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
-            integer_kernels: bool = True, libraries: Sequence[str | os.PathLike] = ()):
+            integer_kernels: bool = True, libraries: Sequence[str | os.PathLike] = (),
+            config: Mapping[str, str] | None = None):
     """An `onnxruntime.InferenceSession` for ``path`` (external data is read from beside it).
 
     ``integer_kernels=False`` keeps ONNX Runtime from fusing Q/DQ groups into its integer ops, so
     the model computes Q/DQ as ONNX defines them (see `qcompile.targets.Target.qdq_semantics`).
     ``libraries``: custom-op libraries to register (`qcompile.targets.Target.custom_op_libraries`).
+    ``config``: session configuration entries (`SessionOptions.add_session_config_entry`).
     """
     if isinstance(providers, str):
         providers = [providers]
@@ -25,6 +27,8 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         options.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     for library in libraries:
         try:
             options.register_custom_ops_library(str(library))

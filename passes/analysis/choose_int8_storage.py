@@ -31,8 +31,7 @@ from qcompile.io import save_model
 from qcompile.layers import RECURRENT_OPS
 from qcompile.notes import add_note, some_names
 from qcompile.op_rules import weight_axis
-from qcompile.runtime import onnxruntime
-from qcompile.session import run
+from qcompile.session import run, session
 from qcompile.verify import latency_feeds, worst_sqnr_db
 from qcompile.weight_storage import float16_copy, int8_decoded
 
@@ -199,7 +198,8 @@ class _Probe:
         inputs = model_inputs(model)
         feeds, _ = latency_feeds(next(iter(data.batches(inputs))), inputs)
         self.feed = {**feeds[min(feeds)], **{c.value.name: c.array for c in candidates}}
-        self.session = _exact_session(_weights_as_inputs(model, [c.value.name for c in candidates], folder))
+        probe = _weights_as_inputs(model, [c.value.name for c in candidates], folder)
+        self.session = session(probe, config=EXACT_MATMULS)
         self.expected = self._run({})
 
     def _run(self, replaced: dict[ir.Value, np.ndarray]) -> list[np.ndarray]:
@@ -211,14 +211,9 @@ class _Probe:
         return 10 ** (-worst_sqnr_db(self.expected, self._run(replaced)) / 10)
 
 
-def _exact_session(path: Path):
-    """A session that computes the dequantized weights' products in float: ONNX Runtime would otherwise fuse
-    DequantizeLinear -> MatMul into MatMulNBits at accuracy level 4, which quantizes the activations."""
-    ort = onnxruntime()
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+# Dequantized weights' products computed in float: ONNX Runtime would otherwise fuse DequantizeLinear ->
+# MatMul into MatMulNBits at accuracy level 4, which quantizes the activations.
+EXACT_MATMULS = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
 def _weights_as_inputs(model: ir.Model, names: list[str], folder: Path) -> Path:

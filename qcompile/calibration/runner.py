@@ -92,7 +92,7 @@ class CalibrationRunner:
             names = [v.name for v in fetch]
             # One batch's activations are alive at a time: they are dropped before the next batch runs.
             for feed in self.data.batches(self.inputs):
-                count = _batch_samples(feed, self.inputs)
+                count = batch_samples(feed, self.inputs)
                 fetched = dict(zip(fetch, run(sess, names, feed, "the model on calibration data"))) if fetch else {}
                 _update(observed, {**{v: feed[v.name] for v in values if v.name in fed}, **constants, **fetched}, count)
                 del fetched
@@ -123,7 +123,7 @@ def _update(observed: Mapping[ir.Value, Sequence[Statistic]], arrays: dict[ir.Va
             statistic.update(arrays[value], count)
 
 
-def _batch_samples(feed: dict[str, np.ndarray], inputs: list[InputInfo]) -> int:
+def batch_samples(feed: dict[str, np.ndarray], inputs: list[InputInfo]) -> int:
     """Samples in one feed: `iterate_batches` batches along axis 0 only when every input is batched."""
     if inputs and all(i.batched for i in inputs):
         return int(feed[inputs[0].name].shape[0])
