@@ -21,6 +21,7 @@ if they are accurate enough, else the most accurate candidate.
 """
 from __future__ import annotations
 
+import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ TOLERANCE = 0.04
 # again and the two timings averaged: one timing of a ~1 ms model can be that far off.
 CLOSE = 3
 ROUNDS, SECONDS = 5, 1.0  # per batch size
+# One model alone against fp32 is timed no further once this many rounds put it clearly faster or slower.
+SETTLE_ROUNDS = 3
 # An fp32 model quicker than this (ms, the smallest batch) is placed by the op rules: its time is mostly
 # noise. At 1 ms the PP-OCRv4 classifier went untimed and shipped 1.42x fp32 with every Conv on integers;
 # a second of interleaved runs (hundreds of rounds at that size) times it well enough.
@@ -97,36 +100,57 @@ def _outputs(sess, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list
     return [np.concatenate([run[i].ravel() for run in runs]) for i in range(len(names))]
 
 
-def time_against_fp32(reference: Path, models: list[ir.Model], data: CalibrationData, target: Target) -> list[Timing]:
-    """Each model's latency as a ratio to ``reference`` on the first batch of ``data`` (cut or repeated
-    to batch 1 and 8 where the batch is free), runs interleaved; and its SQNR on the first samples."""
-    inputs = model_inputs(models[0])
-    first_samples = _first_samples(data, inputs)
-    feeds, _ = latency_feeds(first_samples[0], inputs)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = [save_model(model, Path(tmp) / f"candidate-{i}.onnx") for i, model in enumerate(models)]
-        sessions = [session(reference)] + [target.session(path) for path in paths]
-        names = [o.name for o in sessions[0].get_outputs()]
-        expected, *outputs = [_outputs(s, names, first_samples) for s in sessions]
+def _clear(times: list[list[float]]) -> bool:
+    """Whether one model's runs against fp32's (``times``: fp32's, then the model's) already tell it
+    faster or slower by more than timings of one model differ."""
+    if len(times[0]) < SETTLE_ROUNDS:
+        return False
+    ratio = statistics.median(times[1]) / statistics.median(times[0])
+    return abs(ratio - 1) > CLOSE * TOLERANCE
+
+
+class Bench:
+    """The fp32 model and candidates on the first calibration samples: their SQNR against fp32, and their
+    latency as a ratio to fp32's on the first batch (cut or repeated to batch 1 and 8 where the batch is
+    free), runs interleaved. Each model's session is opened once, in ``folder``."""
+
+    def __init__(self, reference: Path, inputs: list[InputInfo], data: CalibrationData, target: Target,
+                 folder: Path):
+        self.reference = session(reference)
+        self.names = [o.name for o in self.reference.get_outputs()]
+        self.samples = _first_samples(data, inputs)
+        self.expected = _outputs(self.reference, self.names, self.samples)
+        self.feeds, _ = latency_feeds(self.samples[0], inputs)
+        self.target, self.folder = target, folder
+        self._opened: list[tuple[ir.Model, object]] = []
+
+    def _session(self, model: ir.Model):
+        for opened, sess in self._opened:
+            if opened is model:
+                return sess
+        sess = self.target.session(save_model(model, self.folder / f"candidate-{len(self._opened)}.onnx"))
+        self._opened.append((model, sess))
+        return sess
+
+    def sqnr(self, model: ir.Model) -> float:
+        """``model``'s SQNR (dB, its worst output) against fp32."""
+        return worst_sqnr_db(self.expected, _outputs(self._session(model), self.names, self.samples))
+
+    def time(self, models: list[ir.Model], sqnrs: list[float] | None = None) -> list[Timing]:
+        """Each model's latency ratios to fp32, and its SQNR (measured unless given). One model alone is
+        timed until it is clearly faster or slower than fp32, at most as long as several are."""
+        sessions = [self.reference] + [self._session(model) for model in models]
         ratios: list[dict[int, float]] = [{} for _ in models]
         fp32_ms = {}
-        for batch, feed in feeds.items():
+        for batch, feed in self.feeds.items():
             for s in sessions:  # warm-up
-                s.run(names, feed)
-            (fp32_ms[batch], *compiled), _ = interleaved_medians(sessions, names, feed, ROUNDS, SECONDS)
+                s.run(self.names, feed)
+            (fp32_ms[batch], *compiled), _ = interleaved_medians(sessions, self.names, feed, ROUNDS, SECONDS,
+                                                                 settled=_clear if len(models) == 1 else None)
             for i, ms in enumerate(compiled):
                 ratios[i][batch] = ms / fp32_ms[batch]
-    return [Timing(r, fp32_ms[min(fp32_ms)], worst_sqnr_db(expected, out)) for r, out in zip(ratios, outputs)]
-
-
-def sqnr_against_fp32(reference: Path, model: ir.Model, data: CalibrationData, target: Target) -> float:
-    """``model``'s SQNR (dB, its worst output) against ``reference`` on the first samples of ``data``."""
-    first_samples = _first_samples(data, model_inputs(model))
-    with tempfile.TemporaryDirectory() as tmp:
-        candidate = target.session(save_model(model, Path(tmp) / "candidate.onnx"))
-        names = [o.name for o in candidate.get_outputs()]
-        return worst_sqnr_db(_outputs(session(reference), names, first_samples),
-                             _outputs(candidate, names, first_samples))
+        sqnrs = sqnrs or [self.sqnr(model) for model in models]
+        return [Timing(r, fp32_ms[min(fp32_ms)], sqnr) for r, sqnr in zip(ratios, sqnrs)]
 
 
 def _too_quick(timing: Timing) -> str:
@@ -201,8 +225,15 @@ def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_as: C
     """``integer``, or where that is slower than fp32 or under `MIN_SQNR_DB`, the one `_decide` keeps of it
     and what ``compile_as`` makes with the alternative placements (each a model and what came with it),
     all timed interleaved; and a note of what was measured."""
-    if sqnr_against_fp32(reference, integer[0], data, target) >= MIN_SQNR_DB:  # else timed beside the others
-        (timing,) = time_against_fp32(reference, [integer[0]], data, target)
+    with tempfile.TemporaryDirectory(prefix="qcompile-placement-") as folder:
+        bench = Bench(reference, model_inputs(integer[0]), data, target, Path(folder))
+        return _choose(bench, integer, compile_as)
+
+
+def _choose(bench: Bench, integer: tuple[ir.Model, T],
+            compile_as: Callable[[str], tuple[ir.Model, T]]) -> tuple[tuple[ir.Model, T], str]:
+    if (sqnr := bench.sqnr(integer[0])) >= MIN_SQNR_DB:  # else timed beside the others
+        (timing,) = bench.time([integer[0]], [sqnr])
         if timing.fp32_ms < MIN_TIMED_MS:
             return integer, f"{_too_quick(timing)}: every Conv on integers, {timing.sqnr_db:.1f} dB"
         if timing.worst <= 1 + TOLERANCE:
@@ -211,14 +242,14 @@ def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_as: C
     alternatives = [(name, compile_as(name)) for name in tried]
     candidates = [("integer", integer)] + [(name, c) for name, c in alternatives if _stores_integer_weights(c[0])]
     models = [compiled[0] for _, compiled in candidates]
-    timings = time_against_fp32(reference, models, data, target)
+    timings = bench.time(models)
     if timings[0].fp32_ms < MIN_TIMED_MS:  # the integer model is inaccurate (else timed above): by accuracy
         name, compiled = candidates[max(range(len(timings)), key=lambda i: timings[i].sqnr_db)]
         sqnr = ", ".join(f"{label} {timing.sqnr_db:.1f} dB" for (label, _), timing in zip(candidates, timings))
         return compiled, f"{_too_quick(timings[0])}: {sqnr}: kept {name}, the most accurate"
     chosen, why = _decide(timings)
     if _close_call(timings, chosen):  # timed again, the two timings averaged
-        again = time_against_fp32(reference, models, data, target)
+        again = bench.time(models, [timing.sqnr_db for timing in timings])
         timings = [_mean(first, second) for first, second in zip(timings, again)]
         chosen, why = _decide(timings)
     measured = "; ".join(f"{_described(name, compiled[0])} {timing.describe()}"

@@ -5,6 +5,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -145,13 +146,17 @@ def _latency(ref_session, cand_session, names: list[str], feed: dict[str, np.nda
 
 
 def interleaved_medians(sessions: list, names: list[str], feed: dict[str, np.ndarray], min_rounds: int = LATENCY_ROUNDS,
-                        seconds: float = LATENCY_SECONDS) -> tuple[list[float], int]:
+                        seconds: float = LATENCY_SECONDS,
+                        settled: Callable[[list[list[float]]], bool] | None = None) -> tuple[list[float], int]:
     """Median ms of each session on ``feed``, and the rounds run: each round runs every session once, in an
-    order that rotates, so that none gains from going first; more rounds (up to 100) until ``seconds``."""
+    order that rotates, so that none gains from going first; more rounds (up to 100) until ``seconds``,
+    fewer where ``settled`` says, from each session's times so far, that more would not change the answer."""
     times: list[list[float]] = [[] for _ in sessions]
     until = time.perf_counter() + seconds
     rounds = 0
     while rounds < min_rounds or (time.perf_counter() < until and rounds < 100):
+        if settled is not None and settled(times):
+            break
         for i in range(len(sessions)):
             which = (i + rounds) % len(sessions)
             start = time.perf_counter()

@@ -7,9 +7,11 @@ took the output to 15 dB, while most other weights cost it nothing measurable. S
 rounded alone and the model run on the first calibration sample, all of them in one session that reads
 the weights as inputs. This runs before activations get Q/DQ: after, a weight's small change flips
 roundings downstream, which, measured as its error, kept 32 of 33 weights of PP-OCRv5's detector float.
-Weights are then chosen in order of least output error per byte saved, while the sum of their errors
-stays `OUTPUT_SQNR_DB` below every output; the others are stored as float16 (`store-float16-weights`)
-where the outputs bear that too (measured once, all of them together), else float32. Without calibration
+Where the outputs bear every candidate rounded at once (`OUTPUT_SQNR_DB` below every output), all are
+stored, measured in one run; else weights are chosen in order of least output error per byte saved, while
+the sum of their errors stays that far below every output; the others are stored as float16
+(`store-float16-weights`) where the outputs bear that too (measured once, all of them together), else
+float32. Without calibration
 data, and inside control-flow subgraphs, every candidate is stored. A weight that INT8 holds worse than
 `MIN_WEIGHT_SQNR_DB` itself, and the weights of layers the user excluded, stay float32.
 """
@@ -145,6 +147,8 @@ class ChooseInt8StoragePass(ir.passes.InPlacePass):
         """The candidates to store as INT8, in order of least error per byte while their errors sum to under
         the budget; the others marked for float16 where the outputs bear that too, all at once."""
         budget, spent, kept = 10 ** (-OUTPUT_SQNR_DB / 10), 0.0, []
+        if probe.relative_error({c.value: int8_decoded(c.array, c.axes) for c in probe.candidates}) <= budget:
+            return list(probe.candidates)  # all of them at once: one run instead of one per weight
         for candidate in probe.candidates:
             rounded = int8_decoded(candidate.array, candidate.axes)
             candidate.relative_error = probe.relative_error({candidate.value: rounded})

@@ -1,10 +1,13 @@
 """The decision `placement=measured` takes from its measurements (the timings themselves are machine noise)."""
+import time
+
 import pytest
 from helpers import parse
 
 from qcompile import placement
 from qcompile.decisions import FLOAT_ISLANDS_KEY
 from qcompile.placement import Timing, choose_placement
+from qcompile.verify import interleaved_medians
 
 # Two quantized Convs, as lowering leaves them
 TWO_CONVS = """
@@ -22,11 +25,21 @@ ACCURATE, INACCURATE = 30.0, 8.0  # dB, either side of MIN_SQNR_DB
 
 @pytest.fixture
 def timings(monkeypatch):
-    """time_against_fp32 answers from a queue: one list of timings per call; sqnr_against_fp32 with the
-    integer model's SQNR in the next answer."""
+    """The bench answers from a queue: its timings, one list per call; its SQNR, the integer model's in the
+    next answer."""
     answers = []
-    monkeypatch.setattr(placement, "time_against_fp32", lambda reference, models, data, target: answers.pop(0))
-    monkeypatch.setattr(placement, "sqnr_against_fp32", lambda reference, model, data, target: answers[0][0].sqnr_db)
+
+    class Bench:
+        def __init__(self, reference, inputs, data, target, folder):
+            pass
+
+        def sqnr(self, model):
+            return answers[0][0].sqnr_db
+
+        def time(self, models, sqnrs=None):
+            return answers.pop(0)
+
+    monkeypatch.setattr(placement, "Bench", Bench)
     return answers
 
 
@@ -154,6 +167,7 @@ def test_sqnr_is_measured_on_the_first_calibration_samples_not_only_the_first(tm
     import numpy as np
 
     from qcompile.calibration import CalibrationData
+    from qcompile.data import model_inputs
     from qcompile.io import save_model
     from qcompile.targets import get_target
 
@@ -166,8 +180,28 @@ def test_sqnr_is_measured_on_the_first_calibration_samples_not_only_the_first(tm
     samples[0] = 0.5
     np.savez(tmp_path / "calib.npz", x=samples)
 
-    sqnr = placement.sqnr_against_fp32(reference, clipped, CalibrationData(str(tmp_path / "calib.npz")),
-                                       get_target("ort-cpu"))
+    bench = placement.Bench(reference, model_inputs(clipped), CalibrationData(str(tmp_path / "calib.npz")),
+                            get_target("ort-cpu"), tmp_path)
+    sqnr = bench.sqnr(clipped)
 
     # 7 of 8 samples lose half their value: noise 7 * 4 * 1, signal 4 * 0.25 + 7 * 4 * 4
     assert sqnr == pytest.approx(10 * np.log10((1 + 7 * 4 * 4) / (7 * 4)), abs=0.01)
+
+
+class _Sleeper:
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def run(self, names, feed):
+        time.sleep(self.seconds)
+
+
+def test_one_model_against_fp32_is_timed_no_further_once_it_is_clearly_faster_or_slower():
+    for candidate in (0.001, 0.008):
+        _, rounds = interleaved_medians([_Sleeper(0.004), _Sleeper(candidate)], [], {}, placement.ROUNDS,
+                                        placement.SECONDS, settled=placement._clear)
+        assert rounds == placement.SETTLE_ROUNDS
+
+    _, rounds = interleaved_medians([_Sleeper(0.004), _Sleeper(0.004)], [], {}, placement.ROUNDS, 0.0,
+                                    settled=placement._clear)
+    assert rounds == placement.ROUNDS  # within the noise: timed as long as ever
