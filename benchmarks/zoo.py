@@ -210,6 +210,106 @@ def arabic_names(model: dict, split: str, inputs: list[str]) -> dict[str, np.nda
     return dict(zip(inputs, (ids, ids == 0)))
 
 
+# Speech: sentences of the split's text spoken by espeak-ng in the split's voices (accents, a male and a
+# female variant), at a speed and pitch drawn per clip.
+VOICES = {"calibration": ("en-us", "en-gb-scotland+m3"), "evaluation": ("en-gb-x-rp+f3", "en-029+f2")}
+ESPEAK_RATE = 22050  # Hz, what espeak-ng writes
+
+
+def spoken(split: str, rate: int, samples: int) -> list[np.ndarray]:
+    """`SAMPLES` clips of ``samples`` at ``rate`` Hz, float32 in [-1, 1): one sentence each, cut or padded
+    with silence."""
+    import shutil
+    import tempfile
+    import wave
+    from math import gcd
+
+    from scipy.signal import resample_poly
+
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is not installed (Debian: apt-get install espeak-ng)")
+    rng = np.random.default_rng([*split.encode()])
+    text = " ".join(rendered_lines(split))
+    sentences = [s.strip() for s in text.split(". ") if len(s.split()) >= 8]
+    clips = []
+    with tempfile.TemporaryDirectory() as folder:
+        for i, sentence in enumerate(sentences[:SAMPLES]):
+            path = Path(folder) / f"{i}.wav"
+            subprocess.run(["espeak-ng", "-v", VOICES[split][i % len(VOICES[split])], "-s", str(rng.integers(140, 190)),
+                            "-p", str(rng.integers(30, 70)), "-w", str(path), sentence], check=True, timeout=60)
+            with wave.open(str(path)) as audio:
+                pcm = np.frombuffer(audio.readframes(audio.getnframes()), np.int16) / 32768.0
+            common = gcd(rate, ESPEAK_RATE)
+            clip = resample_poly(pcm, rate // common, ESPEAK_RATE // common)[:samples]
+            clips.append(np.pad(clip, (0, samples - len(clip))).astype(np.float32))
+    return clips
+
+
+def kaldi_fbank(clip: np.ndarray, rate: int, mels: int = 80) -> np.ndarray:
+    """Log mel filter bank energies as Kaldi computes them (25 ms Hamming frames every 10 ms, edges snipped,
+    DC removed, pre-emphasis 0.97, no dither), of a clip scaled to 16-bit sample values: (frames, mels)."""
+    length, shift, fft = int(rate * 0.025), int(rate * 0.010), 512
+    frames = np.lib.stride_tricks.sliding_window_view(clip * 32768.0, length)[::shift].astype(np.float64)
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    frames = np.concatenate([frames[:, :1] * 0.03, frames[:, 1:] - 0.97 * frames[:, :-1]], axis=1)
+    power = np.abs(np.fft.rfft(frames * np.hamming(length), fft)) ** 2
+    mel = lambda hz: 1127.0 * np.log(1.0 + hz / 700.0)  # noqa: E731
+    edges = np.linspace(mel(20.0), mel(rate / 2), mels + 2)
+    bins = mel(np.arange(fft // 2 + 1) * rate / fft)
+    left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    banks = np.maximum(0.0, np.minimum((bins - left) / (centre - left), (right - bins) / (right - centre)))
+    return np.log(np.maximum(power @ banks.T, np.finfo(np.float32).eps)).astype(np.float32)
+
+
+def low_frame_rate(features: np.ndarray, m: int) -> np.ndarray:
+    """Each frame stacked with the next ``m - 1`` (FunASR's LFR at stride 1): the first frame repeated
+    (m - 1) // 2 times before, the last after."""
+    before = (m - 1) // 2
+    padded = np.concatenate([features[:1].repeat(before, 0), features, features[-1:].repeat(m - 1 - before, 0)])
+    return np.lib.stride_tricks.sliding_window_view(padded, m, axis=0)[:len(features)].transpose(0, 2, 1).reshape(
+        len(features), -1)
+
+
+def kaldi_cmvn(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The shift and scale rows of a Kaldi nnet's `<AddShift>` and `<Rescale>` components (FunASR's am.mvn)."""
+    text = path.read_text()
+    rows = [text.split(tag)[1].split("[")[1].split("]")[0] for tag in ("<AddShift>", "<Rescale>")]
+    shift, scale = (np.array(row.split(), np.float32) for row in rows)
+    return shift, scale
+
+
+def _sample(row: np.ndarray, value, shape_only: bool = False) -> np.ndarray:
+    """``row`` shaped as one sample of the graph input ``value``: its dims past a free batch axis (a free
+    one takes the rest), or all of them under a fixed batch of 1. ``shape_only``: ``row`` (one value)
+    repeated to that shape, free dims 1."""
+    dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+    shape = dims[1:] if dims and not dims[0] else dims
+    if shape_only:
+        return np.broadcast_to(row.reshape(()), [d or 1 for d in shape]).copy()
+    return row.reshape([d or -1 for d in shape])
+
+
+def speech(model: dict, split: str, inputs: list) -> dict[str, np.ndarray]:
+    """The model's first input from spoken clips: the waveform, shaped as the input is (`samples` long), or
+    `features = "fbank-lfr"` (Kaldi fbank, LFR of `lfr` frames, then the CMVN of the file `cmvn` names);
+    `lengths` (an input's name) gets each clip's length, every other input zeros (empty recurrent state)."""
+    import onnx
+
+    first, *others = inputs
+    clips = spoken(split, model["rate"], model["samples"])
+    if model.get("features") == "fbank-lfr":
+        shift, scale = kaldi_cmvn(fetch_file(*model["cmvn"]))
+        rows = [(low_frame_rate(kaldi_fbank(clip, model["rate"]), model["lfr"]) + shift) * scale for clip in clips]
+    else:
+        rows = clips
+    arrays = {first.name: np.stack([_sample(row, first) for row in rows])}
+    for value in others:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        fill = model["samples"] if value.name == model.get("lengths") else 0
+        arrays[value.name] = np.stack([_sample(np.full(1, fill, dtype), value, shape_only=True)] * SAMPLES)
+    return arrays
+
+
 def make_data(model: dict, path: Path, folder: Path) -> dict[str, Path]:
     import onnx
 
@@ -218,7 +318,9 @@ def make_data(model: dict, path: Path, folder: Path) -> dict[str, Path]:
     inputs = [i.name for i in graph.input if i.name not in initializers]
     files = {}
     for split in ("calibration", "evaluation"):
-        if model["data"] == "prose":
+        if model["data"] == "speech":
+            arrays = speech(model, split, [i for i in graph.input if i.name not in initializers])
+        elif model["data"] == "prose":
             arrays = prose(model, split, inputs)
         elif model["data"] == "arabic-names":
             arrays = arabic_names(model, split, inputs)
