@@ -529,8 +529,8 @@ def write_results(rows: list[dict], folder: Path) -> None:
              f"* machine: {model_name}, {vnni}; onnxruntime {onnxruntime.__version__}; "
              f"qcompile commit {commit}{others}",
              f"* {SAMPLES} calibration samples and {SAMPLES} evaluation samples from other photos / other texts / "
-             "other voices; SQNR: the worst output on the evaluation data; latency: ratio to fp32 at batch 1 / 8 (medians of "
-             "interleaved runs; one figure where the model's batch is fixed)", "",
+             "other voices; SQNR: the worst output on the evaluation data; latency: ratio to fp32 at batch 1 / 8 "
+             "(medians of interleaved runs; one figure where the model's batch is fixed)", "",
              "* SQNR dB: on the evaluation data (on the calibration data), and the share of positions with the same "
              "argmax along the last axis (the worst output); seconds: qcompile compile, ORT "
              "quantize_static minmax (each a fresh process)", "",
