@@ -208,10 +208,10 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
     records = Pipeline(passes, verify_each=verify_each, dump_after=dump).run(model)
     placement = []
     if getattr(resolved, "placement", None) == "measured" and not chosen_target.qdq_semantics and data is not None:
-        def compile_as(placement: str):
+        def compile_as(placement: str, exclude: tuple[str, ...]):
             again = load_model(input_path)
-            settings_again = Settings(chosen_target, replace(resolved, placement=placement), tuple(settings.exclude),
-                                      data, settings.nodes)
+            settings_again = Settings(chosen_target, replace(resolved, placement=placement),
+                                      tuple(settings.exclude) + exclude, data, settings.nodes)
             return again, Pipeline(chosen.build(settings_again), verify_each=verify_each).run(again)
 
         (model, records), note = choose_placement(input_path, (model, records), compile_as, data, chosen_target)

@@ -8,10 +8,13 @@ PP-LCNet classifier ran 1.2x fp32 so. Those two roundings per Conv also add up: 
 came out at 4-7 dB with every Conv on integers, 21-35 dB with such Convs float, still faster than fp32.
 
 Where the compiled model is slower than fp32 at batch 1 or 8, or under `MIN_SQNR_DB` on the first
-`SQNR_SAMPLES` calibration samples, it is compiled twice more: with such Convs left float
-(`float-islands`, if there are enough of them), and with every layer in float, its weights stored as INT8
-that ONNX Runtime decodes when it loads the model (`float`: fp32's speed, a quarter of its size where the
-outputs bear the weights' rounding, `choose-int8-storage`). All are timed interleaved with fp32; kept is
+`SQNR_SAMPLES` calibration samples, it is compiled again: with such Convs left float (`float-islands`, if
+there are enough of them), and with every layer in float, its weights stored as INT8 that ONNX Runtime
+decodes when it loads the model (`float`: fp32's speed, a quarter of its size where the outputs bear the
+weights' rounding, `choose-int8-storage`). Under `MIN_SQNR_DB` it is also compiled with the readers of
+its costliest activation roundings left float, measured one rounding at a time (`sensitive-float`,
+`qcompile.sensitivity`): FunASR's FSMN VAD went from 15 to 25 dB with 10 of its 32 layers so. All are
+timed interleaved with fp32; kept is
 the fastest at `MIN_SQNR_DB` and no slower than fp32, else the fastest at `MIN_SQNR_DB` slower by no more
 than two timings of one model differ, else the most accurate no slower than fp32, else the fastest of the
 most accurate. An alternative that stores no weight as integers (`float_weights=float32`) is the fp32 model
@@ -21,6 +24,7 @@ if they are accurate enough, else the most accurate candidate.
 """
 from __future__ import annotations
 
+import glob
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -31,17 +35,21 @@ from typing import TypeVar
 import numpy as np
 import onnx_ir as ir
 
+from qcompile import sensitivity
 from qcompile.calibration import CalibrationData
 from qcompile.calibration.runner import batch_samples
 from qcompile.data import InputInfo, model_inputs
 from qcompile.decisions import FLOAT_ISLANDS_KEY
 from qcompile.io import save_model
 from qcompile.layers import layer_precisions
-from qcompile.session import session
+from qcompile.session import TIMING, session
 from qcompile.targets import Target
 from qcompile.verify import interleaved_medians, latency_feeds, worst_sqnr_db
 
 T = TypeVar("T")
+# Compiles the model again with another placement and more layers excluded: the model and what came with it.
+CompileAs = Callable[[str, tuple[str, ...]], tuple[ir.Model, T]]
+SENSITIVE_FLOAT_KEY = "qcompile.sensitive_float"  # meta of a sensitive-float candidate: how many layers left float
 # Fewer Convs than this share of the quantized ones with float ops after them (a detection head's last
 # Convs, say): not worth timing, since leaving them float saves little.
 MIN_ISLAND_SHARE = 0.25
@@ -65,7 +73,12 @@ SQNR_SAMPLES = 8
 # for accuracy; of candidates under it, those within MIN_GAIN_DB of the most accurate count as equal.
 MIN_SQNR_DB, MIN_GAIN_DB = 20.0, 3.0
 # The placements tried beside `integer`, in the order preferred at equal speed (more on integers first).
-ALTERNATIVES = ("float-islands", "float")
+ALTERNATIVES = ("sensitive-float", "float-islands", "float")
+# `sensitive-float` leaves float the readers of the costliest activation roundings until the others'
+# errors, each measured alone on one calibration sample (`qcompile.sensitivity`), sum to this SQNR (dB).
+# They understate the whole: at MIN_SQNR_DB + 3, FunASR's FSMN VAD came out at 17.6 dB on its calibration
+# data; at MIN_SQNR_DB + 6, at 24.7 dB (0.78x fp32, where float ran 0.96x).
+SENSITIVE_SQNR_DB = MIN_SQNR_DB + 6
 
 
 @dataclass(frozen=True)
@@ -116,25 +129,36 @@ class Bench:
 
     def __init__(self, reference: Path, inputs: list[InputInfo], data: CalibrationData, target: Target,
                  folder: Path):
-        self.reference = session(reference)
+        self.reference = session(reference, config=TIMING)
         self.names = [o.name for o in self.reference.get_outputs()]
         self.samples = _first_samples(data, inputs)
         self.expected = _outputs(self.reference, self.names, self.samples)
         self.feeds, _ = latency_feeds(self.samples[0], inputs)
-        self.target, self.folder = target, folder
+        self.reference_path, self.target, self.folder = reference, target, folder
         self._opened: list[tuple[ir.Model, object]] = []
 
     def _session(self, model: ir.Model):
         for opened, sess in self._opened:
             if opened is model:
                 return sess
-        sess = self.target.session(save_model(model, self.folder / f"candidate-{len(self._opened)}.onnx"))
+        path = save_model(model, self.folder / f"candidate-{len(self._opened)}.onnx")
+        sess = self.target.session(path, config=TIMING)
         self._opened.append((model, sess))
         return sess
 
     def sqnr(self, model: ir.Model) -> float:
         """``model``'s SQNR (dB, its worst output) against fp32."""
         return worst_sqnr_db(self.expected, _outputs(self._session(model), self.names, self.samples))
+
+    def costliest_roundings(self, model: ir.Model) -> tuple[list[str], int]:
+        """The nodes to leave float so that ``model``'s activation roundings cost the outputs no more than
+        `SENSITIVE_SQNR_DB` (`qcompile.sensitivity`), and how many roundings that leaves."""
+        canonical = sensitivity.canonical_model(self.reference_path)
+        names = {v.name for v in canonical.graph.inputs} | {v.name for node in canonical.graph for v in node.outputs}
+        roundings = sensitivity.activation_roundings(model, names)
+        errors = sensitivity.rounding_errors(canonical, roundings, self.feeds[min(self.feeds)], self.folder)
+        readers = sensitivity.readers_to_leave_float(roundings, errors, 10 ** (-SENSITIVE_SQNR_DB / 10))
+        return readers, sum(not set(r.readers) <= set(readers) for r in roundings)
 
     def time(self, models: list[ir.Model], sqnrs: list[float] | None = None) -> list[Timing]:
         """Each model's latency ratios to fp32, and its SQNR (measured unless given). One model alone is
@@ -220,8 +244,8 @@ def _close_call(timings: list[Timing], chosen: int) -> bool:
                and 1 + TOLERANCE < timing.worst <= 1 + CLOSE * TOLERANCE for i, timing in enumerate(timings))
 
 
-def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_as: Callable[[str], tuple[ir.Model, T]],
-                     data: CalibrationData, target: Target) -> tuple[tuple[ir.Model, T], str]:
+def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_as: CompileAs, data: CalibrationData,
+                     target: Target) -> tuple[tuple[ir.Model, T], str]:
     """``integer``, or where that is slower than fp32 or under `MIN_SQNR_DB`, the one `_decide` keeps of it
     and what ``compile_as`` makes with the alternative placements (each a model and what came with it),
     all timed interleaved; and a note of what was measured."""
@@ -230,16 +254,22 @@ def choose_placement(reference: Path, integer: tuple[ir.Model, T], compile_as: C
         return _choose(bench, integer, compile_as)
 
 
-def _choose(bench: Bench, integer: tuple[ir.Model, T],
-            compile_as: Callable[[str], tuple[ir.Model, T]]) -> tuple[tuple[ir.Model, T], str]:
+def _choose(bench: Bench, integer: tuple[ir.Model, T], compile_as: CompileAs) -> tuple[tuple[ir.Model, T], str]:
     if (sqnr := bench.sqnr(integer[0])) >= MIN_SQNR_DB:  # else timed beside the others
         (timing,) = bench.time([integer[0]], [sqnr])
         if timing.fp32_ms < MIN_TIMED_MS:
             return integer, f"{_too_quick(timing)}: every Conv on integers, {timing.sqnr_db:.1f} dB"
         if timing.worst <= 1 + TOLERANCE:
             return integer, f"placement measured on this machine: every Conv on integers {timing.describe()}"
-    tried = [name for name in ALTERNATIVES if name != "float-islands" or _islands_worth_trying(integer[0])]
-    alternatives = [(name, compile_as(name)) for name in tried]
+    alternatives = []
+    for name in ALTERNATIVES:
+        if name == "sensitive-float" and sqnr < MIN_SQNR_DB:
+            readers, still_rounded = bench.costliest_roundings(integer[0])
+            if readers and still_rounded:  # else it is the integer or the float placement
+                alternatives.append((name, compile_as("integer", tuple(glob.escape(r) for r in readers))))
+                alternatives[-1][1][0].meta[SENSITIVE_FLOAT_KEY] = len(readers)
+        elif name == "float" or (name == "float-islands" and _islands_worth_trying(integer[0])):
+            alternatives.append((name, compile_as(name, ())))
     candidates = [("integer", integer)] + [(name, c) for name, c in alternatives if _stores_integer_weights(c[0])]
     models = [compiled[0] for _, compiled in candidates]
     timings = bench.time(models)
@@ -262,5 +292,8 @@ def _choose(bench: Bench, integer: tuple[ir.Model, T],
 def _described(name: str, model: ir.Model) -> str:
     if name == "float-islands":
         return f"the {model.meta[FLOAT_ISLANDS_KEY]} Convs with float ops after them left float (float-islands)"
+    if name == "sensitive-float":
+        return (f"the {model.meta[SENSITIVE_FLOAT_KEY]} layers reading the activations whose rounding costs the "
+                f"outputs most left float (sensitive-float)")
     return {"integer": "every Conv on integers (integer)",
             "float": "every layer in float, weights stored INT8 where the outputs bear it (float)"}[name]

@@ -20,7 +20,7 @@ from qcompile.report import OutputError
 from qcompile.io import load_model, save_model
 from qcompile.op_rules import SHARED_OPS
 from qcompile.decisions import CHANNEL_SCALE_KEY, read_channel_scale
-from qcompile.session import run, session
+from qcompile.session import TIMING, run, session
 from qcompile.targets import Target
 
 
@@ -87,7 +87,7 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
     """Run both models on ``data``, the candidate as ``target`` would; per-output errors of the candidate,
     and both models' latency where the candidate runs as on its target (not so for targets whose
     Q/DQ semantics are emulated here: that says nothing of their speed)."""
-    ref_session, cand_session = session(reference), target.session(candidate)
+    ref_session, cand_session = session(reference, config=TIMING), target.session(candidate, config=TIMING)
     names = [o.name for o in ref_session.get_outputs()]
     accumulators = {name: _Accumulator() for name in names}
     first_feed = None
@@ -230,7 +230,7 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
     rescaled, grids = _channel_scales(candidate_model, names), _grids(candidate_model, names)
     values = {v.name: v for v in candidate_model.graph.inputs}
     values.update((v.name, v) for node in candidate_model.graph for v in node.outputs)
-    readers = {name: _readers(values.get(name)) for name in names}
+    readers = {name: quantized_readers(values.get(name)) for name in names}
     del candidate_model
     accumulators = {name: _Accumulator() for name in names}
     with tempfile.TemporaryDirectory(prefix="qcompile-eval-") as tmp:
@@ -271,7 +271,7 @@ QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 SELF_QUANTIZING_OPS = ("DynamicQuantizeMatMul",)  # reads a float tensor and quantizes it itself
 
 
-def _readers(value: ir.Value | None) -> list[str]:
+def quantized_readers(value: ir.Value | None) -> list[str]:
     """The nodes that read ``value`` quantized, through its quantize / dequantize nodes and the ops that
     pass it on in the same grid (Reshape, Transpose, ...): where its quantization is decided (`--exclude`
     or [[nodes]] settings), unlike at its producer, at a Reshape between, or at a reader of the float value."""

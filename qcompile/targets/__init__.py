@@ -6,6 +6,7 @@ verification opens sessions through it. Adding a target is one more `Target` in 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -60,12 +61,13 @@ class Target:
         """Shared libraries to register in its sessions, for `custom_op_domains`."""
         return ()
 
-    def session(self, path: str | os.PathLike, threads: int | None = None):
-        """An ONNX Runtime session (on this machine's CPU) that computes ``path`` as this target would."""
+    def session(self, path: str | os.PathLike, threads: int | None = None, config: Mapping[str, str] | None = None):
+        """An ONNX Runtime session (on this machine's CPU) that computes ``path`` as this target would
+        (``config``: session configuration entries)."""
         from qcompile.session import session
 
         return session(path, threads=threads, integer_kernels=not self.qdq_semantics,
-                       libraries=self.custom_op_libraries())
+                       libraries=self.custom_op_libraries(), config=config)
 
     @property
     def checked_on(self) -> str:

@@ -26,8 +26,11 @@ ACCURATE, INACCURATE = 30.0, 8.0  # dB, either side of MIN_SQNR_DB
 @pytest.fixture
 def timings(monkeypatch):
     """The bench answers from a queue: its timings, one list per call; its SQNR, the integer model's in the
-    next answer."""
-    answers = []
+    next answer; the costliest roundings' readers and how many roundings that leaves, as a test sets them."""
+    class Answers(list):
+        costliest = ([], 0)  # no sensitive-float candidate
+
+    answers = Answers()
 
     class Bench:
         def __init__(self, reference, inputs, data, target, folder):
@@ -35,6 +38,9 @@ def timings(monkeypatch):
 
         def sqnr(self, model):
             return answers[0][0].sqnr_db
+
+        def costliest_roundings(self, model):
+            return answers.costliest
 
         def time(self, models, sqnrs=None):
             return answers.pop(0)
@@ -55,8 +61,8 @@ def _choose(timings, answers, islands=1, islands_text=TWO_CONVS, float_text=FLOA
     timings.extend(answers)
     compiled = []
 
-    def compile_as(name):
-        compiled.append(name)
+    def compile_as(name, exclude):
+        compiled.append(name if not exclude else (name, exclude))
         model = parse(islands_text if name == "float-islands" else float_text)
         model.meta[FLOAT_ISLANDS_KEY] = islands
         return model, name
@@ -143,6 +149,20 @@ def test_an_inaccurate_model_gets_the_fastest_placement_at_20_db_else_the_most_a
     kept, note, compiled = _choose(timings, [[FAST_BUT_WRONG]], islands_text=FLOAT32_WEIGHTS,
                                    float_text=FLOAT32_WEIGHTS)
     assert kept == "integer" and compiled == ["float-islands", "float"] and "(float" not in note
+
+
+def test_an_inaccurate_model_is_compiled_again_with_the_readers_of_its_costliest_roundings_left_float(timings):
+    timings.costliest = (["/block[0]/conv"], 3)
+    kept, note, compiled = _choose(timings, [[FAST_BUT_WRONG, _timing(0.7, 0.8, 24.0), _timing(0.9, 1.0, 30.0),
+                                              _timing(1.0, 1.0, 35.0)]])
+    assert compiled == [("integer", ("/block[[]0]/conv",)), "float-islands", "float"]  # a literal fnmatch pattern
+    assert kept == "integer" and "kept sensitive-float, the fastest at 20 dB" in note
+    assert "the 1 layers reading the activations whose rounding costs the outputs most left float" in note
+
+    # leaving them float would leave no rounding: that is the float placement, not compiled twice
+    timings.costliest = (["/block[0]/conv"], 0)
+    _, _, compiled = _choose(timings, [[FAST_BUT_WRONG, _timing(0.9, 1.0, 30.0), _timing(1.0, 1.0, 35.0)]])
+    assert compiled == ["float-islands", "float"]
 
 
 def test_a_more_accurate_candidate_slower_than_fp32_by_about_the_noise_is_timed_again_and_averaged(timings):

@@ -3,7 +3,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.data import InputInfo
-from qcompile.verify import _readers, latency_feeds
+from qcompile.verify import latency_feeds, quantized_readers
 
 
 def test_the_readers_of_a_quantized_tensor_are_found_past_reshapes_and_transposes_not_its_float_readers():
@@ -20,7 +20,7 @@ def test_the_readers_of_a_quantized_tensor_are_found_past_reshapes_and_transpose
         }"""))
     for node in model.graph:
         node.name = {"MatMul": "attention", "Relu": "relu"}.get(node.op_type, node.op_type)
-    assert sorted(_readers(model.graph.inputs[0])) == ["attention", "relu"]  # not the Sigmoid of x itself
+    assert sorted(quantized_readers(model.graph.inputs[0])) == ["attention", "relu"]  # not the Sigmoid of x itself
 
 
 def test_latency_is_timed_at_batch_1_and_8_where_the_batch_is_free_and_at_the_fixed_batch_otherwise():
