@@ -96,7 +96,9 @@ class W8A8Options:
                                 "(ONNX Runtime's QLinearConv / QLinearMatMul / QLinearAdd; ort-cpu only)")
     placement: str = option("measured", "which Convs run on integers: measured (ort-cpu: where the model runs slower "
                                         "than fp32 on this machine or under 20 dB on the calibration data, the "
-                                        "float-islands and float placements are measured too, and kept is the "
+                                        "float-islands and float placements are measured too, and under 20 dB "
+                                        "sensitive-float, the readers of the costliest activation roundings left "
+                                        "float; kept is the "
                                         "fastest at 20 dB no slower than fp32, else the fastest at 20 dB slower by "
                                         "no more than the timing noise, else the most accurate no slower than "
                                         "fp32), integer (every Conv; for a deployment machine other than this "
