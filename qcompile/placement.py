@@ -27,6 +27,7 @@ from __future__ import annotations
 import glob
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,10 @@ ALTERNATIVES = ("sensitive-float", "float-islands", "float")
 # They understate the whole: at MIN_SQNR_DB + 3, FunASR's FSMN VAD came out at 17.6 dB on its calibration
 # data; at MIN_SQNR_DB + 6, at 24.7 dB (0.78x fp32, where float ran 0.96x).
 SENSITIVE_SQNR_DB = MIN_SQNR_DB + 6
+# ... and is not tried where those runs, one per rounding, would take longer than this (s): it won on one
+# model of the zoo (FSMN VAD, 16 roundings of a 1 ms model), and took PicoDet's compile from 32 to 98 s
+# (210 roundings of a 0.1 s model) and CRAFT's from 85 to 123 s without winning.
+PROBE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -150,15 +155,28 @@ class Bench:
         """``model``'s SQNR (dB, its worst output) against fp32."""
         return worst_sqnr_db(self.expected, _outputs(self._session(model), self.names, self.samples))
 
-    def costliest_roundings(self, model: ir.Model) -> tuple[list[str], int]:
+    def costliest_roundings(self, model: ir.Model) -> tuple[list[str], int] | str:
         """The nodes to leave float so that ``model``'s activation roundings cost the outputs no more than
-        `SENSITIVE_SQNR_DB` (`qcompile.sensitivity`), and how many roundings that leaves."""
+        `SENSITIVE_SQNR_DB` (`qcompile.sensitivity`), and how many roundings that leaves; or why they are
+        not measured (`PROBE_SECONDS`)."""
         canonical = sensitivity.canonical_model(self.reference_path)
         names = {v.name for v in canonical.graph.inputs} | {v.name for node in canonical.graph for v in node.outputs}
         roundings = sensitivity.activation_roundings(model, names)
-        errors = sensitivity.rounding_errors(canonical, roundings, self.feeds[min(self.feeds)], self.folder)
+        feed = self.feeds[min(self.feeds)]
+        if (seconds := len(roundings) * self._run_seconds(feed)) > PROBE_SECONDS:
+            return f"measuring its {len(roundings)} roundings one by one would take about {seconds:.0f} s"
+        errors = sensitivity.rounding_errors(canonical, roundings, feed, self.folder)
         readers = sensitivity.readers_to_leave_float(roundings, errors, 10 ** (-SENSITIVE_SQNR_DB / 10))
         return readers, sum(not set(r.readers) <= set(readers) for r in roundings)
+
+    def _run_seconds(self, feed: dict[str, np.ndarray]) -> float:
+        """fp32's time for one run on ``feed``: the quicker of two."""
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            self.reference.run(self.names, feed)
+            seconds.append(time.perf_counter() - start)
+        return min(seconds)
 
     def time(self, models: list[ir.Model], sqnrs: list[float] | None = None) -> list[Timing]:
         """Each model's latency ratios to fp32, and its SQNR (measured unless given). One model alone is
@@ -261,10 +279,14 @@ def _choose(bench: Bench, integer: tuple[ir.Model, T], compile_as: CompileAs) ->
             return integer, f"{_too_quick(timing)}: every Conv on integers, {timing.sqnr_db:.1f} dB"
         if timing.worst <= 1 + TOLERANCE:
             return integer, f"placement measured on this machine: every Conv on integers {timing.describe()}"
-    alternatives = []
+    alternatives, not_tried = [], ""
     for name in ALTERNATIVES:
         if name == "sensitive-float" and sqnr < MIN_SQNR_DB:
-            readers, still_rounded = bench.costliest_roundings(integer[0])
+            found = bench.costliest_roundings(integer[0])
+            if isinstance(found, str):
+                not_tried = f"; not tried: {name}, {found}"
+                continue
+            readers, still_rounded = found
             if readers and still_rounded:  # else it is the integer or the float placement
                 alternatives.append((name, compile_as("integer", tuple(glob.escape(r) for r in readers))))
                 alternatives[-1][1][0].meta[SENSITIVE_FLOAT_KEY] = len(readers)
@@ -286,7 +308,7 @@ def _choose(bench: Bench, integer: tuple[ir.Model, T], compile_as: CompileAs) ->
                          for (name, compiled), timing in zip(candidates, timings))
     slower = f"; still {timings[chosen].worst:.2f}x fp32 at worst" if timings[chosen].worst > 1 + TOLERANCE else ""
     name, compiled = candidates[chosen]
-    return compiled, f"placement measured on this machine: {measured}: kept {name}, {why}{slower}"
+    return compiled, f"placement measured on this machine: {measured}{not_tried}: kept {name}, {why}{slower}"
 
 
 def _described(name: str, model: ir.Model) -> str:
