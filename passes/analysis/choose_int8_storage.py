@@ -10,8 +10,9 @@ roundings downstream, which, measured as its error, kept 32 of 33 weights of PP-
 Where the outputs bear every candidate rounded at once (`OUTPUT_SQNR_DB` below every output), all are
 stored, measured in one run; else weights are chosen in order of least output error per byte saved, while
 the sum of their errors stays that far below every output; the others are stored as float16
-(`store-float16-weights`) where the outputs bear that too (measured once, all of them together), else
-float32. Without calibration
+(`store-float16-weights`) where the outputs bear that too: all of them where they bear that together
+(one run), else the most of them, those INT8 rounding cost least first, the outputs bear together (found
+by bisection); the rest float32. Without calibration
 data, and inside control-flow subgraphs, every candidate is stored. A weight that INT8 holds worse than
 `MIN_WEIGHT_SQNR_DB` itself, and the weights of layers the user excluded, stay float32.
 """
@@ -161,11 +162,12 @@ class ChooseInt8StoragePass(ir.passes.InPlacePass):
             candidate.value.meta[INT8_STORAGE_KEY] = None  # measured: not INT8 (a second run leaves it)
         if not left:
             return kept
-        halves = {c.value: half.astype(np.float32) for c in left if (half := float16_copy(c.array)) is not None}
-        as_float16 = bool(halves) and spent + probe.relative_error(halves) <= budget
-        for value in halves if as_float16 else ():
+        halves = {c.value: half.astype(np.float32) for c in sorted(left, key=lambda c: c.relative_error)
+                  if (half := float16_copy(c.array)) is not None}
+        as_float16 = list(halves)[:_most_borne(probe, halves, budget - spent)]
+        for value in as_float16:
             value.meta[FLOAT16_STORAGE_KEY] = True
-        stored = (f"{len(halves)} as float16, {len(left) - len(halves)} as float32" if as_float16
+        stored = (f"{len(as_float16)} as float16, {len(left) - len(as_float16)} as float32" if as_float16
                   else "as float32")
         add_note(model, f"{len(left)} of {len(probe.candidates)} float weights of float layers stored {stored}: "
                  f"INT8 would take the outputs under {OUTPUT_SQNR_DB:g} dB (measured on one calibration sample): "
@@ -191,6 +193,21 @@ class ChooseInt8StoragePass(ir.passes.InPlacePass):
                     continue
                 candidates.append(_Candidate(value, array, axes, graph is model.graph))
         return candidates, held_badly
+
+
+def _most_borne(probe: _Probe, replacements: dict[ir.Value, np.ndarray], budget: float) -> int:
+    """How many of ``replacements``, taken in order, the outputs bear together within ``budget``: all where
+    they do (one run), else found by bisection (as if each one more only added error)."""
+    def borne(count: int) -> bool:
+        return count == 0 or probe.relative_error(dict(list(replacements.items())[:count])) <= budget
+
+    if borne(len(replacements)):
+        return len(replacements)
+    low, high = 0, len(replacements)  # borne(low), not borne(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if borne(middle) else (low, middle)
+    return low
 
 
 class _Probe:

@@ -7,7 +7,8 @@ compiled 1.06x its size, a MobileNetV4 whose Convs placement kept float 1.19x. O
 Cast of an initializer when it loads the model: no cost when it runs. Weights the input held in float16
 come back exactly; those BatchNorm folding changed are rounded to float16, as the input held their
 factors (relative error at most 2^-11, ~66 dB). Not tensors float16 cannot hold (beyond 65504, or
-non-zero values it would flush to zero), nor the scales and zero points that Q/DQ read.
+with more than a millionth of their energy in values it would flush to zero), nor the scales and zero
+points that Q/DQ read.
 """
 from __future__ import annotations
 

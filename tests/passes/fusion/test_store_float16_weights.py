@@ -49,3 +49,20 @@ def test_weights_are_stored_in_float16_behind_a_cast_exactly_or_rounded_as_float
 
 def test_a_model_that_was_float32_is_left_alone():
     assert not apply(_model(upcast=False), StoreFloat16WeightsPass())
+
+
+def test_a_weight_float16_flushes_a_few_tiny_values_of_is_stored_so_one_all_of_tiny_values_is_not():
+    few_tiny = ", ".join(["0.5"] * 14 + ["1e-14", "4e-44"])
+    all_tiny = ", ".join(["1e-9"] * 16)
+    model = parse(f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y) <float[4, 4] w = {{{few_tiny}}}, float[4, 4] v = {{{all_tiny}}}> {{
+    a = MatMul(x, w)
+    y = MatMul(a, v)
+}}""")
+    model.meta[UPCAST_FLOAT16_KEY] = True
+
+    apply(model, StoreFloat16WeightsPass())
+
+    initializers = model.graph.initializers
+    assert "w.float16" in initializers and "w" not in initializers
+    assert initializers["v"].dtype == ir.DataType.FLOAT  # all of it would be flushed to zero

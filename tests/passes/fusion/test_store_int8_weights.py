@@ -241,6 +241,40 @@ def test_with_calibration_data_weights_whose_int8_rounding_the_outputs_cannot_be
     assert not again(model).modified
 
 
+TWO_CANCELLING = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 32] x) => (float[N, 32] close, float[N, 32] far, float[N, 32] plain)
+    <float[32, 32] w = {%s}, float[32, 32] v = {%s}, float[32, 32] p = {%s}, float[32, 32] q = {%s},
+     float[32, 32] u = {%s}> {
+    a = MatMul(x, w)
+    b = MatMul(x, v)
+    close = Sub(a, b)
+    c = MatMul(x, p)
+    d = MatMul(x, q)
+    far = Sub(c, d)
+    plain = MatMul(x, u)
+}
+"""
+
+
+def test_weights_the_outputs_bear_in_float16_only_in_part_are_float16_as_far_as_they_do(tmp_path):
+    """w, v 1e-3 apart bear neither INT8 nor float16; p, q 1e-1 apart bear float16: found by bisection."""
+    w, p, u = (rng.standard_normal((32, 32)).astype(np.float32) for _ in range(3))
+    v = (w + 1e-3 * rng.standard_normal((32, 32))).astype(np.float32)
+    q = (p + 1e-1 * rng.standard_normal((32, 32))).astype(np.float32)
+    model = parse(TWO_CANCELLING % tuple(", ".join(map(str, a.ravel().tolist())) for a in (w, v, p, q, u)))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((4, 32)).astype(np.float32))
+
+    apply(model, ChooseInt8StoragePass(ChooseInt8StorageOptions(CalibrationData(str(tmp_path / "calib.npz")))),
+          StoreInt8WeightsPass(), StoreFloat16WeightsPass())
+
+    assert set(_decoded(model)) == {"u"}
+    initializers = model.graph.initializers
+    assert {"p.float16", "q.float16", "w", "v"} <= set(initializers) and initializers["w"].dtype == ir.DataType.FLOAT
+    assert any("4 of 5 float weights of float layers stored 2 as float16, 2 as float32" in note
+               for note in model.meta["qcompile.notes"])
+
+
 def test_where_the_outputs_bear_every_weight_rounded_at_once_all_are_stored_measured_in_one_run(
         tmp_path, monkeypatch):
     w, v, u = (rng.standard_normal((32, 32)).astype(np.float32) for _ in range(3))  # nothing cancels
