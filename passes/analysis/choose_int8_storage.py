@@ -8,13 +8,13 @@ rounded alone and the model run on the first calibration sample, all of them in 
 the weights as inputs. This runs before activations get Q/DQ: after, a weight's small change flips
 roundings downstream, which, measured as its error, kept 32 of 33 weights of PP-OCRv5's detector float.
 Where the outputs bear every candidate rounded at once (`OUTPUT_SQNR_DB` below every output), all are
-stored, measured in one run; else weights are chosen in order of least output error per byte saved, while
-the sum of their errors stays that far below every output; the others are stored as float16
+stored, measured in one run; else weights are chosen in order of least output error per byte saved,
+while the sum of their errors stays that far below every output; the others are stored as float16
 (`store-float16-weights`) where the outputs bear that too: all of them where they bear that together
 (one run), else the longest run of them, those INT8 rounding cost least first, that the outputs bear
 together (found by bisection) and each other one they still bear on top; the rest float32. Without
-calibration data, and inside control-flow subgraphs, every candidate is stored. A weight that INT8 holds worse than
-`MIN_WEIGHT_SQNR_DB` itself, and the weights of layers the user excluded, stay float32.
+calibration data, and inside control-flow subgraphs, every candidate is stored. A weight that INT8 holds
+worse than `MIN_WEIGHT_SQNR_DB` itself, and the weights of layers the user excluded, stay float32.
 """
 from __future__ import annotations
 
