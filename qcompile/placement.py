@@ -42,7 +42,7 @@ from qcompile.calibration.runner import batch_samples
 from qcompile.data import InputInfo, model_inputs
 from qcompile.decisions import FLOAT_ISLANDS_KEY
 from qcompile.io import save_model
-from qcompile.layers import layer_precisions
+from qcompile.layers import WEIGHTED_OPS, layer_precisions
 from qcompile.session import TIMING, session
 from qcompile.targets import Target
 from qcompile.verify import interleaved_medians, latency_feeds, worst_sqnr_db
@@ -194,13 +194,19 @@ def _mean(first: Timing, second: Timing) -> Timing:
     return Timing(ratios, (first.fp32_ms + second.fp32_ms) / 2, first.sqnr_db)
 
 
-def _quantized_convs(model: ir.Model) -> int:
-    """How many Convs read a dequantized weight, or were lowered to QLinearConv."""
+# Layers that compute on integers by their op type alone.
+INTEGER_LAYERS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "DynamicQuantizeMatMul",
+                  "MatMulIntegerToFloat"}
+
+
+def _quantized_layers(model: ir.Model, op_types: set[str] = WEIGHTED_OPS) -> int:
+    """How many layers of ``op_types`` read a dequantized weight, or compute on integers."""
     def dequantized(value):
         return value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
 
-    return sum((node.op_type == "Conv" and len(node.inputs) > 1 and dequantized(node.inputs[1]))
-               or node.op_type == "QLinearConv" for node in model.graph)
+    return sum(node.op_type in op_types and (node.op_type in INTEGER_LAYERS
+                                             or (len(node.inputs) > 1 and dequantized(node.inputs[1])))
+               for node in model.graph)
 
 
 def _stores_integer_weights(model: ir.Model) -> bool:
@@ -209,9 +215,11 @@ def _stores_integer_weights(model: ir.Model) -> bool:
 
 
 def _islands_worth_trying(integer: ir.Model) -> bool:
-    """Whether enough Convs have float ops after them (a detection head's last few do not make a difference)."""
+    """Whether enough Convs have float ops after them (a detection head's last few do not make a difference),
+    and some layer stays on integers without them (else float islands are the float placement: CRAFT's 27)."""
     islands = integer.meta.get(FLOAT_ISLANDS_KEY, 0)
-    return islands > 0 and islands >= MIN_ISLAND_SHARE * _quantized_convs(integer)
+    convs = _quantized_layers(integer, {"Conv", "QLinearConv"})
+    return 0 < islands < _quantized_layers(integer) and islands >= MIN_ISLAND_SHARE * convs
 
 
 def _fastest(timings: list[Timing], among: list[int]) -> int:
@@ -280,7 +288,8 @@ def _choose(bench: Bench, integer: tuple[ir.Model, T], compile_as: CompileAs) ->
     if sqnr < MIN_SQNR_DB and _integers_pay(timings) and (sensitive := _sensitive_float(bench, integer, compile_as)):
         candidates.insert(1, ("sensitive-float", sensitive))  # preferred to the others at equal speed
         models.insert(1, sensitive[0])
-        timings = bench.time(models)
+        sqnrs = [timings[0].sqnr_db, bench.sqnr(sensitive[0])] + [timing.sqnr_db for timing in timings[1:]]
+        timings = bench.time(models, sqnrs)
     chosen, why = _decide(timings)
     if _close_call(timings, chosen):  # timed again, the two timings averaged
         again = bench.time(models, [timing.sqnr_db for timing in timings])

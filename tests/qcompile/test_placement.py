@@ -26,7 +26,8 @@ ACCURATE, INACCURATE = 30.0, 8.0  # dB, either side of MIN_SQNR_DB
 @pytest.fixture
 def timings(monkeypatch):
     """The bench answers from a queue: its timings, one list per call; its SQNR, the integer model's in the
-    next answer; the costliest roundings' readers and how many roundings that leaves, as a test sets them."""
+    next answer; the costliest roundings' readers and how many roundings that leaves, as a test sets them;
+    the SQNRs the last timing was given."""
     class Answers(list):
         costliest = ([], 0)  # no sensitive-float candidate
 
@@ -43,6 +44,7 @@ def timings(monkeypatch):
             return answers.costliest
 
         def time(self, models, sqnrs=None):
+            answers.sqnrs_given = sqnrs
             return answers.pop(0)
 
     monkeypatch.setattr(placement, "Bench", Bench)
@@ -119,7 +121,7 @@ def test_where_every_placement_is_slower_than_fp32_the_fastest_is_kept_and_the_n
     assert "(float)" not in note  # with float32 weights that is the fp32 model, not a candidate
 
 
-def test_a_model_with_no_conv_to_leave_float_or_too_few_tries_the_float_placement_alone(timings, monkeypatch):
+def test_a_model_with_no_conv_to_leave_float_too_few_or_all_tries_the_float_placement_alone(timings, monkeypatch):
     kept, note, compiled = _choose(timings, [[_timing(0.8, 0.8, ACCURATE)]], islands=0)
     assert kept == "integer" and not compiled and "every Conv on integers 0.80x / 0.80x" in note
 
@@ -128,6 +130,11 @@ def test_a_model_with_no_conv_to_leave_float_or_too_few_tries_the_float_placemen
 
     monkeypatch.setattr(placement, "MIN_ISLAND_SHARE", 0.6)  # one of the two Convs is too few
     kept, note, compiled = _choose(timings, [[FAST_BUT_WRONG, _timing(1.0, 1.01, ACCURATE)]], islands=1)
+    assert kept == "float" and compiled == ["float"]
+
+    # float islands at both Convs would leave no layer on integers: that is the float placement
+    monkeypatch.setattr(placement, "MIN_ISLAND_SHARE", 0.25)
+    kept, note, compiled = _choose(timings, [[FAST_BUT_WRONG, _timing(1.0, 1.01, ACCURATE)]], islands=2)
     assert kept == "float" and compiled == ["float"]
 
 
@@ -158,6 +165,7 @@ def test_an_inaccurate_model_is_compiled_again_with_the_readers_of_its_costliest
     kept, note, compiled = _choose(timings, [[FAST_BUT_WRONG, *others], [FAST_BUT_WRONG, sensitive, *others]])
     assert compiled == ["float-islands", "float", ("integer", ("/block[[]0]/conv",))]  # a literal fnmatch pattern
     assert kept == "integer" and "kept sensitive-float, the fastest at 20 dB" in note and not timings
+    assert timings.sqnrs_given == [INACCURATE, INACCURATE, 30.0, 35.0]  # each measured once, not again
     assert "the 1 layers reading the activations whose rounding costs the outputs most left float" in note
 
     # leaving them float would leave no rounding: that is the float placement, not compiled twice
