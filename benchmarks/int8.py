@@ -172,6 +172,35 @@ def configurations() -> list[Config]:
     return configs
 
 
+def int4_configurations() -> list[Config]:
+    """qcompile's INT4 recipes and ONNX Runtime's `MatMulNBitsQuantizer` (its DEFAULT round-to-nearest, and HQQ,
+    which is asymmetric only) at block sizes 32 and 128, symmetric and asymmetric, each at MatMulNBits
+    accuracy_level 4 (activations quantized to int8 per block: the fast path) unless its id ends in -acc0."""
+    configs = []
+    for block in (32, 128):
+        for symmetric in (True, False):
+            tag = f"b{block}-{'sym' if symmetric else 'asym'}"
+            quick = block == 128 and symmetric
+            for level in (4, 0):
+                suffix = "" if level == 4 else "-acc0"
+                configs.append(Config(f"qc-w4a16-rtn-{tag}{suffix}", "qcompile",
+                                      f"qcompile w4a16-rtn block {block} {'symmetric' if symmetric else 'asymmetric'}"
+                                      f", accuracy_level {level}",
+                                      {"recipe": "w4a16-rtn", "calib": False,
+                                       "options": {"block_size": block, "symmetric": symmetric,
+                                                   "accuracy_level": level}}, quick=quick and level == 4))
+            for algorithm in ("DEFAULT",) if symmetric else ("DEFAULT", "HQQ"):
+                configs.append(Config(f"ort-nbits-{algorithm.lower()}-{tag}", "ort",
+                                      f"ORT MatMulNBitsQuantizer {algorithm} block {block} "
+                                      f"{'symmetric' if symmetric else 'asymmetric'}, accuracy_level 4",
+                                      {"mode": "nbits", "algorithm": algorithm, "block_size": block,
+                                       "symmetric": symmetric, "accuracy_level": 4}, quick=quick))
+    return configs
+
+
+FAMILIES = {"int8": configurations, "int4": int4_configurations}
+
+
 # ---------------------------------------------------------------------------------------------
 # Machine
 
@@ -405,7 +434,8 @@ def child_warmup(spec: dict) -> dict:
     others (files in the page cache); ORT's are warmed by `quant_pre_process`."""
     if spec["tool"] == "qcompile":
         import qcompile.compiler  # noqa: F401
-        import qcompile.recipes.int8  # noqa: F401  (the recipes' passes)
+        import qcompile.recipes.int4  # noqa: F401  (the recipes' passes)
+        import qcompile.recipes.int8  # noqa: F401
     else:
         import quark.onnx  # noqa: F401
     return {}
@@ -492,6 +522,9 @@ def child_compile(spec: dict) -> dict:
     if spec["tool"] == "quark":
         return quark_compile(spec, output)
 
+    if params["mode"] == "nbits":
+        return ort_nbits_compile(spec, output)
+
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     start = time.perf_counter()
@@ -505,6 +538,25 @@ def child_compile(spec: dict) -> dict:
         quantize_dynamic(spec["input"], str(output), per_channel=params["per_channel"],
                          reduce_range=params["reduce_range"], weight_type=QuantType.QInt8,
                          use_external_data_format=spec["external_data"])
+    return {"seconds": time.perf_counter() - start}
+
+
+def ort_nbits_compile(spec: dict, output: Path) -> dict:
+    """ONNX Runtime's 4-bit weight-only quantizer as its documentation shows: `MatMulNBitsQuantizer` with an
+    algorithm config, `process()`, then the model saved (external data where the input has it)."""
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    params = spec["params"]
+    # DEFAULT: no algo_config (round to nearest, in ONNX Runtime's own MLAS code); HQQ takes no is_symmetric
+    algorithm = nbits.HQQWeightOnlyQuantConfig(block_size=params["block_size"]) if params["algorithm"] == "HQQ" \
+        else None
+    start = time.perf_counter()
+    quantizer = nbits.MatMulNBitsQuantizer(onnx.load(spec["input"]), block_size=params["block_size"],
+                                           is_symmetric=params["symmetric"], accuracy_level=params["accuracy_level"],
+                                           algo_config=algorithm)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(output), use_external_data_format=spec["external_data"])
     return {"seconds": time.perf_counter() - start}
 
 
@@ -814,7 +866,7 @@ def bench_model(spec: ModelSpec, args, configs: list[Config], work_root: Path) -
     out["fp32"] = fp32
 
     preprocessed = None
-    if any(c.tool == "ort" for c in configs):
+    if any(c.tool == "ort" and c.params["mode"] != "nbits" for c in configs):
         say("  ORT quant_pre_process")
         pre_path = work / "ort-preprocessed" / f"{spec.name}.onnx"
         pre = run_child("preprocess", {"input": str(fp32_path), "output": str(pre_path)}, logs, "ort-preprocess",
@@ -857,7 +909,7 @@ def bench_model(spec: ModelSpec, args, configs: list[Config], work_root: Path) -
             say(f"{head}: {reason}")
             continue
         model_path = work / "configs" / config.id / f"{spec.name}.onnx"
-        source = preprocessed if config.tool == "ort" else fp32_path
+        source = preprocessed if config.tool == "ort" and config.params["mode"] != "nbits" else fp32_path
         child_spec = {"tool": config.tool, "params": config.params, "output": str(model_path), "input": str(source),
                       "external_data": _has_external_data(source), "calib": data["paths"]["calib"]}
         say(f"{head}: quantizing")
@@ -978,7 +1030,8 @@ def table_rows(model: dict) -> tuple[list[str], list[list[str]], list[str]]:
             status += f" [{len(notes)}]"
         acc = c.get("accuracy", {})
         compile_s = c.get("compile", {}).get("wall_s")
-        if compile_s is not None and c["tool"] == "ort" and pre and pre.get("wall_s"):
+        if compile_s is not None and c["tool"] == "ort" and c["params"].get("mode") != "nbits" and pre \
+                and pre.get("wall_s"):
             compile_s += pre["wall_s"]
         peak = c.get("compile", {}).get("peak_rss_bytes")
         row = [c["id"], status] + [_fmt(acc.get(m[1]), m[2]) for m in metrics]
@@ -1004,9 +1057,23 @@ def quark_lines(quark: dict | None) -> list[str]:
             "venv of its own: " + ", ".join(f"{k} {v}" for k, v in quark["versions"].items())]
 
 
+ORT_LINES_INT8 = [
+    "* ORT static: `quant_pre_process`, then `quantize_static` (QDQ, QUInt8 activations, QInt8 weights); its compile "
+    "seconds include `quant_pre_process`. ORT dynamic: `quantize_dynamic` (QInt8 weights) on the pre-processed model. "
+    "qcompile: `qcompile.compile(...)` with default options (target ort-cpu), then `save`."]
+ORT_LINES_INT4 = [
+    "* ORT: `MatMulNBitsQuantizer(model, block_size, is_symmetric, accuracy_level=4, algo_config=...)`, `process()`, "
+    "on the fp32 model: DEFAULT without an algo_config (round to nearest), HQQ with `HQQWeightOnlyQuantConfig` "
+    "(asymmetric). qcompile: "
+    "`qcompile.compile(...)` with the options in the configuration's name (target ort-cpu), then `save`; "
+    "-acc0: accuracy_level 0 (float products)."]
+
+
 def write_markdown(path: Path, doc: dict) -> None:
     m = doc["machine"]
-    lines = [f"# INT8: qcompile vs ONNX Runtime's and AMD Quark's quantizers — {doc['date']}", "",
+    family = doc.get("family", "int8").upper()
+    lines = [f"# {family}: qcompile vs ONNX Runtime's{' and AMD Quark' if family == 'INT8' else ''} quantizers "
+             f"— {doc['date']}", "",
              f"* machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, "
              f"VNNI: {', '.join(m['vnni']) or 'none'} (AVX2 {'yes' if m['avx2'] else 'no'}, "
              f"AVX-512 {'yes' if m['avx512f'] else 'no'})",
@@ -1017,10 +1084,7 @@ def write_markdown(path: Path, doc: dict) -> None:
              f"{doc['settings']['compile_timeout_s']:.0f} s",
              "* accuracy is against the fp32 model on the evaluation split (disjoint from calibration); "
              "latency is ONNX Runtime CPU EP, intra_op_num_threads=2, interleaved rounds, median, as a ratio to fp32",
-             "* ORT static: `quant_pre_process`, then `quantize_static` (QDQ, QUInt8 activations, QInt8 weights); "
-             "its compile seconds include `quant_pre_process`. ORT dynamic: `quantize_dynamic` (QInt8 weights) "
-             "on the pre-processed model. qcompile: `qcompile.compile(...)` with default options "
-             "(target ort-cpu), then `save`.",
+             *(ORT_LINES_INT4 if family == "INT4" else ORT_LINES_INT8),
              *quark_lines(doc.get("quark")),
              "* peak GB: peak RSS of the quantizing process.", ""]
     for name, model in doc["models"].items():
@@ -1052,7 +1116,7 @@ def print_tables(doc: dict) -> None:
     console = CONSOLE or _console()
     for name, model in doc["models"].items():
         header, rows, notes = table_rows(model)
-        table = Table(title=f"{name} — INT8, {doc['machine']['cpu']}, ORT {doc['machine']['onnxruntime']}")
+        table = Table(title=f"{name} — {doc.get('family', 'int8').upper()}, {doc['machine']['cpu']}, ORT {doc['machine']['onnxruntime']}")
         for i, h in enumerate(header):
             table.add_column(h, justify="left" if i < 2 else "right")
         for row in rows:
@@ -1066,7 +1130,8 @@ def print_tables(doc: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, family: str = "int8") -> int:
+    """``family``: which configurations (`FAMILIES`), and the results' name (int4.py runs this with "int4")."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mobilenetv2,minilm,smollm2",
@@ -1089,7 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child_main(*args.child)
 
-    configs = configurations()
+    configs = FAMILIES[family]()
     if args.list:
         for c in configs:
             notes = ([f"only {', '.join(c.models)}"] if c.models else []) + (
@@ -1114,17 +1179,17 @@ def main(argv: list[str] | None = None) -> int:
     work_root.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     date = datetime.date.today().isoformat()
-    stem = f"int8-{date}-{machine_slug(machine)}" + ("-quick" if args.quick else "")
+    stem = f"{family}-{date}-{machine_slug(machine)}" + ("-quick" if args.quick else "")
     args.results_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.results_dir / f"{stem}.json", args.results_dir / f"{stem}.md"
 
-    say(f"[bold]INT8 benchmark[/] ({'quick' if args.quick else 'full'}): models {', '.join(names)}; "
+    say(f"[bold]{family.upper()} benchmark[/] ({'quick' if args.quick else 'full'}): models {', '.join(names)}; "
         f"{len(chosen)} configurations + fp32")
     say(f"  machine: {machine['cpu']}, {machine['cores']} cores, VNNI {', '.join(machine['vnni']) or 'none'}, "
         f"onnxruntime {machine['onnxruntime']}; child memory cap {args.mem_cap / GiB:.1f} GB")
     say(f"  work folder {work_root}; results → {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path}")
 
-    doc = {"date": date, "machine": machine, "models": {}}
+    doc = {"date": date, "family": family, "machine": machine, "models": {}}
     if json_path.is_file():  # same day and machine: a model's old result stays until its new one is in
         try:
             doc["models"] = json.loads(json_path.read_text()).get("models", {})

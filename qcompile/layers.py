@@ -68,6 +68,13 @@ def _float_by_nature(node: ir.Node, model: ir.Model) -> str | None:
     return None
 
 
+def _nbits_precision(node: ir.Node) -> str:
+    """MatMulNBits' weight is packed bytes: its levels are ``bits`` wide, signed where no zero points are given
+    (the default zero point is the middle level)."""
+    zero_points = len(node.inputs) > 3 and node.inputs[3] is not None
+    return f"{'u' if zero_points else ''}int{node.attributes.get_int('bits', 4)}"
+
+
 def layer_precisions(model: ir.Model) -> list[dict]:
     """One row per weighted layer: name, op type, and the precision of its activation and weight
     ("a:... x a:..." for a product of two activations, such as attention's)."""
@@ -81,7 +88,7 @@ def layer_precisions(model: ir.Model) -> list[dict]:
             activation = "uint8-dynamic"
         weight_input = QLINEAR_WEIGHT_INPUT.get(node.op_type, 1)
         operand = node.inputs[weight_input] if len(node.inputs) > weight_input else None
-        weight = _operand_precision(operand)
+        weight = _nbits_precision(node) if node.op_type == "MatMulNBits" else _operand_precision(operand)
         precision = (f"a:{activation} x a:{weight}" if operand is not None and not _stored(operand)
                      else f"w:{weight} a:{activation}")
         row = {"name": node.name, "op_type": node.op_type, "precision": precision}

@@ -91,3 +91,19 @@ def weight_axis(node: ir.Node) -> int | None:
     if node.op_type == "MatMul" and weight.shape.rank() >= 2:
         return weight.shape.rank() - 1
     return None
+
+
+def reduction_axis(node: ir.Node) -> int | None:
+    """The axis of ``node``'s 2-D weight (input 1) that the product sums over, or None where
+    ``node`` is not a MatMul / Gemm of that kind."""
+    if node.domain != "" or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    weight = node.inputs[1]
+    if weight.shape is None or weight.shape.rank() != 2:
+        return None
+    if node.op_type == "MatMul":
+        return 0
+    if node.op_type == "Gemm" and not node.attributes.get_int("transA", 0) \
+            and node.attributes.get_float("alpha", 1.0) == 1.0 and node.attributes.get_float("beta", 1.0) == 1.0:
+        return 1 if node.attributes.get_int("transB", 0) else 0
+    return None

@@ -90,8 +90,8 @@ def _tensorrt(node: ir.Node) -> list[str]:
     array = constant_array(_input(node, 2))
     if dtype == ir.DataType.INT32:
         problems.append("TensorRT takes float biases, not INT32 ones behind a DequantizeLinear")
-    elif dtype != ir.DataType.INT8 or (array is not None and np.any(array != 0)):
-        problems.append(f"TensorRT needs symmetric INT8 (zero point 0), got {dtype.name}"
+    elif dtype not in _tensorrt_types(node) or (array is not None and np.any(array != 0)):
+        problems.append(f"TensorRT needs symmetric INT8 (zero point 0), or INT4 weights, got {dtype.name}"
                         + (" with a non-zero zero point" if array is not None and np.any(array != 0) else ""))
     if node.op_type == "DequantizeLinear" and constant_array(node.inputs[0]) is not None:
         axis = node.attributes.get_int("axis", 1)
@@ -102,6 +102,12 @@ def _tensorrt(node: ir.Node) -> list[str]:
                 problems.append(f"per-channel weight scales on axis {axis}; TensorRT wants the output "
                                 f"channels of {user.name} (axis {expected})")
     return problems
+
+
+def _tensorrt_types(dequantize: ir.Node) -> tuple[ir.DataType, ...]:
+    """INT8, and INT4 for a constant weight behind a DequantizeLinear (weight-only quantization)."""
+    weight_only = dequantize.op_type == "DequantizeLinear" and constant_array(dequantize.inputs[0]) is not None
+    return (ir.DataType.INT8, ir.DataType.INT4) if weight_only else (ir.DataType.INT8,)
 
 
 def _avx2_saturation(node: ir.Node) -> list[str]:

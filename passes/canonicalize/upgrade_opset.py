@@ -17,7 +17,8 @@ PER_CHANNEL_OPSET = 13
 
 
 class UpgradeOpsetPass(ir.passes.InPlacePass):
-    """Convert a model below opset 13 to opset 13 (onnxscript's version converter, falling back to onnx's)."""
+    """Convert a model below ``min_opset`` (13 unless a recipe needs more) to it (onnxscript's version converter,
+    falling back to onnx's)."""
 
     name = "upgrade-opset"
 
@@ -40,5 +41,6 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
         if after != self.min_opset:  # the converter leaves the model as it was when it fails
             add_note(model, f"opset {before} kept: onnx's version converter could not raise it to {self.min_opset}")
             return ir.passes.PassResult(model, modified=False)
-        add_note(model, f"opset {before} raised to {self.min_opset}, where DequantizeLinear takes per-channel scales")
+        takes = "per-channel scales" if self.min_opset == PER_CHANNEL_OPSET else "blocks of scales"
+        add_note(model, f"opset {before} raised to {self.min_opset}, where DequantizeLinear takes {takes}")
         return ir.passes.PassResult(model, modified=True)

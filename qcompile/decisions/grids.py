@@ -70,12 +70,15 @@ class IntegerGrid:
         return hi - lo + 1 if one_sided else (hi - lo + 1) // 2
 
     def encode(self, real: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
-        """Levels as float64 (before storing): round half to even, shift, saturate."""
+        """Levels as float64 (before storing): round half to even, shift, saturate. A float zero point
+        (HQQ's) shifts before rounding."""
         lo, hi = self.bounds
+        if zero_point.dtype.kind == "f":
+            return np.clip(np.rint(real + zero_point), lo, hi)
         return np.clip(np.rint(real) + zero_point.astype(np.int64), lo, hi)
 
     def decode(self, q: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
-        return (q.astype(np.int64) - zero_point.astype(np.int64)).astype(np.float64)
+        return q.astype(np.float64) - zero_point.astype(np.float64)
 
 
 @dataclass(frozen=True)

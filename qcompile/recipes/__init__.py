@@ -1,6 +1,6 @@
 """Recipes: named, inspectable pass lists with typed options (`--option KEY=VALUE`).
 
-One module per family (`int8`, and `int4`, `nf4`, `fp8`, `llm_int8`, `auto` as they are built), each
+One module per family (`int8`, `int4`, and `nf4`, `fp8`, `llm_int8`, `auto` as they are built), each
 with a ``RECIPES`` list; this registry names the module of each recipe and imports it only when the
 recipe is asked for, so listing or compiling with one family does not load the passes of the others.
 """
@@ -17,14 +17,14 @@ FAMILIES = {
     "w8a16": "int8",
     "w8a8": "int8",
     "w8a8-dynamic": "int8",
+    "w4a16-rtn": "int4",
+    "w4a16-hqq": "int4",
 }
 # Recipes in the interface (INTERFACE.md) that are not built yet.
 PLANNED = {
     "w8a8-smoothquant": "w8a8 after SmoothQuant scale migration (LLMs)",
-    "w4a16-rtn": "INT4 block-wise weight-only, round to nearest",
     "w4a16-gptq": "INT4 block-wise weight-only, GPTQ",
     "w4a16-awq": "INT4 block-wise weight-only, AWQ",
-    "w4a16-hqq": "INT4 block-wise weight-only, HQQ",
     "nf4": "NF4 block-wise weight-only with double-quantized scales",
     "fp8": "FP8 E4M3 weights and activations (Q/DQ)",
     "llm-int8": "LLM.int8(): outlier input channels kept in float, the rest INT8",

@@ -14,13 +14,14 @@ from qcompile.passes.canonicalize.infer_shapes import InferShapesPass
 from qcompile.passes.canonicalize.lift_constant_nodes import LiftConstantNodesPass
 from qcompile.passes.canonicalize.pool_spatial_mean import PoolSpatialMeanPass
 from qcompile.passes.canonicalize.upcast_float16 import UpcastFloat16Pass
-from qcompile.passes.canonicalize.upgrade_opset import UpgradeOpsetPass
+from qcompile.passes.canonicalize.upgrade_opset import PER_CHANNEL_OPSET, UpgradeOpsetPass
 from qcompile.recipes.base import Recipe, Settings
 
 
-def canonicalize() -> list[ir.passes.PassBase]:
+def canonicalize(min_opset: int = PER_CHANNEL_OPSET) -> list[ir.passes.PassBase]:
+    """``min_opset``: the opset a model below it is raised to (21 for block-wise DequantizeLinear)."""
     return [
-        UpgradeOpsetPass(),
+        UpgradeOpsetPass(min_opset),
         LiftConstantNodesPass(),
         UpcastFloat16Pass(),
         FixNamesPass(),

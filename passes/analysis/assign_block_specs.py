@@ -1,0 +1,126 @@
+"""Decide 4-bit block-wise specs for the constant weights of MatMul and Gemm (weight-only INT4, round to nearest).
+
+Each weight gets one scale (and, asymmetric, one zero point) per ``block_size`` consecutive values along K,
+the axis the product sums over, for every output column: the layout of ONNX Runtime's `MatMulNBits` and
+of opset 21's block-wise DequantizeLinear. K need not be a multiple of the block: the last block is short.
+
+* symmetric: levels -8..7, zero point 0. For MatMulNBits, a block's value of largest magnitude maps to -8
+  (scale = that value / -8, as ONNX Runtime's own quantizer does), so all 16 levels are used whichever its
+  sign; behind a DequantizeLinear, whose scales other runtimes take positive only, that value maps to -8
+  or 7.
+* asymmetric: levels 0..15 over the block's [min, max] widened to include 0 (the zero point is an
+  integer level).
+
+A weight that anything but such layers reads (an embedding table's Gather, say) stays float, and so do
+weights whose K is shorter than one block; both are noted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.decisions import QUANT_SPEC_KEY, IntegerGrid, PerBlock, QuantSpec
+from qcompile.graph import constant_array, name_matches
+from qcompile.op_rules import reduction_axis
+from qcompile.notes import add_note, some_names
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # powers of two from 16: what MatMulNBits takes
+BLOCK_DEQUANTIZE_OPSET = 21
+
+
+@dataclass(frozen=True)
+class BlockSpecOptions:
+    block_size: int = 32
+    symmetric: bool = True
+    exclude: tuple[str, ...] = ()
+    # The weights will be stored behind DequantizeLinear (blocks from opset 21, positive scales), else in
+    # MatMulNBits.
+    block_dequantize: bool = False
+
+
+def block_spec(weight: np.ndarray, axis: int, block_size: int, symmetric: bool,
+               negative_scales: bool = True) -> QuantSpec:
+    """Round-to-nearest 4-bit spec of ``weight`` (2-D) in blocks of ``block_size`` along ``axis``."""
+    blocks = blocks_of(weight.astype(np.float64), axis, block_size)
+    if symmetric:
+        extreme = np.take_along_axis(blocks, np.nanargmax(np.abs(blocks), axis=-1)[..., None], axis=-1)[..., 0]
+        if negative_scales:
+            scale = extreme / -8
+        else:
+            scale = np.where(extreme < 0, -extreme / 8, extreme / 7)
+        scale = np.where(scale != 0, scale, 1.0)
+        grid = IntegerGrid(ir.DataType.INT4)
+        zero_point = np.zeros(scale.shape, grid.numpy_dtype)
+    else:
+        low = np.minimum(np.nanmin(blocks, axis=-1), 0.0)
+        high = np.maximum(np.nanmax(blocks, axis=-1), 0.0)
+        scale = np.where(high > low, (high - low) / 15, 1.0)
+        grid = IntegerGrid(ir.DataType.UINT4)
+        zero_point = np.clip(np.rint(-low / scale), 0, 15).astype(grid.numpy_dtype)
+    return QuantSpec(grid, from_blocks(scale, axis).astype(np.float32), from_blocks(zero_point, axis),
+                     PerBlock(axis, block_size), symmetric=symmetric, method="rtn")
+
+
+def blocks_of(weight: np.ndarray, axis: int, block_size: int) -> np.ndarray:
+    """``weight`` with ``axis`` moved last, padded with NaN to whole blocks and split into them:
+    (..., blocks, block_size)."""
+    moved = np.moveaxis(weight, axis, -1)
+    length = moved.shape[-1]
+    count = -(-length // block_size)
+    padded = np.full(moved.shape[:-1] + (count * block_size,), np.nan)
+    padded[..., :length] = moved
+    return padded.reshape(moved.shape[:-1] + (count, block_size))
+
+
+def from_blocks(per_block: np.ndarray, axis: int) -> np.ndarray:
+    """One value per block, laid out as `blocks_of` left them, -> the weight's layout with ``axis`` in blocks."""
+    return np.moveaxis(per_block, -1, axis)
+
+
+class AssignBlockSpecsPass(ir.passes.InPlacePass):
+    """Attach a 4-bit block-wise `QuantSpec` to each constant float weight that only MatMul / Gemm read."""
+
+    name = "assign-block-specs"
+
+    def __init__(self, options: BlockSpecOptions = BlockSpecOptions()):
+        super().__init__()
+        if options.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size {options.block_size}: one of {BLOCK_SIZES}")
+        self.options = options
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opset = model.opset_imports.get("", 1)
+        if self.options.block_dequantize and opset < BLOCK_DEQUANTIZE_OPSET:
+            add_note(model, f"every weight left float: the model is at opset {opset}, which could not be raised to "
+                     f"{BLOCK_DEQUANTIZE_OPSET}, the first whose DequantizeLinear takes blocks")
+            return ir.passes.PassResult(model, modified=False)
+        shared, short = [], []
+        decided = 0
+        for node in model.graph:
+            axis = reduction_axis(node)
+            weight = node.inputs[1] if axis is not None else None
+            array = constant_array(weight)
+            if array is None or array.dtype != np.float32 or QUANT_SPEC_KEY in weight.meta or self._excluded(node):
+                continue
+            if not all(reduction_axis(user) == axis and index == 1 and not self._excluded(user)
+                       for user, index in weight.uses()):
+                shared.append(weight.name)
+                continue
+            if array.shape[axis] < self.options.block_size:
+                short.append(weight.name)
+                continue
+            weight.meta[QUANT_SPEC_KEY] = block_spec(array, axis, self.options.block_size, self.options.symmetric,
+                                                     negative_scales=not self.options.block_dequantize)
+            decided += 1
+        if shared:
+            add_note(model, f"{len(shared)} weight(s) left float: read by other ops than MatMul / Gemm layers "
+                     f"(an embedding's Gather, say): {some_names(shared)}")
+        if short:
+            add_note(model, f"{len(short)} weight(s) left float: K shorter than one block of "
+                     f"{self.options.block_size}: {some_names(short)}")
+        return ir.passes.PassResult(model, modified=bool(decided))
+
+    def _excluded(self, node: ir.Node) -> bool:
+        return name_matches(node.name, self.options.exclude)

@@ -1,0 +1,98 @@
+"""The INT4 family: block-wise 4-bit weight-only recipes (`w4a16-rtn`, `w4a16-hqq`), activations left float.
+
+The weights of MatMul and Gemm layers (a tied LM head too, once given its own transposed copy) get one
+scale, and asymmetric one zero point, per block along K. They are lowered to ONNX Runtime's
+`MatMulNBits` (``kernel=contrib``, ort-cpu and ort-cuda) or to opset 21's DequantizeLinear with
+``block_size`` in front of the MatMul (``kernel=decomposed``: portable, TensorRT).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from qcompile.errors import UsageError
+from qcompile.passes.analysis.assign_block_specs import (BLOCK_DEQUANTIZE_OPSET, BLOCK_SIZES, AssignBlockSpecsPass,
+                                                         BlockSpecOptions)
+from qcompile.passes.analysis.fit_block_grids_hqq import FitBlockGridsHQQPass, HQQOptions
+from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
+from qcompile.passes.canonicalize.upgrade_opset import PER_CHANNEL_OPSET
+from qcompile.passes.lowering.lower_matmul_nbits import LowerMatMulNBitsPass, MatMulNBitsOptions
+from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
+from qcompile.passes.transform.materialize_transposed_weights import (MaterializeOptions,
+                                                                      MaterializeTransposedWeightsPass)
+from qcompile.recipes.base import Recipe, Settings, option
+from qcompile.recipes.canonical import canonicalize
+
+KERNELS = ("auto", "contrib", "decomposed")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class W4A16Options:
+    block_size: int = option(32, f"weights per scale along K: {', '.join(map(str, BLOCK_SIZES))}")
+    symmetric: bool = option(True, "levels -8..7 around zero (true), or 0..15 with a zero point per block (false)")
+    accuracy_level: int = option(4, "MatMulNBits' accuracy_level: 4 quantizes the activations to int8 per block "
+                                    "and computes on integers (fast), 0 computes in float")
+    kernel: str = option("auto", "how the 4-bit matmuls are lowered: contrib (ONNX Runtime's MatMulNBits), "
+                                 "decomposed (DequantizeLinear with block_size, opset 21: standard ONNX), auto "
+                                 "(contrib where the target takes contrib ops)")
+
+
+def _kernel(settings: Settings) -> str:
+    kernel = settings.options.kernel
+    if kernel not in KERNELS:
+        raise UsageError(f"option kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "auto":
+        return "contrib" if settings.target.contrib_ops else "decomposed"
+    if kernel == "contrib" and not settings.target.contrib_ops:
+        raise UsageError(f"option kernel=contrib: {settings.target.summary} takes no com.microsoft ops; "
+                         f"use kernel=decomposed")
+    return kernel
+
+
+def _block_options(settings: Settings, decomposed: bool) -> BlockSpecOptions:
+    options = settings.options
+    if options.block_size not in BLOCK_SIZES:
+        raise UsageError(f"option block_size: expected one of {', '.join(map(str, BLOCK_SIZES))}, "
+                         f"got {options.block_size}")
+    if settings.target.symmetric_int8_only and not options.symmetric:
+        raise UsageError(f"option symmetric=false: {settings.target.summary} takes 4-bit weights with zero point 0 "
+                         f"only; use symmetric=true")
+    return BlockSpecOptions(block_size=options.block_size, symmetric=options.symmetric, exclude=settings.excluded,
+                            block_dequantize=decomposed)
+
+
+def _w4a16(settings: Settings, hqq: bool = False) -> list[ir.passes.PassBase]:
+    decomposed = _kernel(settings) == "decomposed"
+    if settings.options.accuracy_level not in ACCURACY_LEVELS:
+        raise UsageError(f"option accuracy_level: expected one of {', '.join(map(str, ACCURACY_LEVELS))}, "
+                         f"got {settings.options.accuracy_level}")
+    lowering = (QuantizeWeightsPass() if decomposed
+                else LowerMatMulNBitsPass(MatMulNBitsOptions(settings.options.accuracy_level)))
+    return [
+        *canonicalize(BLOCK_DEQUANTIZE_OPSET if decomposed else PER_CHANNEL_OPSET),
+        MaterializeTransposedWeightsPass(MaterializeOptions(settings.excluded)),
+        AssignBlockSpecsPass(_block_options(settings, decomposed)),
+        *([FitBlockGridsHQQPass(HQQOptions(integer_zero_points=decomposed))] if hqq else []),
+        lowering,
+        EliminateDeadCodePass(),
+    ]
+
+
+def _w4a16_rtn(settings: Settings) -> list[ir.passes.PassBase]:
+    return _w4a16(settings)
+
+
+def _w4a16_hqq(settings: Settings) -> list[ir.passes.PassBase]:
+    return _w4a16(settings, hqq=True)
+
+
+RECIPES = [
+    Recipe("w4a16-rtn", "INT4 block-wise weight-only, round to nearest: MatMul / Gemm weights in blocks along K, "
+                        "lowered to MatMulNBits (ONNX Runtime) or block-wise DequantizeLinear (opset 21)",
+           W4A16Options, _w4a16_rtn),
+    Recipe("w4a16-hqq", "INT4 block-wise weight-only, HQQ: as w4a16-rtn, each block's zero point (asymmetric) or "
+                        "scale (symmetric) fitted to its weights by half-quadratic optimization; no calibration data",
+           W4A16Options, _w4a16_hqq),
+]

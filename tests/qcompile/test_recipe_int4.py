@@ -1,0 +1,105 @@
+"""`w4a16-rtn` end to end: every MatMul / Gemm weight in 4-bit blocks, lowered for the target, and run."""
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qcompile
+from qcompile.errors import UsageError
+from qcompile.graph import constant_array
+from qcompile.io import save_model
+from qcompile.models import synthetic
+from qcompile.target_check import target_problems
+from qcompile.targets import TARGETS
+from qcompile.verify import worst_sqnr_db
+from tests.helpers import parse, random_feed, run
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+
+
+@pytest.fixture
+def block(tmp_path):
+    path = tmp_path / "block.onnx"
+    save_model(synthetic.transformer_block(), path)
+    return path
+
+
+def _outputs(model: ir.Model, feed) -> list[np.ndarray]:
+    return run(model, feed, {"session.qdq_matmulnbits_accuracy_level": "0"})
+
+
+def test_every_linear_runs_as_matmulnbits_close_to_fp32(block):
+    result = qcompile.compile(block, recipe="w4a16-rtn")
+    nbits = {n.name: n for n in result.model.graph if n.op_type == "MatMulNBits"}
+    assert sorted(nbits) == sorted(LINEARS)
+    assert {n.attributes.get_int("block_size") for n in nbits.values()} == {32}
+    assert {n.attributes.get_int("accuracy_level") for n in nbits.values()} == {4}
+    precisions = {layer["name"]: layer["precision"] for layer in result.report["layers"]}
+    assert all(precisions[name] == "w:int4 a:fp32" for name in LINEARS), precisions
+    feed = random_feed(result.model, batch=2, seq=6)
+    reference = run(qcompile.compile(block, recipe="canonicalize").model, feed)
+    # random weights in blocks of 32 on 16 levels: ~20 dB each, a little less through the block
+    assert 14 < worst_sqnr_db(reference, run(result.model, feed)) < 30
+
+
+def test_the_decomposed_lowering_computes_what_matmulnbits_does(block):
+    options = {"symmetric": False, "block_size": 16, "accuracy_level": 0}
+    contrib = qcompile.compile(block, recipe="w4a16-rtn", options=options).model
+    portable = qcompile.compile(block, recipe="w4a16-rtn", target="portable", options=options).model
+    assert portable.opset_imports[""] == 21 and "com.microsoft" not in portable.opset_imports
+    dequantize = [n for n in portable.graph if n.op_type == "DequantizeLinear"]
+    assert len(dequantize) == len(LINEARS) and {n.attributes.get_int("block_size") for n in dequantize} == {16}
+    assert {n.inputs[0].dtype for n in dequantize} == {ir.DataType.UINT4}
+    feed = random_feed(contrib, batch=2, seq=6)
+    for a, b in zip(_outputs(contrib, feed), _outputs(portable, feed)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_symmetric_blocks_behind_dequantize_linear_take_positive_scales_at_about_the_same_accuracy(block):
+    """MatMulNBits' blocks map their extreme to -8 by a negative scale; DequantizeLinear's stay positive."""
+    contrib = qcompile.compile(block, recipe="w4a16-rtn", options={"accuracy_level": 0}).model
+    portable = qcompile.compile(block, recipe="w4a16-rtn", target="portable").model
+    scales = [constant_array(n.inputs[1]) for n in portable.graph if n.op_type == "DequantizeLinear"]
+    assert len(scales) == len(LINEARS) and all(np.all(s > 0) for s in scales)
+    assert any(np.any(constant_array(n.inputs[2]) < 0) for n in contrib.graph if n.op_type == "MatMulNBits")
+    feed = random_feed(contrib, batch=2, seq=6)
+    reference = run(qcompile.compile(block, recipe="canonicalize").model, feed)
+    assert abs(worst_sqnr_db(reference, _outputs(contrib, feed)) - worst_sqnr_db(reference, _outputs(portable, feed))) < 1.5
+
+
+TIED = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (int64[B, S] ids) => (float[B, S, 40] logits) <float[40, 32] embedding = {%s}> {
+    h = Gather(embedding, ids)
+    t = Transpose <perm = [1, 0]> (embedding)
+    logits = MatMul(h, t)
+}
+""" % ", ".join(f"{v:.4f}" for v in np.random.default_rng(3).standard_normal(40 * 32))
+
+
+def test_a_tied_head_gets_its_own_4bit_copy_and_the_gather_keeps_the_table(tmp_path):
+    path = tmp_path / "tied.onnx"
+    save_model(parse(TIED), path)
+    model = qcompile.compile(path, recipe="w4a16-rtn").model
+    assert [n.op_type for n in model.graph] == ["Gather", "MatMulNBits"]
+    assert model.graph.initializers["embedding"].dtype == ir.DataType.FLOAT
+    ids = np.array([[1, 5, 39]], np.int64)
+    expected = run(parse(TIED), {"ids": ids})[0]
+    assert worst_sqnr_db([expected], _outputs(model, {"ids": ids})) > 14
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda", "portable", "tensorrt"])
+def test_every_target_takes_what_it_gets(block, target):
+    model = qcompile.compile(block, recipe="w4a16-rtn", target=target).model
+    assert target_problems(model, TARGETS[target]) == []
+
+
+@pytest.mark.parametrize("target, options, message", [
+    ("tensorrt", {"symmetric": False}, "zero point 0 only"),
+    ("portable", {"kernel": "contrib"}, "takes no com.microsoft ops"),
+    ("ort-cpu", {"block_size": 48}, "block_size: expected one of 16, 32, 64, 128, 256"),
+    ("ort-cpu", {"accuracy_level": 5}, "accuracy_level: expected one of"),
+    ("ort-cpu", {"kernel": "custom"}, "kernel: expected one of auto, contrib, decomposed"),
+])
+def test_options_the_target_cannot_take_are_usage_errors(block, target, options, message):
+    with pytest.raises(UsageError, match=message):
+        qcompile.compile(block, recipe="w4a16-rtn", target=target, options=options)
