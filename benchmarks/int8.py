@@ -103,6 +103,12 @@ class Config:
     models: tuple[str, ...] = ()  # the models it is meant for (empty: every model); the others do not list it
     skip_quick: str | None = None  # reason to skip it in --quick, even when --configs names it
     compile_timeout: float = 0.0  # seconds, where it needs more than --compile-timeout
+    # Its quantizer imports torch (ORT's HQQ): it runs in Quark's venv, which has a CPU torch (and its own ORT).
+    needs_torch: bool = False
+
+    @property
+    def in_quark_venv(self) -> bool:
+        return self.tool == "quark" or self.needs_torch
 
 
 _HISTOGRAM_SKIP = {
@@ -190,11 +196,13 @@ def int4_configurations() -> list[Config]:
                                        "options": {"block_size": block, "symmetric": symmetric,
                                                    "accuracy_level": level}}, quick=quick and level == 4))
             for algorithm in ("DEFAULT",) if symmetric else ("DEFAULT", "HQQ"):
+                hqq = algorithm == "HQQ"
                 configs.append(Config(f"ort-nbits-{algorithm.lower()}-{tag}", "ort",
                                       f"ORT MatMulNBitsQuantizer {algorithm} block {block} "
-                                      f"{'symmetric' if symmetric else 'asymmetric'}, accuracy_level 4",
+                                      f"{'symmetric' if symmetric else 'asymmetric'}, accuracy_level 4"
+                                      + (" (Quark's venv: ORT 1.28 with CPU torch)" if hqq else ""),
                                       {"mode": "nbits", "algorithm": algorithm, "block_size": block,
-                                       "symmetric": symmetric, "accuracy_level": 4}, quick=quick))
+                                       "symmetric": symmetric, "accuracy_level": 4}, quick=quick, needs_torch=hqq))
     return configs
 
 
@@ -897,7 +905,7 @@ def bench_model(spec: ModelSpec, args, configs: list[Config], work_root: Path) -
             rec.update(status="skipped", error=reason)
             say(f"{head}: {reason}")
             continue
-        if config.tool == "quark" and "error" in args.quark:
+        if config.in_quark_venv and "error" in args.quark:
             rec.update(status="failed", stage="install", error=args.quark["error"])
             say(f"{head}: [red]{args.quark['error']}[/]")
             continue
@@ -915,7 +923,7 @@ def bench_model(spec: ModelSpec, args, configs: list[Config], work_root: Path) -
         say(f"{head}: quantizing")
         comp = run_child("compile", child_spec, logs, f"{config.id}.compile",
                          max(args.compile_timeout, config.compile_timeout), args.mem_cap, config.id,
-                         python=args.quark["python"] if config.tool == "quark" else sys.executable)
+                         python=args.quark["python"] if config.in_quark_venv else sys.executable)
         rec["compile"] = {"wall_s": comp.wall_s, "seconds": comp.result.get("seconds"),
                           "peak_rss_bytes": comp.peak_rss_bytes,
                           **{k: v for k, v in comp.result.items() if k not in ("status", "error", "seconds")}}
@@ -1085,7 +1093,7 @@ def write_markdown(path: Path, doc: dict) -> None:
              "* accuracy is against the fp32 model on the evaluation split (disjoint from calibration); "
              "latency is ONNX Runtime CPU EP, intra_op_num_threads=2, interleaved rounds, median, as a ratio to fp32",
              *(ORT_LINES_INT4 if family == "INT4" else ORT_LINES_INT8),
-             *quark_lines(doc.get("quark")),
+             *(quark_lines(doc.get("quark")) if family == "INT8" else []),
              "* peak GB: peak RSS of the quantizing process.", ""]
     for name, model in doc["models"].items():
         header, rows, notes = table_rows(model)
@@ -1198,7 +1206,7 @@ def main(argv: list[str] | None = None, family: str = "int8") -> int:
     doc["settings"] = {"quick": args.quick, "mem_cap_gb": args.mem_cap / GiB, "compile_timeout_s": args.compile_timeout,
                        "threads": THREADS, "configs": [c.id for c in chosen], "work_dir": str(work_root)}
     args.quark = {}
-    if any(c.tool == "quark" for c in chosen):
+    if any(c.in_quark_venv for c in chosen):
         args.quark = doc["quark"] = quark_venv(cache_dir() / "bench" / QUARK_VENV)
     start = time.monotonic()
     for name in names:
