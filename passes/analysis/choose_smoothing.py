@@ -46,6 +46,7 @@ class ChooseSmoothingOptions:
     alpha: float | None = None  # None: chosen per activation from ALPHAS (or none) by estimated noise
     exclude: tuple[str, ...] = ()
     per_channel_weights: bool = True  # False: one weight scale per tensor, which scaled-up rows then set
+    always: bool = False  # alpha chosen per activation, never no smoothing (`w8a8-smoothquant`)
 
 
 def _smoothable(node: ir.Node) -> bool:
@@ -99,9 +100,9 @@ def _noise(scale: np.ndarray, x_max: np.ndarray, x_energy: np.ndarray, magnitude
     return float(noise)
 
 
-def _choose(x_max: np.ndarray, x_energy: np.ndarray, weights: list[np.ndarray], alpha: float | None,
-            per_channel: bool):
-    """(alpha, s) with the least estimated noise, or None where no smoothing is best."""
+def choose_alpha(x_max: np.ndarray, x_energy: np.ndarray, weights: list[np.ndarray], alpha: float | None,
+                 per_channel: bool, always: bool = False):
+    """(alpha, s) with the least estimated noise, or None where no smoothing is best (unless ``always``)."""
     magnitudes = [np.abs(w) for w in weights]
     row_energy = sum(np.sum(np.square(w, dtype=np.float64), axis=1) for w in weights)
     w_max = np.max([m.max(axis=1) for m in magnitudes], axis=0).astype(np.float64)
@@ -112,7 +113,7 @@ def _choose(x_max: np.ndarray, x_energy: np.ndarray, weights: list[np.ndarray], 
     scored = [(noise(scale), a, scale)
               for a, scale in ((a, _smoothing(x_max, w_max, a)) for a in ((alpha,) if alpha is not None else ALPHAS))]
     best_noise, best_alpha, best_scale = min(scored, key=lambda c: c[0])
-    if alpha is None and best_noise >= noise(np.ones_like(x_max)):
+    if alpha is None and not always and best_noise >= noise(np.ones_like(x_max)):
         return None
     return best_alpha, best_scale
 
@@ -139,7 +140,8 @@ class ChooseSmoothingPass(ir.passes.InPlacePass):
         for x, layers in groups.items():
             x_max, x_energy = maxima[x].value, energies[x].value
             weights = [layer.inputs[1].const_value.numpy() for layer in layers]
-            choice = _choose(x_max, x_energy, weights, self.options.alpha, self.options.per_channel_weights)
+            choice = choose_alpha(x_max, x_energy, weights, self.options.alpha, self.options.per_channel_weights,
+                             self.options.always)
             logger.debug("%s: channel max/median %.1f, alpha %s", x.name, x_max.max() / max(np.median(x_max), 1e-30),
                          choice and choice[0])
             if choice is None:

@@ -17,12 +17,12 @@ FAMILIES = {
     "w8a16": "int8",
     "w8a8": "int8",
     "w8a8-dynamic": "int8",
+    "w8a8-smoothquant": "int8",
     "w4a16-rtn": "int4",
     "w4a16-hqq": "int4",
 }
 # Recipes in the interface (INTERFACE.md) that are not built yet.
 PLANNED = {
-    "w8a8-smoothquant": "w8a8 after SmoothQuant scale migration (LLMs)",
     "w4a16-gptq": "INT4 block-wise weight-only, GPTQ",
     "w4a16-awq": "INT4 block-wise weight-only, AWQ",
     "nf4": "NF4 block-wise weight-only with double-quantized scales",

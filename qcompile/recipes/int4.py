@@ -1,7 +1,8 @@
 """The INT4 family: block-wise 4-bit weight-only recipes (`w4a16-rtn`, `w4a16-hqq`), activations left float.
 
 The weights of MatMul and Gemm layers (a tied LM head too, once given its own transposed copy) get one
-scale, and asymmetric one zero point, per block along K. They are lowered to ONNX Runtime's
+scale, and asymmetric one zero point, per block along K; embedding tables are stored as INT8, one scale
+per row, as in the INT8 recipes (`embeddings=false` keeps them float). They are lowered to ONNX Runtime's
 `MatMulNBits` (``kernel=contrib``, ort-cpu and ort-cuda) or to opset 21's DequantizeLinear with
 ``block_size`` in front of the MatMul (``kernel=decomposed``: portable, TensorRT).
 """
@@ -19,10 +20,9 @@ from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePa
 from qcompile.passes.canonicalize.upgrade_opset import PER_CHANNEL_OPSET
 from qcompile.passes.lowering.lower_matmul_nbits import LowerMatMulNBitsPass, MatMulNBitsOptions
 from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
-from qcompile.passes.transform.materialize_transposed_weights import (MaterializeOptions,
-                                                                      MaterializeTransposedWeightsPass)
 from qcompile.recipes.base import Recipe, Settings, option
 from qcompile.recipes.canonical import canonicalize
+from qcompile.recipes.embeddings import assign_embedding_specs, embeddings_option, gather_rows, untie
 
 KERNELS = ("auto", "contrib", "decomposed")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -37,6 +37,7 @@ class W4A16Options:
     kernel: str = option("auto", "how the 4-bit matmuls are lowered: contrib (ONNX Runtime's MatMulNBits), "
                                  "decomposed (DequantizeLinear with block_size, opset 21: standard ONNX), auto "
                                  "(contrib where the target takes contrib ops)")
+    embeddings: bool = embeddings_option()
 
 
 def _kernel(settings: Settings) -> str:
@@ -68,14 +69,16 @@ def _w4a16(settings: Settings, hqq: bool = False) -> list[ir.passes.PassBase]:
     if settings.options.accuracy_level not in ACCURACY_LEVELS:
         raise UsageError(f"option accuracy_level: expected one of {', '.join(map(str, ACCURACY_LEVELS))}, "
                          f"got {settings.options.accuracy_level}")
-    lowering = (QuantizeWeightsPass() if decomposed
-                else LowerMatMulNBitsPass(MatMulNBitsOptions(settings.options.accuracy_level)))
+    nbits = [] if decomposed else [LowerMatMulNBitsPass(MatMulNBitsOptions(settings.options.accuracy_level))]
     return [
         *canonicalize(BLOCK_DEQUANTIZE_OPSET if decomposed else PER_CHANNEL_OPSET),
-        MaterializeTransposedWeightsPass(MaterializeOptions(settings.excluded)),
+        *untie(settings),
         AssignBlockSpecsPass(_block_options(settings, decomposed)),
         *([FitBlockGridsHQQPass(HQQOptions(integer_zero_points=decomposed))] if hqq else []),
-        lowering,
+        *assign_embedding_specs(settings),
+        *nbits,
+        QuantizeWeightsPass(),  # the embedding tables', and behind DequantizeLinear the 4-bit blocks
+        *gather_rows(settings),
         EliminateDeadCodePass(),
     ]
 

@@ -9,7 +9,6 @@ from qcompile.calibration import CalibrationOptions, Method
 from qcompile.config import CALIB_METHODS
 from qcompile.errors import UsageError
 from qcompile.passes.analysis.assign_bias_specs import AssignBiasSpecsPass
-from qcompile.passes.analysis.assign_embedding_specs import AssignEmbeddingSpecsPass, EmbeddingSpecOptions
 from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass, WeightSpecOptions
 from qcompile.passes.analysis.calibrate_activations import CalibrateActivationsPass, CalibrateOptions
 from qcompile.passes.analysis.choose_equalization import ChooseEqualizationOptions, ChooseEqualizationPass
@@ -20,7 +19,6 @@ from qcompile.passes.analysis.select_quantized_ops import SelectOptions, SelectQ
 from qcompile.passes.analysis.share_clip_grids import ShareClipGridsPass
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.fusion.fold_qdq import FoldQDQOptions, FoldQDQPass
-from qcompile.passes.fusion.gather_quantized_rows import GatherQuantizedRowsPass
 from qcompile.passes.fusion.store_float16_weights import StoreFloat16WeightsPass
 from qcompile.passes.fusion.store_int8_weights import StoreInt8WeightsPass
 from qcompile.passes.lowering.correct_bias import CorrectBiasPass
@@ -29,11 +27,10 @@ from qcompile.passes.lowering.insert_qdq import InsertQDQOptions, InsertQDQPass
 from qcompile.passes.lowering.lower_qoperator import LowerQOperatorPass
 from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
 from qcompile.passes.transform.equalize_depthwise_inputs import EqualizeDepthwiseInputsPass
-from qcompile.passes.transform.materialize_transposed_weights import (MaterializeOptions,
-                                                                      MaterializeTransposedWeightsPass)
 from qcompile.passes.transform.smooth_activations import SmoothActivationsPass
 from qcompile.recipes.base import Recipe, Settings, option
 from qcompile.recipes.canonical import canonicalize
+from qcompile.recipes.embeddings import assign_embedding_specs, embeddings_option, gather_rows, untie
 from qcompile.targets.x86 import cpu_profile
 
 
@@ -52,13 +49,10 @@ def _cpu():
                          "kernels), 7bit, native (detect this machine)")
 
 
-def _embeddings_option():
-    return option(True, "store the tables of embedding Gathers as INT8, one scale per row")
-
-
-def _smoothquant():
-    return option("auto", "SmoothQuant for MatMul inputs: auto (alpha per tensor by estimated noise, or none), off, "
-                          "or a fixed alpha in (0, 1]; needs --calib")
+def _smoothquant(default: str = "auto"):
+    return option(default, "SmoothQuant for MatMul inputs: auto (alpha per tensor by estimated noise, or none), "
+                           "always (alpha per tensor by estimated noise, never none), off, or a fixed alpha in (0, 1]; "
+                           "needs --calib")
 
 
 def _float_weights_option():
@@ -72,7 +66,7 @@ def _float_weights_option():
 class W8A16Options:
     per_channel: bool = _per_channel()
     bias_correction: bool = _bias_correction()
-    embeddings: bool = _embeddings_option()
+    embeddings: bool = embeddings_option()
     float_weights: str = _float_weights_option()
 
 
@@ -90,7 +84,7 @@ class W8A8Options:
     equalize: bool = option(True, "rescale Conv -> Relu/Clip -> depthwise Conv chains so that every channel of the "
                                   "activation spans its 8-bit grid")
     smoothquant: str = _smoothquant()
-    embeddings: bool = _embeddings_option()
+    embeddings: bool = embeddings_option()
     float_weights: str = _float_weights_option()
     format: str = option("qdq", "qdq (Q/DQ around float ops: portable, what TensorRT reads) or qoperator "
                                 "(ONNX Runtime's QLinearConv / QLinearMatMul / QLinearAdd; ort-cpu only)")
@@ -108,12 +102,19 @@ class W8A8Options:
 
 
 @dataclass(frozen=True)
+class W8A8SmoothQuantOptions(W8A8Options):
+    """`w8a8` with SmoothQuant on every MatMul input that a constant weight reads: the preset for LLMs."""
+
+    smoothquant: str = _smoothquant("always")
+
+
+@dataclass(frozen=True)
 class W8A8DynamicOptions:
     per_channel: bool = _per_channel()
     cpu: str = _cpu()
     bias_correction: bool = _bias_correction()
     smoothquant: str = _smoothquant()
-    embeddings: bool = _embeddings_option()
+    embeddings: bool = embeddings_option()
     float_weights: str = _float_weights_option()
 
 
@@ -147,7 +148,8 @@ def _fraction(key: str, text: str, auto: bool = False) -> float | None:
     except ValueError:
         value = -1.0
     if not 0 < value <= 1:
-        raise UsageError(f"option {key}: expected {'auto, ' if auto else ''}off or a number in (0, 1], got {text!r}")
+        raise UsageError(f"option {key}: expected {'auto, always, ' if auto else ''}off or a number in (0, 1], "
+                         f"got {text!r}")
     return value
 
 
@@ -163,18 +165,9 @@ def _bias_correction_passes(settings: Settings) -> list[ir.passes.PassBase]:
     return [MeasureBiasShiftPass(MeasureBiasShiftOptions(settings.calib)), CorrectBiasPass()]
 
 
-def _embeddings(settings: Settings) -> list[ir.passes.PassBase]:
-    return [AssignEmbeddingSpecsPass(EmbeddingSpecOptions(settings.excluded))] if settings.options.embeddings else []
-
-
 def _untie(settings: Settings) -> list[ir.passes.PassBase]:
-    """A head tied to the embedding gets its own (quantized) weight, so both tables can be INT8."""
-    return [MaterializeTransposedWeightsPass(MaterializeOptions(settings.excluded))] if settings.options.embeddings \
-        else []
-
-
-def _gather_rows(settings: Settings) -> list[ir.passes.PassBase]:
-    return [GatherQuantizedRowsPass()] if settings.options.embeddings else []
+    """With INT8 embedding tables, a head tied to one gets its own INT8 weight (else both stay float)."""
+    return untie(settings) if settings.options.embeddings else []
 
 
 FLOAT_WEIGHTS = ("int8", "float32")
@@ -205,9 +198,9 @@ def _stored_weights(settings: Settings) -> list[ir.passes.PassBase]:
 def _w8a16(settings: Settings) -> list[ir.passes.PassBase]:
     options = WeightSpecOptions(per_channel=settings.options.per_channel, exclude=settings.excluded,
                                 nodes=settings.nodes)
-    return [*canonicalize(), *_untie(settings), AssignWeightSpecsPass(options), *_embeddings(settings),
+    return [*canonicalize(), *_untie(settings), AssignWeightSpecsPass(options), *assign_embedding_specs(settings),
             *_bias_correction_passes(settings),
-            QuantizeWeightsPass(), *_gather_rows(settings), *_choose_storage(settings), *_stored_weights(settings),
+            QuantizeWeightsPass(), *gather_rows(settings), *_choose_storage(settings), *_stored_weights(settings),
             EliminateDeadCodePass()]
 
 
@@ -222,11 +215,13 @@ def integer_weights(settings: Settings, **options) -> WeightSpecOptions:
 def _smoothing(settings: Settings) -> list[ir.passes.PassBase]:
     """SmoothQuant where it is asked for and there is data to measure it on (w8a8-dynamic takes --calib
     for this and bias correction only)."""
-    if settings.options.smoothquant == "off" or settings.calib is None:
+    smoothquant = settings.options.smoothquant
+    if smoothquant == "off" or settings.calib is None:
         return []
-    alpha = _fraction("smoothquant", settings.options.smoothquant, auto=True)
+    always = smoothquant == "always"
+    alpha = None if always else _fraction("smoothquant", smoothquant, auto=True)
     return [ChooseSmoothingPass(ChooseSmoothingOptions(settings.calib, alpha, settings.excluded,
-                                                       settings.options.per_channel)),
+                                                       settings.options.per_channel, always=always)),
             SmoothActivationsPass()]
 
 
@@ -279,11 +274,11 @@ def _w8a8(settings: Settings) -> list[ir.passes.PassBase]:
                                                   headroom=_headroom(settings.options.headroom))),
         *([ShareClipGridsPass()] if target.ort_qdq_layout else []),
         AssignWeightSpecsPass(weights),
-        *_embeddings(settings),
+        *assign_embedding_specs(settings),
         *_bias_correction_passes(settings),
         *([AssignBiasSpecsPass()] if target.ort_qdq_layout else []),
         QuantizeWeightsPass(),
-        *_gather_rows(settings),
+        *gather_rows(settings),
         *_choose_storage(settings),
         InsertQDQPass(InsertQDQOptions(contrib_16bit=target.contrib_ops)),
         FoldQDQPass(FoldQDQOptions(merge_duplicates=target.ort_qdq_layout)),
@@ -303,10 +298,10 @@ def _w8a8_dynamic(settings: Settings) -> list[ir.passes.PassBase]:
         *_untie(settings),
         *_smoothing(settings),
         AssignWeightSpecsPass(weights),
-        *_embeddings(settings),
+        *assign_embedding_specs(settings),
         *_bias_correction_passes(settings),
         QuantizeWeightsPass(),
-        *_gather_rows(settings),
+        *gather_rows(settings),
         *_choose_storage(settings),
         FuseDynamicMatMulPass(contrib=settings.target.contrib_ops),
         *_stored_weights(settings),
@@ -318,6 +313,9 @@ RECIPES = [
     Recipe("w8a16", "INT8 weight-only: per-channel symmetric INT8 weights behind DequantizeLinear, float activations",
            W8A16Options, _w8a16),
     Recipe("w8a8", "static INT8: per-channel weights, per-tensor activations, calibrated", W8A8Options, _w8a8),
+    Recipe("w8a8-smoothquant", "w8a8 for LLMs: SmoothQuant on every MatMul input a constant weight reads, alpha "
+                               "chosen per input by estimated noise (w8a8's smoothquant=always)",
+           W8A8SmoothQuantOptions, _w8a8),
     Recipe("w8a8-dynamic", "INT8 MatMul/Gemm weights, activations quantized at run time", W8A8DynamicOptions,
            _w8a8_dynamic),
 ]

@@ -76,15 +76,19 @@ g (int64[B, S] ids) => (float[B, S, 40] logits) <float[40, 32] embedding = {%s}>
 """ % ", ".join(f"{v:.4f}" for v in np.random.default_rng(3).standard_normal(40 * 32))
 
 
-def test_a_tied_head_gets_its_own_4bit_copy_and_the_gather_keeps_the_table(tmp_path):
+def test_a_tied_head_gets_its_own_4bit_copy_and_the_gathered_table_int8_rows(tmp_path):
     path = tmp_path / "tied.onnx"
     save_model(parse(TIED), path)
-    model = qcompile.compile(path, recipe="w4a16-rtn").model
-    assert [n.op_type for n in model.graph] == ["Gather", "MatMulNBits"]
-    assert model.graph.initializers["embedding"].dtype == ir.DataType.FLOAT
     ids = np.array([[1, 5, 39]], np.int64)
     expected = run(parse(TIED), {"ids": ids})[0]
+    model = qcompile.compile(path, recipe="w4a16-rtn").model
+    assert [n.op_type for n in model.graph][-1] == "MatMulNBits"
+    assert {v.dtype for v in model.graph.initializers.values()} >= {ir.DataType.INT8}  # the table's rows
     assert worst_sqnr_db([expected], _outputs(model, {"ids": ids})) > 14
+
+    float_table = qcompile.compile(path, recipe="w4a16-rtn", options={"embeddings": False}).model
+    assert [n.op_type for n in float_table.graph] == ["Gather", "MatMulNBits"]
+    assert float_table.graph.initializers["embedding"].dtype == ir.DataType.FLOAT
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda", "portable", "tensorrt"])

@@ -5,7 +5,8 @@ from helpers import apply, clone, op_types, parse, random_feed, run
 
 import qcompile
 from qcompile.calibration import CalibrationData
-from qcompile.passes.analysis.choose_smoothing import ChooseSmoothingOptions, ChooseSmoothingPass
+from qcompile.passes.analysis.choose_smoothing import (ALPHAS, ChooseSmoothingOptions, ChooseSmoothingPass,
+                                                      choose_alpha)
 from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.models import minilm, synthetic
@@ -197,3 +198,20 @@ def test_w8a8_dynamic_smooths_when_given_data(tmp_path):
     plain, plain_notes = compiled()
     assert "SmoothQuant" in notes and "SmoothQuant" not in plain_notes
     assert smoothed > plain + 3
+
+
+def test_balanced_channels_are_left_alone_by_auto_and_smoothed_when_always():
+    rng = np.random.default_rng(0)
+    x_max, x_energy, weight = np.ones(16), np.full(16, 1 / 3), rng.standard_normal((16, 8))
+    assert choose_alpha(x_max, x_energy, [weight], None, True) is None
+    assert choose_alpha(x_max, x_energy, [weight], None, True, always=True)[0] in ALPHAS
+
+
+def test_w8a8_smoothquant_smooths_every_matmul_input(tmp_path):
+    source = save_model(synthetic.transformer_block(), tmp_path / "in.onnx")
+    data, feed = _data(tmp_path, synthetic.transformer_block(), samples=32)
+    reference = run(synthetic.transformer_block(), feed)[0]
+    result = qcompile.compile(source, recipe="w8a8-smoothquant", calib=data, options={"placement": "integer"})
+    assert any(n.startswith("SmoothQuant: 4 of 4 MatMul inputs smoothed") for n in result.report["notes"])
+    y = run(result.model, feed)[0]
+    assert 10 * np.log10(np.sum(reference**2) / np.sum((reference - y) ** 2)) > 25
