@@ -179,7 +179,8 @@ def configurations() -> list[Config]:
 
 
 def int4_configurations() -> list[Config]:
-    """qcompile's INT4 recipes and ONNX Runtime's `MatMulNBitsQuantizer` (its DEFAULT round-to-nearest, and HQQ,
+    """qcompile's INT4 recipes (w4a16-rtn, w4a16-hqq) and ONNX Runtime's `MatMulNBitsQuantizer` (its DEFAULT
+    round-to-nearest, and HQQ,
     which is asymmetric only) at block sizes 32 and 128, symmetric and asymmetric, each at MatMulNBits
     accuracy_level 4 (activations quantized to int8 per block: the fast path) unless its id ends in -acc0."""
     configs = []
@@ -187,12 +188,12 @@ def int4_configurations() -> list[Config]:
         for symmetric in (True, False):
             tag = f"b{block}-{'sym' if symmetric else 'asym'}"
             quick = block == 128 and symmetric
-            for level in (4, 0):
+            for recipe, level in (("w4a16-rtn", 4), ("w4a16-rtn", 0), ("w4a16-hqq", 4)):
                 suffix = "" if level == 4 else "-acc0"
-                configs.append(Config(f"qc-w4a16-rtn-{tag}{suffix}", "qcompile",
-                                      f"qcompile w4a16-rtn block {block} {'symmetric' if symmetric else 'asymmetric'}"
+                configs.append(Config(f"qc-{recipe}-{tag}{suffix}", "qcompile",
+                                      f"qcompile {recipe} block {block} {'symmetric' if symmetric else 'asymmetric'}"
                                       f", accuracy_level {level}",
-                                      {"recipe": "w4a16-rtn", "calib": False,
+                                      {"recipe": recipe, "calib": False,
                                        "options": {"block_size": block, "symmetric": symmetric,
                                                    "accuracy_level": level}}, quick=quick and level == 4))
             for algorithm in ("DEFAULT",) if symmetric else ("DEFAULT", "HQQ"):
