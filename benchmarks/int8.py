@@ -180,9 +180,9 @@ def configurations() -> list[Config]:
 
 def int4_configurations() -> list[Config]:
     """qcompile's INT4 recipes (w4a16-rtn, w4a16-hqq) and ONNX Runtime's `MatMulNBitsQuantizer` (its DEFAULT
-    round-to-nearest, and HQQ,
-    which is asymmetric only) at block sizes 32 and 128, symmetric and asymmetric, each at MatMulNBits
-    accuracy_level 4 (activations quantized to int8 per block: the fast path) unless its id ends in -acc0."""
+    round to nearest, and HQQ, which is asymmetric only) at block sizes 32 and 128, symmetric and asymmetric,
+    each at MatMulNBits accuracy_level 4 (activations quantized to int8 per block: the fast path) unless its
+    id ends in -acc0."""
     configs = []
     for block in (32, 128):
         for symmetric in (True, False):

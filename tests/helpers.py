@@ -5,9 +5,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 
 from qcompile.io import runtime_ir_version
 from qcompile.pipeline import Pipeline
+
+NBITS_8 = pytest.mark.skipif(tuple(int(p) for p in ort.__version__.split(".")[:2]) < (1, 22),
+                             reason="MatMulNBits runs 8 bits from ONNX Runtime 1.22")
 
 
 def parse(text: str) -> ir.Model:

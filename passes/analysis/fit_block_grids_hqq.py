@@ -6,13 +6,14 @@ two easy steps: the error E is shrunk towards zero with the generalized soft-thr
 then the grid parameter is solved in closed form for the weights minus that error. Per block:
 
 * asymmetric: the zero point z (a float: MatMulNBits takes float zero points) is the mean of
-  ``q - (W - E) / s``, the scale kept from min/max, as the paper does; where the lowering needs integer
-  zero points (block-wise DequantizeLinear), each is rounded and the levels taken again;
+  ``q - (W - E) / s``, the scale kept from the block's own min/max, as the paper does; where the lowering
+  needs integer zero points (block-wise DequantizeLinear), from min/max widened to include 0, and each
+  fitted zero point rounded;
 * symmetric: the scale s is the least-squares fit ``<q, W - E> / <q, q>``, zero point 0.
 
-Each block keeps the iterate with its least mean absolute error (the start, min/max, included), so the
-result is never worse than round to nearest by that measure. Specs from `assign-block-specs` are refined in
-place (`method="hqq"`).
+Each block keeps the iterate with its least mean absolute error (the min/max start included), so the
+result is never worse than round to nearest on that start by that measure. Specs from `assign-block-specs`
+are refined in place (`method="hqq"`).
 """
 from __future__ import annotations
 
@@ -70,6 +71,14 @@ def fit_blocks(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, levels: tuple
     return best_scale, best_zero
 
 
+def _own_range(w: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and (rounded) zero point that span each block's own [min, max] (not widened to 0, as an integer
+    zero point needs): the paper's start, and ONNX Runtime's."""
+    low, high = np.nanmin(w, axis=-1), np.nanmax(w, axis=-1)
+    scale = np.where(high > low, (high - low) / (hi - lo), 1.0)
+    return scale, np.rint(lo - low / scale)
+
+
 def hqq_spec(weight: np.ndarray, spec: QuantSpec, integer_zero_points: bool = False) -> QuantSpec:
     """``spec`` (4-bit blocks, round to nearest) with its scales or zero points fitted by HQQ to ``weight``."""
     granularity = spec.granularity
@@ -78,6 +87,8 @@ def hqq_spec(weight: np.ndarray, spec: QuantSpec, integer_zero_points: bool = Fa
     w = blocks_of(weight.astype(np.float64), axis, block_size)
     scale = np.moveaxis(spec.scale.astype(np.float64), axis, -1)
     zero = np.moveaxis(spec.zero_point.astype(np.float64), axis, -1)
+    if not spec.symmetric and not integer_zero_points:  # a float zero point need not keep 0 on the grid
+        scale, zero = _own_range(w, *spec.grid.bounds)
     scale, zero = fit_blocks(w, scale, zero, spec.grid.bounds, spec.symmetric)
     if spec.symmetric:
         zero_point = spec.zero_point

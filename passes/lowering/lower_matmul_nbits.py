@@ -1,11 +1,12 @@
-"""MatMul / Gemm whose weight carries a 4-bit block-wise spec -> ONNX Runtime's ``com.microsoft.MatMulNBits``.
+"""MatMul / Gemm whose weight carries a 4- or 8-bit block-wise spec -> ONNX Runtime's ``com.microsoft.MatMulNBits``.
 
 MatMulNBits computes ``A @ dequantized(B)^T`` with B stored per output column n as
 ``(N, k_blocks, block_size / 2)`` bytes: the 4-bit levels along K, two per byte, the first in the low
 nibble; ``scales`` as ``N * k_blocks`` floats; ``zero_points`` (asymmetric only) as ``ceil(k_blocks / 2)``
 bytes per column, packed the same way, or as ``N * k_blocks`` floats (HQQ's); without them every zero point
-is 8. So symmetric INT4 levels -8..7 are stored as 0..15 and need no zero points. A Gemm's bias follows as an Add. A weight several
-layers read is packed once.
+is 8. So symmetric INT4 levels -8..7 are stored as 0..15 and need no zero points. At 8 bits (ONNX Runtime
+1.22 and later) a byte holds one level, zero points are one byte each, and the default zero point is 128.
+A Gemm's bias follows as an Add. A weight several layers read is packed once.
 
 ``accuracy_level`` 4 lets ONNX Runtime quantize A to int8 per block and compute on integers (4-5x faster
 at one token on these machines, with an error of its own); 0 computes in float.
@@ -19,9 +20,11 @@ import onnx_ir as ir
 
 from qcompile.decisions import QUANT_SPEC_KEY, PerBlock, QuantSpec
 from qcompile.graph import register_constant
+from qcompile.notes import add_note
 from qcompile.op_rules import reduction_axis
 
 CONTRIB_DOMAIN = "com.microsoft"
+BITS = (4, 8)  # MatMulNBits' 8 bits run on ONNX Runtime 1.22 and later
 
 
 @dataclass(frozen=True)
@@ -33,13 +36,14 @@ class MatMulNBitsOptions:
 class PackedWeight:
     """A weight as MatMulNBits reads it."""
 
-    data: np.ndarray  # uint8 (N, k_blocks, block_size // 2)
+    data: np.ndarray  # uint8 (N, k_blocks, block_size * bits // 8)
     scales: np.ndarray  # float32 (N * k_blocks,)
-    # uint8 (N * ceil(k_blocks / 2),) packed levels, float32 (N * k_blocks,) for HQQ's float ones, None (symmetric)
+    # uint8 levels (N * ceil(k_blocks * bits / 8),), float32 (N * k_blocks,) for HQQ's float ones, None (symmetric)
     zero_points: np.ndarray | None
     k: int
     n: int
     block_size: int
+    bits: int
 
 
 def pack_nibbles(levels: np.ndarray) -> np.ndarray:
@@ -49,9 +53,10 @@ def pack_nibbles(levels: np.ndarray) -> np.ndarray:
 
 
 def pack_weight(weight: np.ndarray, spec: QuantSpec) -> PackedWeight:
-    """``weight`` (2-D, float) quantized by ``spec`` (4-bit, blocks along its axis) in MatMulNBits' layout."""
+    """``weight`` (2-D, float) quantized by ``spec`` (4 or 8 bits, blocks along its axis) in MatMulNBits' layout."""
     granularity = spec.granularity
-    assert isinstance(granularity, PerBlock) and spec.grid.bits == 4
+    bits = spec.grid.bits
+    assert isinstance(granularity, PerBlock) and bits in BITS
     block_size = granularity.block_size
     levels = spec.quantize(weight).astype(np.int16)
     scales, zero_points = spec.stored_scale(), spec.zero_point
@@ -59,27 +64,32 @@ def pack_weight(weight: np.ndarray, spec: QuantSpec) -> PackedWeight:
         levels, scales, zero_points = levels.T, scales.T, zero_points.T
     n, k = levels.shape
     k_blocks = scales.shape[1]
-    offset = 8 if spec.grid.signed else 0  # signed levels stored unsigned, around MatMulNBits' default zero point
+    # signed levels stored unsigned, around MatMulNBits' default zero point (8, or 128 at 8 bits)
+    offset = 2 ** (bits - 1) if spec.grid.signed else 0
     # a short last block padded with its zero point's level
     padded = np.repeat(np.rint(zero_points.astype(np.float64)).astype(np.int16) + offset, block_size, axis=1)
     padded[:, :k] = levels + offset
-    data = pack_nibbles(padded.reshape(n, k_blocks, block_size))
+    data = padded.reshape(n, k_blocks, block_size).astype(np.uint8)
     packed_zero_points = None
+    if bits == 4:
+        data = pack_nibbles(data)
     if zero_points.dtype.kind == "f":
         packed_zero_points = zero_points.astype(np.float32).reshape(-1)
+    elif not spec.symmetric and bits == 8:
+        packed_zero_points = zero_points.astype(np.uint8).reshape(-1)
     elif not spec.symmetric:
         even = np.full((n, k_blocks + k_blocks % 2), 8, np.int16)
         even[:, :k_blocks] = zero_points.astype(np.int16)
         packed_zero_points = pack_nibbles(even).reshape(-1)
-    return PackedWeight(data, scales.astype(np.float32).reshape(-1), packed_zero_points, k, n, block_size)
+    return PackedWeight(data, scales.astype(np.float32).reshape(-1), packed_zero_points, k, n, block_size, bits)
 
 
-def _is_block_4bit(spec) -> bool:
-    return isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerBlock) and spec.grid.bits == 4
+def _is_nbits_block(spec) -> bool:
+    return isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerBlock) and spec.grid.bits in BITS
 
 
 class LowerMatMulNBitsPass(ir.passes.InPlacePass):
-    """Replace each MatMul / Gemm on a 4-bit block-quantized weight by a MatMulNBits (and the Gemm's bias Add)."""
+    """Replace each MatMul / Gemm on a 4- or 8-bit block-quantized weight by a MatMulNBits (and a Gemm's bias Add)."""
 
     name = "lower-matmul-nbits"
 
@@ -88,9 +98,9 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
         self.options = options
 
     def ensures(self, model: ir.Model) -> None:
-        left = [v.name for v in model.graph.initializers.values() if _is_block_4bit(v.meta.get(QUANT_SPEC_KEY))]
+        left = [v.name for v in model.graph.initializers.values() if _is_nbits_block(v.meta.get(QUANT_SPEC_KEY))]
         if left:
-            raise ir.passes.PostconditionError(f"4-bit block specs not lowered: {', '.join(left[:5])}")
+            raise ir.passes.PostconditionError(f"block specs not lowered: {', '.join(left[:5])}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -98,7 +108,7 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
         lowered = 0
         for node in list(graph):
             weight = node.inputs[1] if reduction_axis(node) is not None else None
-            if weight is None or not _is_block_4bit(weight.meta.get(QUANT_SPEC_KEY)):
+            if weight is None or not _is_nbits_block(weight.meta.get(QUANT_SPEC_KEY)):
                 continue
             if weight not in packed:
                 packed[weight] = _initializers(graph, weight)
@@ -110,10 +120,13 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
                 graph.initializers.pop(weight.name)
         if lowered:
             model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
+        if eight := sum(weight.bits == 8 for weight, _ in packed.values()):
+            add_note(model, f"{eight} MatMulNBits weight(s) at 8 bits: ONNX Runtime runs them from version 1.22 "
+                     f"(head_bits=4 for older ones)")
         return ir.passes.PassResult(model, modified=bool(lowered))
 
     def _replace(self, graph: ir.Graph, node: ir.Node, weight: PackedWeight, inputs: list[ir.Value]) -> None:
-        attributes = {"K": weight.k, "N": weight.n, "bits": 4, "block_size": weight.block_size,
+        attributes = {"K": weight.k, "N": weight.n, "bits": weight.bits, "block_size": weight.block_size,
                       "accuracy_level": self.options.accuracy_level}
         matmul = ir.node("MatMulNBits", [node.inputs[0], *inputs], attributes, domain=CONTRIB_DOMAIN, name=node.name)
         new_nodes = [matmul]

@@ -37,6 +37,8 @@ class W4A16Options:
     kernel: str = option("auto", "how the 4-bit matmuls are lowered: contrib (ONNX Runtime's MatMulNBits), "
                                  "decomposed (DequantizeLinear with block_size, opset 21: standard ONNX), auto "
                                  "(contrib where the target takes contrib ops)")
+    head_bits: int = option(8, "bits of the layers that write a model output (an LM head): 8 (a 4-bit head costs "
+                               "small LMs most; MatMulNBits runs 8 bits on ONNX Runtime 1.22 and later) or 4")
     embeddings: bool = embeddings_option()
 
 
@@ -60,8 +62,10 @@ def _block_options(settings: Settings, decomposed: bool) -> BlockSpecOptions:
     if settings.target.symmetric_int8_only and not options.symmetric:
         raise UsageError(f"option symmetric=false: {settings.target.summary} takes 4-bit weights with zero point 0 "
                          f"only; use symmetric=true")
+    if options.head_bits not in (4, 8):
+        raise UsageError(f"option head_bits: expected 4 or 8, got {options.head_bits}")
     return BlockSpecOptions(block_size=options.block_size, symmetric=options.symmetric, exclude=settings.excluded,
-                            block_dequantize=decomposed)
+                            block_dequantize=decomposed, head_bits=options.head_bits)
 
 
 def _w4a16(settings: Settings, hqq: bool = False) -> list[ir.passes.PassBase]:

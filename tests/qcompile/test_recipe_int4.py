@@ -11,7 +11,7 @@ from qcompile.models import synthetic
 from qcompile.target_check import target_problems
 from qcompile.targets import TARGETS
 from qcompile.verify import worst_sqnr_db
-from tests.helpers import parse, random_feed, run
+from tests.helpers import NBITS_8, parse, random_feed, run
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 
@@ -76,19 +76,24 @@ g (int64[B, S] ids) => (float[B, S, 40] logits) <float[40, 32] embedding = {%s}>
 """ % ", ".join(f"{v:.4f}" for v in np.random.default_rng(3).standard_normal(40 * 32))
 
 
-def test_a_tied_head_gets_its_own_4bit_copy_and_the_gathered_table_int8_rows(tmp_path):
+@NBITS_8
+def test_a_tied_head_gets_its_own_8bit_copy_and_the_gathered_table_int8_rows(tmp_path):
     path = tmp_path / "tied.onnx"
     save_model(parse(TIED), path)
     ids = np.array([[1, 5, 39]], np.int64)
     expected = run(parse(TIED), {"ids": ids})[0]
-    model = qcompile.compile(path, recipe="w4a16-rtn").model
-    assert [n.op_type for n in model.graph][-1] == "MatMulNBits"
-    assert {v.dtype for v in model.graph.initializers.values()} >= {ir.DataType.INT8}  # the table's rows
-    assert worst_sqnr_db([expected], _outputs(model, {"ids": ids})) > 14
+    result = qcompile.compile(path, recipe="w4a16-rtn")
+    head = list(result.model.graph)[-1]
+    assert head.op_type == "MatMulNBits" and head.attributes.get_int("bits") == 8
+    assert {layer["precision"] for layer in result.report["layers"]} == {"w:int8 a:fp32"}
+    assert {v.dtype for v in result.model.graph.initializers.values()} >= {ir.DataType.INT8}  # the table's rows
+    assert worst_sqnr_db([expected], _outputs(result.model, {"ids": ids})) > 30
 
-    float_table = qcompile.compile(path, recipe="w4a16-rtn", options={"embeddings": False}).model
-    assert [n.op_type for n in float_table.graph] == ["Gather", "MatMulNBits"]
-    assert float_table.graph.initializers["embedding"].dtype == ir.DataType.FLOAT
+    four_bits = qcompile.compile(path, recipe="w4a16-rtn", options={"embeddings": False, "head_bits": 4}).model
+    assert [n.op_type for n in four_bits.graph] == ["Gather", "MatMulNBits"]
+    assert list(four_bits.graph)[-1].attributes.get_int("bits") == 4
+    assert four_bits.graph.initializers["embedding"].dtype == ir.DataType.FLOAT
+    assert 14 < worst_sqnr_db([expected], _outputs(four_bits, {"ids": ids})) < 30
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda", "portable", "tensorrt"])
@@ -103,6 +108,7 @@ def test_every_target_takes_what_it_gets(block, target):
     ("ort-cpu", {"block_size": 48}, "block_size: expected one of 16, 32, 64, 128, 256"),
     ("ort-cpu", {"accuracy_level": 5}, "accuracy_level: expected one of"),
     ("ort-cpu", {"kernel": "custom"}, "kernel: expected one of auto, contrib, decomposed"),
+    ("ort-cpu", {"head_bits": 2}, "head_bits: expected 4 or 8"),
 ])
 def test_options_the_target_cannot_take_are_usage_errors(block, target, options, message):
     with pytest.raises(UsageError, match=message):

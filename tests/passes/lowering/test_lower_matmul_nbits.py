@@ -3,7 +3,7 @@ reads it."""
 import numpy as np
 import onnx_ir as ir
 import pytest
-from helpers import apply, clone, op_types, parse, run
+from helpers import NBITS_8, apply, clone, op_types, parse, run
 
 from qcompile.decisions import QUANT_SPEC_KEY
 from qcompile.passes.analysis.assign_block_specs import AssignBlockSpecsPass, BlockSpecOptions, block_spec
@@ -50,22 +50,24 @@ def test_nibbles_pack_low_first():
     assert pack_nibbles(np.array([1, 2, 15, 0], np.uint8)).tolist() == [0x21, 0x0F]
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("k", [64, 70])  # whole blocks, and a short last block
-def test_packed_weight_is_the_specs_levels_bit_for_bit(symmetric, k):
+def test_packed_weight_is_the_specs_levels_bit_for_bit(symmetric, k, bits):
     w = _weight(k, 5)
-    spec = block_spec(w, 0, 32, symmetric)
+    spec = block_spec(w, 0, 32, symmetric, bits=bits)
     packed = pack_weight(w, spec)
     k_blocks = -(-k // 32)
-    assert packed.data.shape == (5, k_blocks, 16) and packed.scales.shape == (5 * k_blocks,)
-    levels = _unpack(packed.data).reshape(5, -1)[:, :k].astype(np.int16)
+    assert packed.data.shape == (5, k_blocks, 32 * bits // 8) and packed.scales.shape == (5 * k_blocks,)
+    unpack = _unpack if bits == 4 else (lambda data: data)
+    levels = unpack(packed.data).reshape(5, -1)[:, :k].astype(np.int16)
     expected = spec.quantize(w).astype(np.int16).T
     zero_points = spec.zero_point.astype(np.int16).T  # (N, k_blocks)
     if symmetric:
         assert packed.zero_points is None
-        np.testing.assert_array_equal(levels - 8, expected)
+        np.testing.assert_array_equal(levels - 2 ** (bits - 1), expected)
     else:
-        unpacked = _unpack(packed.zero_points.reshape(5, -1))[:, :k_blocks]
+        unpacked = unpack(packed.zero_points.reshape(5, -1))[:, :k_blocks]
         np.testing.assert_array_equal(unpacked, zero_points)
         np.testing.assert_array_equal(levels, expected)
     np.testing.assert_array_equal(packed.scales.reshape(5, k_blocks), spec.stored_scale().T)
@@ -112,6 +114,21 @@ def test_matmuls_run_as_matmulnbits_equal_to_the_dequantized_weight(symmetric, k
     np.testing.assert_allclose(y, x @ dequantized, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(y, z)
     assert not apply(model, LowerMatMulNBitsPass())
+
+
+@NBITS_8
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_layer_writing_a_model_output_gets_8_bit_blocks_where_asked(symmetric):
+    w = _weight(72, 6)
+    model = _model(72, 6, "y = MatMul(x, w)", weights={"w": w})
+    x = RNG.standard_normal((2, 3, 72)).astype(np.float32)
+    apply(model, AssignBlockSpecsPass(BlockSpecOptions(block_size=32, symmetric=symmetric, head_bits=8)))
+    spec = model.graph.initializers["w"].meta[QUANT_SPEC_KEY]
+    assert spec.grid.bits == 8 and "1 layer(s) writing a model output (an LM head) in blocks of 8 bits" in \
+        model.meta["qcompile.notes"]
+    apply(model, LowerMatMulNBitsPass(MatMulNBitsOptions(accuracy_level=0)))
+    assert next(iter(model.graph)).attributes.get_int("bits") == 8
+    np.testing.assert_allclose(run(model, {"x": x})[0], x @ spec.dequantize(spec.quantize(w)), rtol=1e-4, atol=1e-4)
 
 
 def test_gemm_with_transposed_weight_and_bias():
