@@ -188,7 +188,8 @@ def int4_configurations() -> list[Config]:
         for symmetric in (True, False):
             tag = f"b{block}-{'sym' if symmetric else 'asym'}"
             quick = block == 128 and symmetric
-            for recipe, level in (("w4a16-rtn", 4), ("w4a16-rtn", 0), ("w4a16-hqq", 4)):
+            hqq = () if symmetric else (("w4a16-hqq", 4),)  # HQQ fits zero points: asymmetric only
+            for recipe, level in (("w4a16-rtn", 4), ("w4a16-rtn", 0), *hqq):
                 suffix = "" if level == 4 else "-acc0"
                 configs.append(Config(f"qc-{recipe}-{tag}{suffix}", "qcompile",
                                       f"qcompile {recipe} block {block} {'symmetric' if symmetric else 'asymmetric'}"

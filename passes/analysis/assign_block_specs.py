@@ -87,7 +87,8 @@ def from_blocks(per_block: np.ndarray, axis: int) -> np.ndarray:
 
 
 class AssignBlockSpecsPass(ir.passes.InPlacePass):
-    """Attach a 4-bit block-wise `QuantSpec` to each constant float weight that only MatMul / Gemm read."""
+    """Attach a 4-bit block-wise `QuantSpec` (8-bit for an LM head where asked) to each constant float weight
+    that only MatMul / Gemm read."""
 
     name = "assign-block-specs"
 
@@ -113,7 +114,8 @@ class AssignBlockSpecsPass(ir.passes.InPlacePass):
                 continue
             if not all(reduction_axis(user) == axis and index == 1 and not self._excluded(user)
                        for user, index in weight.uses()):
-                shared.append(weight.name)
+                if weight.name not in shared:  # noted once, however many layers read it
+                    shared.append(weight.name)
                 continue
             if array.shape[axis] < self.options.block_size:
                 short.append(weight.name)

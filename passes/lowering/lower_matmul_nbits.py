@@ -66,8 +66,9 @@ def pack_weight(weight: np.ndarray, spec: QuantSpec) -> PackedWeight:
     k_blocks = scales.shape[1]
     # signed levels stored unsigned, around MatMulNBits' default zero point (8, or 128 at 8 bits)
     offset = 2 ** (bits - 1) if spec.grid.signed else 0
-    # a short last block padded with its zero point's level
-    padded = np.repeat(np.rint(zero_points.astype(np.float64)).astype(np.int16) + offset, block_size, axis=1)
+    # a short last block padded with its zero point's level (HQQ's float ones may lie off the grid)
+    padding = np.clip(np.rint(zero_points.astype(np.float64)), *spec.grid.bounds).astype(np.int16) + offset
+    padded = np.repeat(padding, block_size, axis=1)
     padded[:, :k] = levels + offset
     data = padded.reshape(n, k_blocks, block_size).astype(np.uint8)
     packed_zero_points = None

@@ -42,6 +42,11 @@ class W4A16Options:
     embeddings: bool = embeddings_option()
 
 
+@dataclass(frozen=True)
+class W4A16HQQOptions(W4A16Options):
+    symmetric: bool = option(False, "HQQ fits each block's zero point: asymmetric blocks only (false)")
+
+
 def _kernel(settings: Settings) -> str:
     kernel = settings.options.kernel
     if kernel not in KERNELS:
@@ -92,6 +97,9 @@ def _w4a16_rtn(settings: Settings) -> list[ir.passes.PassBase]:
 
 
 def _w4a16_hqq(settings: Settings) -> list[ir.passes.PassBase]:
+    if settings.options.symmetric:
+        raise UsageError("recipe w4a16-hqq fits each block's zero point, which symmetric blocks do not have: use "
+                         "symmetric=false, or w4a16-rtn")
     return _w4a16(settings, hqq=True)
 
 
@@ -99,7 +107,7 @@ RECIPES = [
     Recipe("w4a16-rtn", "INT4 block-wise weight-only, round to nearest: MatMul / Gemm weights in blocks along K, "
                         "lowered to MatMulNBits (ONNX Runtime) or block-wise DequantizeLinear (opset 21)",
            W4A16Options, _w4a16_rtn),
-    Recipe("w4a16-hqq", "INT4 block-wise weight-only, HQQ: as w4a16-rtn, each block's zero point (asymmetric) or "
-                        "scale (symmetric) fitted to its weights by half-quadratic optimization; no calibration data",
-           W4A16Options, _w4a16_hqq),
+    Recipe("w4a16-hqq", "INT4 block-wise weight-only, HQQ: as w4a16-rtn, asymmetric, each block's zero point "
+                        "fitted to its weights by half-quadratic optimization; no calibration data",
+           W4A16HQQOptions, _w4a16_hqq),
 ]
