@@ -86,6 +86,7 @@ def test_a_tied_head_gets_its_own_8bit_copy_and_the_gathered_table_int8_rows(tmp
     result = qcompile.compile(path, recipe="w4a16-rtn")
     head = list(result.model.graph)[-1]
     assert head.op_type == "MatMulNBits" and head.attributes.get_int("bits") == 8
+    assert head.attributes.get_int("accuracy_level") == 0  # kept at 8 bits for accuracy: float products
     assert {layer["precision"] for layer in result.report["layers"]} == {"w:int8 a:fp32"}
     assert {v.dtype for v in result.model.graph.initializers.values()} >= {ir.DataType.INT8}  # the table's rows
     assert worst_sqnr_db([expected], _outputs(result.model, {"ids": ids})) > 30
