@@ -86,7 +86,6 @@ def test_a_tied_head_gets_its_own_8bit_copy_and_the_gathered_table_int8_rows(tmp
     result = qcompile.compile(path, recipe="w4a16-rtn")
     head = list(result.model.graph)[-1]
     assert head.op_type == "MatMulNBits" and head.attributes.get_int("bits") == 8
-    assert head.attributes.get_int("accuracy_level") == 0  # kept at 8 bits for accuracy: float products
     assert {layer["precision"] for layer in result.report["layers"]} == {"w:int8 a:fp32"}
     assert {v.dtype for v in result.model.graph.initializers.values()} >= {ir.DataType.INT8}  # the table's rows
     assert worst_sqnr_db([expected], _outputs(result.model, {"ids": ids})) > 30
@@ -105,6 +104,8 @@ def test_hqq_keeps_integer_zero_points_on_an_8_bit_head_and_runs(tmp_path):
     save_model(parse(TIED), path)
     ids = np.array([[1, 5, 39]], np.int64)
     expected = run(parse(TIED), {"ids": ids})[0]
+    result = qcompile.compile(path, recipe="w4a16-hqq", options={"head_bits": 4})
+    assert any("float zero points (HQQ's)" in note for note in result.report["notes"])
     model = qcompile.compile(path, recipe="w4a16-hqq").model
     head = list(model.graph)[-1]
     assert head.attributes.get_int("bits") == 8 and head.inputs[3].dtype == ir.DataType.UINT8
