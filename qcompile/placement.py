@@ -44,6 +44,7 @@ from qcompile.decisions import FLOAT_ISLANDS_KEY
 from qcompile.io import save_model
 from qcompile.layers import WEIGHTED_OPS, layer_precisions
 from qcompile.session import TIMING, session
+from qcompile.target_check import INTEGER_OPS
 from qcompile.targets import Target
 from qcompile.verify import interleaved_medians, latency_feeds, worst_sqnr_db
 
@@ -196,17 +197,12 @@ def _mean(first: Timing, second: Timing) -> Timing:
     return Timing(ratios, (first.fp32_ms + second.fp32_ms) / 2, first.sqnr_db)
 
 
-# Layers that compute on integers by their op type alone.
-INTEGER_LAYERS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "DynamicQuantizeMatMul",
-                  "MatMulIntegerToFloat"}
-
-
 def _quantized_layers(model: ir.Model, op_types: set[str] = WEIGHTED_OPS) -> int:
     """How many layers of ``op_types`` read a dequantized weight, or compute on integers."""
     def dequantized(value):
         return value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
 
-    return sum(node.op_type in op_types and (node.op_type in INTEGER_LAYERS
+    return sum(node.op_type in op_types and (node.op_type in INTEGER_OPS
                                              or (len(node.inputs) > 1 and dequantized(node.inputs[1])))
                for node in model.graph)
 

@@ -79,13 +79,12 @@ def hqq_spec(weight: np.ndarray, spec: QuantSpec, integer_zero_points: bool = Fa
     axis, block_size = granularity.axis, granularity.block_size
     w = blocks_of(weight.astype(np.float64), axis, block_size)
     scale = np.moveaxis(spec.scale.astype(np.float64), axis, -1)
-    zero = np.moveaxis(spec.zero_point.astype(np.float64), axis, -1)
+    start = np.moveaxis(spec.zero_point.astype(np.float64), axis, -1)
     if not integer_zero_points:  # a float zero point need not keep 0 on the grid
-        scale, zero = _own_range(w, *spec.grid.bounds)
-    zero = fit_zero_points(w, scale, zero, spec.grid.bounds)
+        scale, start = _own_range(w, *spec.grid.bounds)
+    zero = fit_zero_points(w, scale, start, spec.grid.bounds)
     if integer_zero_points:  # rounded, where that does better than min/max's own
         rounded = np.clip(np.rint(zero), *spec.grid.bounds)
-        start = np.moveaxis(spec.zero_point.astype(np.float64), axis, -1)
         better = (_error(w, _restored(w, scale, rounded, spec.grid.bounds)[1])
                   < _error(w, _restored(w, scale, start, spec.grid.bounds)[1]))
         zero_point = from_blocks(np.where(better, rounded, start), axis).astype(spec.zero_point.dtype)

@@ -146,7 +146,7 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
 
 def _initializers(graph: ir.Graph, weight: ir.Value) -> tuple[PackedWeight, list[ir.Value]]:
     packed = pack_weight(weight.const_value.numpy(), weight.meta[QUANT_SPEC_KEY])
-    inputs = [register_constant(graph, f"{weight.name}_4bit", packed.data),
+    inputs = [register_constant(graph, f"{weight.name}_{packed.bits}bit", packed.data),
               register_constant(graph, f"{weight.name}_scales", packed.scales)]
     if packed.zero_points is not None:
         inputs.append(register_constant(graph, f"{weight.name}_zero_points", packed.zero_points))

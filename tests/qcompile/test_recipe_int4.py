@@ -77,12 +77,18 @@ g (int64[B, S] ids) => (float[B, S, 40] logits) <float[40, 32] embedding = {%s}>
 """ % ", ".join(f"{v:.4f}" for v in np.random.default_rng(3).standard_normal(40 * 32))
 
 
-@NBITS_8
-def test_a_tied_head_gets_its_own_8bit_copy_and_the_gathered_table_int8_rows(tmp_path):
+@pytest.fixture
+def tied(tmp_path):
+    """The tied-head model saved, token ids, and its fp32 logits on them."""
     path = tmp_path / "tied.onnx"
     save_model(parse(TIED), path)
     ids = np.array([[1, 5, 39]], np.int64)
-    expected = run(parse(TIED), {"ids": ids})[0]
+    return path, ids, run(parse(TIED), {"ids": ids})[0]
+
+
+@NBITS_8
+def test_a_tied_head_gets_its_own_8bit_copy_and_the_gathered_table_int8_rows(tied):
+    path, ids, expected = tied
     result = qcompile.compile(path, recipe="w4a16-rtn")
     head = list(result.model.graph)[-1]
     assert head.op_type == "MatMulNBits" and head.attributes.get_int("bits") == 8
@@ -98,12 +104,9 @@ def test_a_tied_head_gets_its_own_8bit_copy_and_the_gathered_table_int8_rows(tmp
 
 
 @NBITS_8
-def test_hqq_keeps_integer_zero_points_on_an_8_bit_head_and_runs(tmp_path):
+def test_hqq_keeps_integer_zero_points_on_an_8_bit_head_and_runs(tied):
     """MatMulNBits takes float zero points at 4 bits only."""
-    path = tmp_path / "tied.onnx"
-    save_model(parse(TIED), path)
-    ids = np.array([[1, 5, 39]], np.int64)
-    expected = run(parse(TIED), {"ids": ids})[0]
+    path, ids, expected = tied
     result = qcompile.compile(path, recipe="w4a16-hqq", options={"head_bits": 4})
     assert any("float zero points (HQQ's)" in note for note in result.report["notes"])
     model = qcompile.compile(path, recipe="w4a16-hqq").model
