@@ -179,25 +179,26 @@ def configurations() -> list[Config]:
 
 
 def int4_configurations() -> list[Config]:
-    """qcompile's INT4 recipes (w4a16-rtn, w4a16-hqq) and ONNX Runtime's `MatMulNBitsQuantizer` (its DEFAULT
-    round to nearest, and HQQ, which is asymmetric only) at block sizes 32 and 128, symmetric and asymmetric,
-    each at MatMulNBits accuracy_level 4 (activations quantized to int8 per block: the fast path) unless its
-    id ends in -acc0."""
+    """qcompile's INT4 recipes (w4a16-rtn, w4a16-hqq, w4a16-gptq, w4a16-awq) and ONNX Runtime's
+    `MatMulNBitsQuantizer` (its DEFAULT round to nearest; HQQ, which is asymmetric only; GPTQ, run symmetric
+    only to bound the run's length: it was seen to take over 15 minutes) at block sizes 32 and 128, symmetric
+    and asymmetric, each at MatMulNBits accuracy_level 4 (activations quantized to int8 per block: the fast
+    path) unless its id ends in -acc0."""
     configs = []
     for block in (32, 128):
         for symmetric in (True, False):
             tag = f"b{block}-{'sym' if symmetric else 'asym'}"
             quick = block == 128 and symmetric
             hqq = () if symmetric else (("w4a16-hqq", 4),)  # HQQ fits zero points: asymmetric only
-            for recipe, level in (("w4a16-rtn", 4), ("w4a16-rtn", 0), *hqq):
+            for recipe, level in (("w4a16-rtn", 4), ("w4a16-rtn", 0), *hqq, ("w4a16-gptq", 4), ("w4a16-awq", 4)):
                 suffix = "" if level == 4 else "-acc0"
                 configs.append(Config(f"qc-{recipe}-{tag}{suffix}", "qcompile",
                                       f"qcompile {recipe} block {block} {'symmetric' if symmetric else 'asymmetric'}"
                                       f", accuracy_level {level}",
-                                      {"recipe": recipe, "calib": False,
+                                      {"recipe": recipe, "calib": recipe in ("w4a16-gptq", "w4a16-awq"),
                                        "options": {"block_size": block, "symmetric": symmetric,
                                                    "accuracy_level": level}}, quick=quick and level == 4))
-            for algorithm in ("DEFAULT",) if symmetric else ("DEFAULT", "HQQ"):
+            for algorithm in ("DEFAULT", "GPTQ") if symmetric else ("DEFAULT", "HQQ"):
                 hqq = algorithm == "HQQ"
                 configs.append(Config(f"ort-nbits-{algorithm.lower()}-{tag}", "ort",
                                       f"ORT MatMulNBitsQuantizer {algorithm} block {block} "
@@ -558,9 +559,14 @@ def ort_nbits_compile(spec: dict, output: Path) -> dict:
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     params = spec["params"]
-    # DEFAULT: no algo_config (round to nearest, in ONNX Runtime's own MLAS code); HQQ takes no is_symmetric
-    algorithm = nbits.HQQWeightOnlyQuantConfig(block_size=params["block_size"]) if params["algorithm"] == "HQQ" \
-        else None
+    # DEFAULT: no algo_config (round to nearest, in ONNX Runtime's own MLAS code); HQQ takes no is_symmetric;
+    # GPTQ reads the calibration data
+    algorithm = None
+    if params["algorithm"] == "HQQ":
+        algorithm = nbits.HQQWeightOnlyQuantConfig(block_size=params["block_size"])
+    elif params["algorithm"] == "GPTQ":  # its defaults otherwise (no act order, damping 0.01)
+        algorithm = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=npz_reader(spec["calib"]),
+                                                   block_size=params["block_size"])
     start = time.perf_counter()
     quantizer = nbits.MatMulNBitsQuantizer(onnx.load(spec["input"]), block_size=params["block_size"],
                                            is_symmetric=params["symmetric"], accuracy_level=params["accuracy_level"],
@@ -1159,6 +1165,8 @@ def main(argv: list[str] | None = None, family: str = "int8") -> int:
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--work-dir", type=Path, help="default: <qcompile cache>/bench/<full|quick>")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--suffix", help="appended to the results' file names: a partial run beside a full one of "
+                                         "the same day and machine")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -1189,7 +1197,8 @@ def main(argv: list[str] | None = None, family: str = "int8") -> int:
     work_root.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     date = datetime.date.today().isoformat()
-    stem = f"{family}-{date}-{machine_slug(machine)}" + ("-quick" if args.quick else "")
+    stem = f"{family}-{date}-{machine_slug(machine)}" + ("-quick" if args.quick else "") + (
+        f"-{args.suffix}" if args.suffix else "")
     args.results_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.results_dir / f"{stem}.json", args.results_dir / f"{stem}.md"
 

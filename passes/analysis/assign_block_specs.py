@@ -120,7 +120,7 @@ class AssignBlockSpecsPass(ir.passes.InPlacePass):
             if array.shape[axis] < self.options.block_size:
                 short.append(weight.name)
                 continue
-            bits = self.options.head_bits if _writes_output(weight) else 4
+            bits = self.options.head_bits if writes_output(weight) else 4
             heads += bits != 4
             weight.meta[QUANT_SPEC_KEY] = block_spec(array, axis, self.options.block_size, self.options.symmetric,
                                                      negative_scales=not self.options.block_dequantize, bits=bits)
@@ -140,6 +140,6 @@ class AssignBlockSpecsPass(ir.passes.InPlacePass):
         return name_matches(node.name, self.options.exclude)
 
 
-def _writes_output(weight: ir.Value) -> bool:
+def writes_output(weight: ir.Value) -> bool:
     """Whether a layer reading ``weight`` writes a model output itself (an LM head's logits)."""
     return any(user.outputs[0].is_graph_output() for user, _ in weight.uses())

@@ -56,7 +56,7 @@ def _smoothable(node: ir.Node) -> bool:
             and weight.ndim == 2 and len(node.inputs[1].uses()) == 1)
 
 
-def _groups(model: ir.Model, exclude: tuple[str, ...]) -> dict[ir.Value, list[ir.Node]]:
+def smoothable_groups(model: ir.Model, exclude: tuple[str, ...]) -> dict[ir.Value, list[ir.Node]]:
     """Token activations (rank >= 3) read by MatMuls with constant weights, and those MatMuls.
 
     Rank 2 (a CNN's pooled features, one vector per sample) is left alone: smoothing evens out the
@@ -129,7 +129,7 @@ class ChooseSmoothingPass(ir.passes.InPlacePass):
         self.options = options
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        groups = _groups(model, self.options.exclude)
+        groups = smoothable_groups(model, self.options.exclude)
         if not groups:
             return ir.passes.PassResult(model, modified=False)
         maxima = {x: ChannelMax(-1, absolute=True) for x in groups}

@@ -8,14 +8,16 @@ observed activations plus what each statistic states as its bound (`Statistic.me
 
 The model is written to a temporary file for ONNX Runtime (never read back) with the observed values
 as extra graph outputs, which are taken off again at once; a later run that observes no other values
-(the second pass of the histogram methods) reuses that session.
+(the second pass of the histogram methods) reuses that session. Initializers named ``replaceable``
+are listed as graph inputs in that file too, so a run may feed other values for them (GPTQ calibrates
+each layer on the model whose earlier layers are already quantized) without saving the model again.
 """
 from __future__ import annotations
 
 import logging
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -68,17 +70,23 @@ class CalibrationData:
 class CalibrationRunner:
     """Runs ``model`` over ``data`` and feeds statistics of its values."""
 
-    def __init__(self, model: ir.Model, data: CalibrationData):
+    def __init__(self, model: ir.Model, data: CalibrationData, replaceable: Collection[ir.Value] = ()):
         self.model = model
         self.data = data
+        self.replaceable = list(replaceable)
         self.inputs = model_inputs(model)
         self._fetchable: set[ir.Value] = set()
         self._session = None
         self._folder = None  # the session's model file; removed with the runner
 
-    def run(self, observed: Mapping[ir.Value, Sequence[Statistic]], description: str) -> None:
+    def run(self, observed: Mapping[ir.Value, Sequence[Statistic]], description: str,
+            replacements: Mapping[ir.Value, np.ndarray] | None = None) -> None:
         """One pass over the data: each statistic of ``observed[value]`` sees every batch of ``value``
-        (a graph input, a node output or a constant of the main graph)."""
+        (a graph input, a node output or a constant of the main graph). ``replacements``: values that
+        ``replaceable`` initializers take instead of their own for this run."""
+        replaced = {v.name: array for v, array in (replacements or {}).items()}
+        if not set(replaced) <= {v.name for v in self.replaceable}:
+            raise ValueError(f"not replaceable: {sorted(set(replaced) - {v.name for v in self.replaceable})}")
         fed = {i.name for i in self.inputs}
         values = list(observed)
         unreadable = [v for v in values if v.dtype is not None and not v.dtype.is_floating_point()]
@@ -93,7 +101,8 @@ class CalibrationRunner:
             # One batch's activations are alive at a time: they are dropped before the next batch runs.
             for feed in self.data.batches(self.inputs):
                 count = batch_samples(feed, self.inputs)
-                fetched = dict(zip(fetch, run(sess, names, feed, "the model on calibration data"))) if fetch else {}
+                fetched = dict(zip(fetch, run(sess, names, {**feed, **replaced}, "the model on calibration data"))) \
+                    if fetch else {}
                 _update(observed, {**{v: feed[v.name] for v in values if v.name in fed}, **constants, **fetched}, count)
                 del fetched
                 advance(count)
@@ -106,13 +115,17 @@ class CalibrationRunner:
             self._session = None  # not two sessions of the model alive at once
             graph = self.model.graph
             added = [v for v in dict.fromkeys(fetch) if v not in set(graph.outputs)]
+            fed = [v for v in self.replaceable if v not in set(graph.inputs)]
             self._folder = tempfile.TemporaryDirectory(prefix="qcompile-calib-")
             graph.outputs.extend(added)
+            graph.inputs.extend(fed)
             try:
                 path = save_model(self.model, Path(self._folder.name) / "calibration.onnx")
             finally:
                 for value in added:
                     graph.outputs.remove(value)
+                for value in fed:
+                    graph.inputs.remove(value)
             self._session, self._fetchable = session(path), set(fetch)
         return self._session
 

@@ -67,7 +67,8 @@ class QuantSpec:
 
     ``scale`` and ``zero_point`` are scalars per tensor, 1-D along the axis per channel, and shaped like
     the tensor with the axis divided into blocks per block. ``constraint`` is the target's, for
-    kernels that do not compute every level combination exactly.
+    kernels that do not compute every level combination exactly. ``levels``, where an analysis chose
+    each rounding itself (GPTQ's error feedback), are the tensor's levels: `quantize` returns them.
     """
 
     grid: Grid
@@ -77,6 +78,7 @@ class QuantSpec:
     symmetric: bool = True
     method: str = "minmax"
     constraint: LevelConstraint | None = None
+    levels: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def dtype(self) -> ir.DataType:
@@ -123,6 +125,10 @@ class QuantSpec:
         return np.take(expanded, np.arange(shape[axis]), axis=axis)
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
+        if self.levels is not None:
+            if self.levels.shape != x.shape:
+                raise ValueError(f"levels of shape {self.levels.shape} decided for a tensor of shape {x.shape}")
+            return self.levels.astype(self.numpy_dtype)
         scale = self._broadcast(self.stored_scale(), x.shape)
         zero_point = self._broadcast(self.zero_point, x.shape)
         real = x.astype(np.float64) / scale

@@ -20,11 +20,11 @@ FAMILIES = {
     "w8a8-smoothquant": "int8",
     "w4a16-rtn": "int4",
     "w4a16-hqq": "int4",
+    "w4a16-gptq": "int4",
+    "w4a16-awq": "int4",
 }
 # Recipes in the interface (INTERFACE.md) that are not built yet.
 PLANNED = {
-    "w4a16-gptq": "INT4 block-wise weight-only, GPTQ",
-    "w4a16-awq": "INT4 block-wise weight-only, AWQ",
     "nf4": "NF4 block-wise weight-only with double-quantized scales",
     "fp8": "FP8 E4M3 weights and activations (Q/DQ)",
     "llm-int8": "LLM.int8(): outlier input channels kept in float, the rest INT8",

@@ -61,9 +61,11 @@ class Settings:
         """--exclude patterns and those of [[nodes]] tables with quantize = false."""
         return self.exclude + tuple(p for table in self.nodes if table.quantize is False for p in table.match)
 
-    def require_calib(self, recipe: str) -> CalibrationData:
+    def require_calib(self, recipe: str, without_data: str | None = None) -> CalibrationData:
+        """The calibration data; ``without_data`` names recipes to suggest that need none."""
         if self.calib is None:
-            raise UsageError(f"recipe {recipe} calibrates: give --calib DATA (or --calib random for a smoke test)")
+            raise UsageError(f"recipe {recipe} calibrates: give --calib DATA (or --calib random for a smoke test)"
+                             + (f", or use {without_data}, which need no data" if without_data else ""))
         return self.calib
 
 

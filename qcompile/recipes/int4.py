@@ -1,4 +1,5 @@
-"""The INT4 family: block-wise 4-bit weight-only recipes (`w4a16-rtn`, `w4a16-hqq`), activations left float.
+"""The INT4 family: block-wise 4-bit weight-only recipes (`w4a16-rtn`, `w4a16-hqq`, `w4a16-gptq`, `w4a16-awq`),
+activations left float.
 
 The weights of MatMul and Gemm layers (a tied LM head too, once given its own transposed copy) get one
 scale, and asymmetric one zero point, per block along K; embedding tables are stored as INT8, one scale
@@ -15,11 +16,14 @@ import onnx_ir as ir
 from qcompile.errors import UsageError
 from qcompile.passes.analysis.assign_block_specs import (BLOCK_DEQUANTIZE_OPSET, BLOCK_SIZES, AssignBlockSpecsPass,
                                                          BlockSpecOptions)
+from qcompile.passes.analysis.choose_awq_scales import AWQOptions, ChooseAWQScalesPass
 from qcompile.passes.analysis.fit_block_grids_hqq import FitBlockGridsHQQPass, HQQOptions
+from qcompile.passes.analysis.round_blocks_gptq import GPTQOptions, RoundBlocksGPTQPass
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.canonicalize.upgrade_opset import PER_CHANNEL_OPSET
 from qcompile.passes.lowering.lower_matmul_nbits import LowerMatMulNBitsPass, MatMulNBitsOptions
 from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
+from qcompile.passes.transform.smooth_activations import SmoothActivationsPass
 from qcompile.recipes.base import Recipe, Settings, option
 from qcompile.recipes.canonical import canonicalize
 from qcompile.recipes.embeddings import assign_embedding_specs, embeddings_option, gather_rows, untie
@@ -45,6 +49,17 @@ class W4A16Options:
 @dataclass(frozen=True)
 class W4A16HQQOptions(W4A16Options):
     symmetric: bool = option(False, "HQQ fits each block's zero point: asymmetric blocks only (false)")
+
+
+@dataclass(frozen=True)
+class W4A16GPTQOptions(W4A16Options):
+    damp: float = option(0.01, "GPTQ: fraction of the Hessian's mean diagonal added to it (more: closer to round to "
+                               "nearest, steadier on little data)")
+    act_order: bool = option(True, "GPTQ: round the input features in order of decreasing activation energy "
+                                   "(the blocks' grids then come from round to nearest)")
+    stages: int = option(1, "GPTQ: calibration runs; the layers in that many groups, each measured on the model "
+                            "with the groups before it already rounded (the paper's order, one group per layer "
+                            "input; slower, and no better on SmolLM2)")
 
 
 def _kernel(settings: Settings) -> str:
@@ -73,7 +88,9 @@ def _block_options(settings: Settings, decomposed: bool) -> BlockSpecOptions:
                             block_dequantize=decomposed, head_bits=options.head_bits)
 
 
-def _w4a16(settings: Settings, hqq: bool = False) -> list[ir.passes.PassBase]:
+def _w4a16(settings: Settings, scale: list[ir.passes.PassBase] = (),
+           fit: list[ir.passes.PassBase] = ()) -> list[ir.passes.PassBase]:
+    """The INT4 pipeline; ``scale`` rescales weights before their blocks are decided, ``fit`` refines those."""
     decomposed = _kernel(settings) == "decomposed"
     if settings.options.accuracy_level not in ACCURACY_LEVELS:
         raise UsageError(f"option accuracy_level: expected one of {', '.join(map(str, ACCURACY_LEVELS))}, "
@@ -82,8 +99,9 @@ def _w4a16(settings: Settings, hqq: bool = False) -> list[ir.passes.PassBase]:
     return [
         *canonicalize(BLOCK_DEQUANTIZE_OPSET if decomposed else PER_CHANNEL_OPSET),
         *untie(settings),
+        *scale,
         AssignBlockSpecsPass(_block_options(settings, decomposed)),
-        *([FitBlockGridsHQQPass(HQQOptions(integer_zero_points=decomposed))] if hqq else []),
+        *fit,
         *assign_embedding_specs(settings),
         *nbits,
         QuantizeWeightsPass(),  # the embedding tables', and behind DequantizeLinear the 4-bit blocks
@@ -100,7 +118,28 @@ def _w4a16_hqq(settings: Settings) -> list[ir.passes.PassBase]:
     if settings.options.symmetric:
         raise UsageError("recipe w4a16-hqq fits each block's zero point, which symmetric blocks do not have: use "
                          "symmetric=false, or w4a16-rtn")
-    return _w4a16(settings, hqq=True)
+    decomposed = _kernel(settings) == "decomposed"
+    return _w4a16(settings, fit=[FitBlockGridsHQQPass(HQQOptions(integer_zero_points=decomposed))])
+
+
+def _w4a16_gptq(settings: Settings) -> list[ir.passes.PassBase]:
+    data = settings.require_calib("w4a16-gptq", without_data="w4a16-rtn or w4a16-hqq")
+    options = settings.options
+    if not 0 < options.damp < 1:
+        raise UsageError(f"option damp: expected a fraction in (0, 1), got {options.damp}")
+    if options.stages < 1:
+        raise UsageError(f"option stages: expected 1 or more, got {options.stages}")
+    negative_scales = _kernel(settings) != "decomposed"
+    return _w4a16(settings, fit=[RoundBlocksGPTQPass(GPTQOptions(data, options.damp, options.act_order, options.stages,
+                                                                 negative_scales))])
+
+
+def _w4a16_awq(settings: Settings) -> list[ir.passes.PassBase]:
+    data = settings.require_calib("w4a16-awq", without_data="w4a16-rtn or w4a16-hqq")
+    blocks = _block_options(settings, _kernel(settings) == "decomposed")
+    awq = AWQOptions(data, blocks.block_size, blocks.symmetric, not blocks.block_dequantize, blocks.head_bits,
+                     settings.excluded)
+    return _w4a16(settings, scale=[ChooseAWQScalesPass(awq), SmoothActivationsPass()])
 
 
 RECIPES = [
@@ -110,4 +149,11 @@ RECIPES = [
     Recipe("w4a16-hqq", "INT4 block-wise weight-only, HQQ: as w4a16-rtn, asymmetric, each block's zero point "
                         "fitted to its weights by half-quadratic optimization; no calibration data",
            W4A16HQQOptions, _w4a16_hqq),
+    Recipe("w4a16-gptq", "INT4 block-wise weight-only, GPTQ: as w4a16-rtn, each weight rounded column by column "
+                         "with the error fed forward by the Hessian of its layer's input on calibration data",
+           W4A16GPTQOptions, _w4a16_gptq),
+    Recipe("w4a16-awq", "INT4 block-wise weight-only, AWQ: as w4a16-rtn, after per-input-channel scales searched "
+                        "on calibration data move precision to the weights of the most active inputs (folded into "
+                        "the op before where exact, else a Mul)",
+           W4A16Options, _w4a16_awq),
 ]

@@ -368,6 +368,33 @@ def test_per_channel_statistics_and_gram_match_numpy_over_all_batches(tmp_path):
     assert stats[4].result() is None
 
 
+# x -> h = x @ w; w an initializer a run may replace.
+LINEAR = """
+<ir_version: 10, opset_import: ["" : 17]>
+linear (float[N, 16] x) => (float[N, 4] h) <float[16, 4] w = {%s}> {
+    h = MatMul(x, w)
+}
+""" % ", ".join(["1.0"] * 64)
+
+
+def test_a_replaceable_initializer_takes_the_values_a_run_feeds_and_its_own_otherwise(tmp_path):
+    from qcompile.calibration import ChannelMax
+
+    x = _normal(9, seed=5)
+    model = load_model(_model(tmp_path, LINEAR))
+    w, h = model.graph.initializers["w"], list(model.graph)[0].outputs[0]
+    runner = CalibrationRunner(model, CalibrationData(_data(tmp_path / "d.npz", x=x)), replaceable=[w])
+    replaced = np.arange(64, dtype=np.float32).reshape(16, 4) / 64
+    maxima = [ChannelMax(-1), ChannelMax(-1)]
+    runner.run({h: [maxima[0]]}, "replaced", replacements={w: replaced})
+    runner.run({h: [maxima[1]]}, "own")
+    np.testing.assert_allclose(maxima[0].value, (x @ replaced).max(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(maxima[1].value, (x @ np.ones((16, 4))).max(axis=0), rtol=1e-5)
+    assert list(model.graph.inputs) == [model.graph.inputs[0]] and model.graph.inputs[0].name == "x"
+    with pytest.raises(ValueError, match="not replaceable"):
+        runner.run({h: [ChannelMax(-1)]}, "bad", replacements={h: replaced})
+
+
 def test_data_without_samples_is_a_usage_error_not_empty_statistics(tmp_path):
     model = load_model(_model(tmp_path))
     h = next(node.outputs[0] for node in model.graph if node.op_type == "Mul")

@@ -137,3 +137,97 @@ def test_options_the_target_cannot_take_are_usage_errors(block, target, options,
 def test_hqq_takes_asymmetric_blocks_only(block):
     with pytest.raises(UsageError, match="symmetric blocks do not have"):
         qcompile.compile(block, recipe="w4a16-hqq", options={"symmetric": True})
+
+
+def _correlated(rows: int, k: int, seed: int) -> np.ndarray:
+    """Rows of k features mixing a few strong directions, as real layer inputs do (GPTQ gains nothing on white
+    noise, whose Hessian is the identity)."""
+    rng = np.random.default_rng(seed)
+    mixing = np.random.default_rng(0).standard_normal((k, k)) * np.linspace(2.0, 0.05, k)[:, None]
+    return (rng.standard_normal((rows, k)) @ mixing).astype(np.float32)
+
+
+TWO_LAYERS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 96] x) => (float[N, 24] y) <float[96, 64] w1 = {%s}, float[24, 64] w2 = {%s}> {
+    h = MatMul(x, w1)
+    a = Relu(h)
+    y = Gemm <transB = 1> (a, w2)
+}
+""" % tuple(", ".join(f"{v:.4f}" for v in np.random.default_rng(seed).standard_normal(size))
+            for seed, size in ((1, 96 * 64), (2, 24 * 64)))
+
+
+@pytest.fixture
+def two_layers(tmp_path):
+    """The model, calibration data, and other samples with their fp32 outputs."""
+    path = tmp_path / "two.onnx"
+    save_model(parse(TWO_LAYERS), path)
+    np.savez(tmp_path / "calib.npz", x=_correlated(256, 96, seed=1))
+    other = {"x": _correlated(64, 96, seed=2)}
+    return path, str(tmp_path / "calib.npz"), other, run(parse(TWO_LAYERS), other)
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "portable"])
+@pytest.mark.parametrize("options", [{"block_size": 32}, {"block_size": 16, "symmetric": False, "act_order": True,
+                                                          "stages": 2}])
+def test_gptq_beats_round_to_nearest_on_other_samples_and_runs_as_decided(two_layers, target, options):
+    path, calib, other, expected = two_layers
+    options = {**options, "head_bits": 4, **({"accuracy_level": 0} if target == "ort-cpu" else {})}
+    gptq = qcompile.compile(path, recipe="w4a16-gptq", calib=calib, target=target, options=options)
+    rtn = qcompile.compile(path, recipe="w4a16-rtn", target=target, options={
+        k: v for k, v in options.items() if k not in ("act_order", "stages")})
+    assert any("GPTQ: 2 weight(s) rounded" in note for note in gptq.report["notes"])
+    grid = "int4" if options.get("symmetric", True) else "uint4"
+    assert {layer["precision"] for layer in gptq.report["layers"]} == {f"w:{grid} a:fp32"}
+    gptq_db, rtn_db = (worst_sqnr_db(expected, _outputs(m, other)) for m in (gptq.model, rtn.model))
+    assert gptq_db > rtn_db + 1.5, (gptq_db, rtn_db)
+
+
+def test_gptq_without_calibration_data_suggests_the_recipes_that_need_none(block):
+    with pytest.raises(UsageError, match="w4a16-gptq calibrates.*w4a16-rtn or w4a16-hqq"):
+        qcompile.compile(block, recipe="w4a16-gptq")
+
+
+# x * gamma (an RMSNorm's weight) -> MatMul -> Relu -> MatMul: token activations, rank 3, as AWQ expects.
+NORMED = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[B, S, 64] x) => (float[B, S, 32] y) <float[64] gamma = {%s}, float[64, 128] w1 = {%s},
+                                              float[128, 32] w2 = {%s}> {
+    n = Mul(x, gamma)
+    h = MatMul(n, w1)
+    a = Relu(h)
+    y = MatMul(a, w2)
+}
+""" % tuple(", ".join(f"{v:.4f}" for v in np.random.default_rng(seed).uniform(0.5, 1.5, size) * scale)
+            for seed, size, scale in ((3, 64, 1.0), (4, 64 * 128, 1.0), (5, 128 * 32, 1.0)))
+
+
+def _outlier_channels(samples: int, seed: int) -> np.ndarray:
+    """Token activations whose first 4 of 64 channels run 20x larger than the rest, as LLMs' do."""
+    x = np.random.default_rng(seed).standard_normal((samples, 8, 64)).astype(np.float32)
+    x[..., :4] *= 20
+    return x
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "portable"])
+def test_awq_scales_the_active_channels_into_the_norm_and_beats_round_to_nearest(tmp_path, target):
+    path = tmp_path / "normed.onnx"
+    save_model(parse(NORMED), path)
+    np.savez(tmp_path / "calib.npz", x=_outlier_channels(32, seed=1))
+    other = {"x": _outlier_channels(16, seed=2)}
+    expected = run(parse(NORMED), other)
+    options = {"block_size": 32, "head_bits": 4, **({"accuracy_level": 0} if target == "ort-cpu" else {})}
+    awq = qcompile.compile(path, recipe="w4a16-awq", calib=str(tmp_path / "calib.npz"), target=target,
+                           options=options)
+    rtn = qcompile.compile(path, recipe="w4a16-rtn", target=target, options=options)
+    assert any(note.startswith("AWQ: 2 of 2 MatMul inputs scaled") for note in awq.report["notes"])
+    # the 1/s of the first MatMul's input went into gamma; the second's, after a Relu, needs a Mul
+    assert [n.op_type for n in awq.model.graph if n.op_type == "Mul"] == ["Mul", "Mul"]
+    awq_db, rtn_db = (worst_sqnr_db(expected, _outputs(m, other)) for m in (awq.model, rtn.model))
+    assert awq_db > rtn_db + 1.0, (awq_db, rtn_db)
+
+
+def test_awq_without_calibration_data_suggests_the_recipes_that_need_none(block):
+    with pytest.raises(UsageError, match="w4a16-awq calibrates.*w4a16-rtn or w4a16-hqq"):
+        qcompile.compile(block, recipe="w4a16-awq")
