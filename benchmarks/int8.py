@@ -199,13 +199,13 @@ def int4_configurations() -> list[Config]:
                                        "options": {"block_size": block, "symmetric": symmetric,
                                                    "accuracy_level": level}}, quick=quick and level == 4))
             for algorithm in ("DEFAULT", "GPTQ") if symmetric else ("DEFAULT", "HQQ"):
-                hqq = algorithm == "HQQ"
                 configs.append(Config(f"ort-nbits-{algorithm.lower()}-{tag}", "ort",
                                       f"ORT MatMulNBitsQuantizer {algorithm} block {block} "
                                       f"{'symmetric' if symmetric else 'asymmetric'}, accuracy_level 4"
-                                      + (" (Quark's venv: ORT 1.28 with CPU torch)" if hqq else ""),
+                                      + (" (Quark's venv: ORT 1.28 with CPU torch)" if algorithm != "DEFAULT" else ""),
                                       {"mode": "nbits", "algorithm": algorithm, "block_size": block,
-                                       "symmetric": symmetric, "accuracy_level": 4}, quick=quick, needs_torch=hqq))
+                                       "symmetric": symmetric, "accuracy_level": 4}, quick=quick,
+                                      needs_torch=algorithm in ("HQQ", "GPTQ")))
     return configs
 
 

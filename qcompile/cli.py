@@ -100,10 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
 
     e = sub.add_parser("eval", parents=[debug],
-                       help="per-output SQNR / cosine / max-abs and latency of a candidate vs a reference")
+                       help="per-output SQNR / cosine / max-abs and latency of a candidate vs a reference; with "
+                            "--text, perplexity of both (decoder LMs)")
     e.add_argument("reference")
     e.add_argument("candidate")
-    e.add_argument("--data", required=True)
+    e.add_argument("--data", help="samples to run both models on (.npz, a folder of them, or random)")
+    e.add_argument("--text", help="a UTF-8 text file: both models' perplexity on it (needs --tokenizer)")
+    e.add_argument("--tokenizer", help="the models' tokenizer.json (Hugging Face tokenizers format)")
+    e.add_argument("--window", type=_whole_number(2), default=512, help="tokens per window (--text; 512)")
+    e.add_argument("--stride", type=_count, default=256,
+                   help="tokens the window moves by; the rest is context (--text; 256)")
     e.add_argument("--size", type=_count, default=None, help="samples to use")
     e.add_argument("--layers", type=_count, default=10, help="how many of the worst quantized tensors to list")
     e.add_argument("--target", default="ort-cpu",
@@ -279,6 +285,10 @@ def _cmd_diff(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    if args.text is not None or args.tokenizer is not None:
+        return _eval_perplexity(args)
+    if args.data is None:
+        raise UsageError("eval needs --data DATA, or --text FILE --tokenizer tokenizer.json")
     from qcompile.data import model_inputs
     from qcompile.io import load_model
     from qcompile.target_check import checked_on
@@ -318,6 +328,36 @@ def _cmd_eval(args) -> int:
         out.print(f"the layer that adds the most error: {escape(_remedy(culprit))}" if culprit else
                   f"no quantized tensor loses {MIN_BLAME_DROP_DB} dB or more against its inputs: the error arises "
                   f"where no quantized tensor is measured (weights of layers whose output stays float)")
+    return 0
+
+
+def _eval_perplexity(args) -> int:
+    from qcompile.io import load_model
+    from qcompile.perplexity import LanguageModel, compare_perplexity, load_tokenizer, token_ids
+    from qcompile.session import session
+    from qcompile.targets import get_target
+
+    if args.text is None or args.tokenizer is None:
+        raise UsageError("perplexity needs both --text FILE and --tokenizer tokenizer.json")
+    if args.data is not None:
+        raise UsageError("--data and --text: give one (outputs on samples, or perplexity on a text)")
+    for path in (args.reference, args.candidate):
+        load_model(path)  # one clear line for a bad file, before ONNX Runtime sees it
+    tokenizer = load_tokenizer(args.tokenizer)
+    ids = token_ids(args.text, tokenizer)
+    reference = LanguageModel(session(args.reference), args.reference)
+    candidate = LanguageModel(get_target(args.target).session(args.candidate), args.candidate)
+    with progress.display(err):
+        result = compare_perplexity(reference, candidate, ids, tokenizer.get_vocab_size(), args.window, args.stride)
+    if args.json:
+        out.print_json(json.dumps({"perplexity": result}))
+        return 0
+    logits = result["logits"]
+    out.print(f"perplexity on {escape(args.text)} ({result['predicted']} tokens predicted, windows of "
+              f"{result['window']} moved by {result['stride']}): reference {result['reference']:.3f}, candidate "
+              f"{result['candidate']:.3f} ({result['ratio']:.3f}x)")
+    out.print(f"logits: SQNR {logits['sqnr_db']:.2f} dB, cosine {logits['cosine']:.5f}, same top token "
+              f"{logits['argmax_agreement']:.2%}")
     return 0
 
 

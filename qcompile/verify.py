@@ -24,7 +24,7 @@ from qcompile.session import TIMING, run, session
 from qcompile.targets import Target
 
 
-class _Accumulator:
+class OutputAccumulator:
     """Running sums for SQNR (signal / error energy), per-sample cosine, max |error|, and how often the
     largest value along the last axis is at the same index (top-1 of a classifier, a CTC step's character)."""
 
@@ -59,7 +59,7 @@ def worst_sqnr_db(reference: list[np.ndarray], candidate: list[np.ndarray]) -> f
     """The lowest SQNR (dB) over the outputs of one run of two models."""
     worst = float("inf")
     for ref, cand in zip(reference, candidate):
-        accumulator = _Accumulator()
+        accumulator = OutputAccumulator()
         accumulator.add(ref, cand)
         worst = min(worst, accumulator.result("").sqnr_db)
     return worst
@@ -89,7 +89,7 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
     Q/DQ semantics are emulated here: that says nothing of their speed)."""
     ref_session, cand_session = session(reference, config=TIMING), target.session(candidate, config=TIMING)
     names = [o.name for o in ref_session.get_outputs()]
-    accumulators = {name: _Accumulator() for name in names}
+    accumulators = {name: OutputAccumulator() for name in names}
     first_feed = None
     for feed in progress.track(iterate_batches(data, inputs, limit, seed), "verifying", total=None):
         _check_finite(feed, data)
@@ -232,7 +232,7 @@ def layer_errors(reference: str | os.PathLike, candidate: str | os.PathLike, dat
     values.update((v.name, v) for node in candidate_model.graph for v in node.outputs)
     readers = {name: quantized_readers(values.get(name)) for name in names}
     del candidate_model
-    accumulators = {name: _Accumulator() for name in names}
+    accumulators = {name: OutputAccumulator() for name in names}
     with tempfile.TemporaryDirectory(prefix="qcompile-eval-") as tmp:
         (Path(tmp) / "reference").mkdir()
         (Path(tmp) / "candidate").mkdir()

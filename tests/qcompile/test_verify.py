@@ -39,15 +39,15 @@ def test_latency_is_timed_at_batch_1_and_8_where_the_batch_is_free_and_at_the_fi
 
 
 def test_the_share_of_positions_with_the_same_argmax_is_counted_along_the_last_axis():
-    from qcompile.verify import _Accumulator
+    from qcompile.verify import OutputAccumulator
 
-    accumulator = _Accumulator()
+    accumulator = OutputAccumulator()
     reference = np.array([[[0.1, 0.9], [0.8, 0.2]], [[0.3, 0.7], [0.6, 0.4]]])  # 2 samples x 2 steps x 2 classes
     candidate = reference.copy()
     candidate[1, 1] = [0.4, 0.6]  # one step's top class flips
     accumulator.add(reference, candidate)
     assert accumulator.result("y").argmax_agreement == 0.75
 
-    single = _Accumulator()
+    single = OutputAccumulator()
     single.add(np.ones((3, 1)), np.ones((3, 1)))  # one value per sample: no argmax to compare
     assert single.result("y").argmax_agreement is None
