@@ -77,6 +77,12 @@ class ModelSpec:
     eval_seq: int | None = None
     latency_seq: int | None = None
     latency_group: int = 0  # >0: at most this many quantized sessions held at once in the latency child
+    # also time one token (every matmul at M = 1, as in decoding; the graphs have no KV cache)
+    token_latency: bool = False
+
+    @property
+    def latency_labels(self) -> list[str]:
+        return [f"b{b}" for b in self.latency_batches] + (["token"] if self.token_latency else [])
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -88,7 +94,7 @@ MODELS: dict[str, ModelSpec] = {
                         latency_batches=(1, 8), eval_batch=8),
     "smollm2": ModelSpec("smollm2", calib_n=16, eval_n=24, quick_calib_n=4, quick_eval_n=4,
                          latency_batches=(1,), eval_batch=1, calib_seq=128, eval_seq=256, latency_seq=128,
-                         latency_group=0),
+                         latency_group=0, token_latency=True),
 }
 
 
@@ -183,7 +189,9 @@ def int4_configurations() -> list[Config]:
     `MatMulNBitsQuantizer` (its DEFAULT round to nearest; HQQ, which is asymmetric only; GPTQ, run symmetric
     only to bound the run's length: it was seen to take over 15 minutes) at block sizes 32 and 128, symmetric
     and asymmetric, each at MatMulNBits accuracy_level 4 (activations quantized to int8 per block: the fast
-    path) unless its id ends in -acc0."""
+    path) unless its id ends in -acc0; qcompile's `nf4` (absmax in 8 bits or float) and ONNX Runtime's
+    `MatMulBnb4Quantizer` (NF4, float absmax) at blocks of 64 and 128; `fp8` and `w8a8-smoothquant`, and ONNX
+    Runtime's static FP8."""
     configs = []
     for block in (32, 128):
         for symmetric in (True, False):
@@ -206,10 +214,29 @@ def int4_configurations() -> list[Config]:
                                       {"mode": "nbits", "algorithm": algorithm, "block_size": block,
                                        "symmetric": symmetric, "accuracy_level": 4}, quick=quick,
                                       needs_torch=algorithm in ("HQQ", "GPTQ")))
+    for block in (64, 128):  # NF4: QLoRA's block of 64, and 128
+        for double_quant in (True, False):
+            configs.append(Config(f"qc-nf4-b{block}{'' if double_quant else '-float-scales'}", "qcompile",
+                                  f"qcompile nf4 block {block}, absmax {'in 8 bits' if double_quant else 'float'}",
+                                  {"recipe": "nf4", "calib": False,
+                                   "options": {"block_size": block, "double_quant": double_quant}}))
+        configs.append(Config(f"ort-bnb4-nf4-b{block}", "ort", f"ORT MatMulBnb4Quantizer NF4 block {block}",
+                              {"mode": "bnb4", "block_size": block}))
+    # FP8 and SmoothQuant INT8 (activations quantized too), against ORT's static FP8 (its quant_pre_process first)
+    for activations in ("e4m3", "e5m2"):
+        configs.append(Config(f"qc-fp8-{activations}", "qcompile", f"qcompile fp8, E4M3 weights, {activations} "
+                              f"activations", {"recipe": "fp8", "calib": True, "options": {"activations": activations}}))
+    configs.append(Config("ort-static-fp8", "ort", "ORT quantize_static QDQ, E4M3FN weights and activations, MinMax",
+                          {"mode": "static", "method": "MinMax", "per_channel": True, "reduce_range": False,
+                           "activation_type": "QFLOAT8E4M3FN", "weight_type": "QFLOAT8E4M3FN"}))
+    configs.append(Config("qc-w8a8-smoothquant", "qcompile", "qcompile w8a8-smoothquant",
+                          {"recipe": "w8a8-smoothquant", "calib": True, "options": {}}))
     return configs
 
 
 FAMILIES = {"int8": configurations, "int4": int4_configurations}
+# ORT's weight-only quantizers: they take the fp32 model, not quant_pre_process's output
+WEIGHT_ONLY_MODES = ("nbits", "bnb4")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,6 +562,8 @@ def child_compile(spec: dict) -> dict:
 
     if params["mode"] == "nbits":
         return ort_nbits_compile(spec, output)
+    if params["mode"] == "bnb4":
+        return ort_bnb4_compile(spec, output)
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -542,7 +571,8 @@ def child_compile(spec: dict) -> dict:
     if params["mode"] == "static":
         quantize_static(spec["input"], str(output), npz_reader(spec["calib"]), quant_format=QuantFormat.QDQ,
                         per_channel=params["per_channel"], reduce_range=params["reduce_range"],
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        activation_type=getattr(QuantType, params.get("activation_type", "QUInt8")),
+                        weight_type=getattr(QuantType, params.get("weight_type", "QInt8")),
                         calibrate_method=getattr(CalibrationMethod, params["method"]),
                         use_external_data_format=spec["external_data"])
     else:
@@ -571,6 +601,18 @@ def ort_nbits_compile(spec: dict, output: Path) -> dict:
     quantizer = nbits.MatMulNBitsQuantizer(onnx.load(spec["input"]), block_size=params["block_size"],
                                            is_symmetric=params["symmetric"], accuracy_level=params["accuracy_level"],
                                            algo_config=algorithm)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(output), use_external_data_format=spec["external_data"])
+    return {"seconds": time.perf_counter() - start}
+
+
+def ort_bnb4_compile(spec: dict, output: Path) -> dict:
+    """ONNX Runtime's NF4 quantizer: `MatMulBnb4Quantizer` (float absmax, no double quantization), `process()`."""
+    import onnx
+    from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+    start = time.perf_counter()
+    quantizer = MatMulBnb4Quantizer(onnx.load(spec["input"]), MatMulBnb4Quantizer.NF4, spec["params"]["block_size"])
     quantizer.process()
     quantizer.model.save_model_to_file(str(output), use_external_data_format=spec["external_data"])
     return {"seconds": time.perf_counter() - start}
@@ -715,7 +757,7 @@ def child_latency(spec: dict) -> dict:
         except Exception as exc:  # noqa: BLE001
             errors[cid] = _first_lines(exc, 300)
     results = {cid: {} for cid, _ in spec["models"]}
-    for batch, feed_path in spec["feeds"].items():
+    for label, feed_path in spec["feeds"].items():
         with np.load(feed_path) as data:
             feed = {k: data[k] for k in data.files}
         live = [cid for cid in sessions if cid not in errors]
@@ -724,7 +766,7 @@ def child_latency(spec: dict) -> dict:
                 for _ in range(2):
                     sessions[cid].run(None, feed)
             except Exception as exc:  # noqa: BLE001
-                errors[cid] = f"batch {batch}: {_first_lines(exc, 300)}"
+                errors[cid] = f"{label}: {_first_lines(exc, 300)}"
                 live.remove(cid)
         times = {cid: [] for cid in live}
         for r in range(spec["rounds"]):
@@ -736,9 +778,9 @@ def child_latency(spec: dict) -> dict:
                     sess.run(None, feed)
                     times[cid].append(time.perf_counter() - t0)
                     runs += 1
-            print(f"latency batch {batch}: round {r + 1}/{spec['rounds']} done", flush=True)
+            print(f"latency {label}: round {r + 1}/{spec['rounds']} done", flush=True)
         for cid, ts in times.items():
-            results[cid][f"b{batch}"] = {"median_ms": 1e3 * statistics.median(ts), "runs": len(ts),
+            results[cid][label] = {"median_ms": 1e3 * statistics.median(ts), "runs": len(ts),
                                          "min_ms": 1e3 * min(ts), "p10_ms": 1e3 * float(np.percentile(ts, 10))}
     return {"latency": results, "errors": errors, "loadavg_after": list(os.getloadavg())}
 
@@ -832,7 +874,11 @@ def make_data(spec: ModelSpec, quick: bool, work: Path) -> dict:
             feed[k] = rows[:, :spec.latency_seq] if spec.latency_seq else rows
         path = work / f"latency-b{batch}.npz"
         np.savez(path, **feed)
-        feeds[str(batch)] = str(path)
+        feeds[f"b{batch}"] = str(path)
+    if spec.token_latency:
+        path = work / "latency-token.npz"
+        np.savez(path, **{k: v[:1, :1] for k, v in evaluation.items()})
+        feeds["token"] = str(path)
     shapes = lambda d: {k: list(v.shape) for k, v in d.items()}  # noqa: E731
     return {"paths": {k: str(v) for k, v in paths.items()}, "latency_feeds": feeds,
             "calibration": {"split": "calibration", "shapes": shapes(calib)},
@@ -882,7 +928,7 @@ def bench_model(spec: ModelSpec, args, configs: list[Config], work_root: Path) -
     out["fp32"] = fp32
 
     preprocessed = None
-    if any(c.tool == "ort" and c.params["mode"] != "nbits" for c in configs):
+    if any(c.tool == "ort" and c.params["mode"] not in WEIGHT_ONLY_MODES for c in configs):
         say("  ORT quant_pre_process")
         pre_path = work / "ort-preprocessed" / f"{spec.name}.onnx"
         pre = run_child("preprocess", {"input": str(fp32_path), "output": str(pre_path)}, logs, "ort-preprocess",
@@ -925,7 +971,7 @@ def bench_model(spec: ModelSpec, args, configs: list[Config], work_root: Path) -
             say(f"{head}: {reason}")
             continue
         model_path = work / "configs" / config.id / f"{spec.name}.onnx"
-        source = preprocessed if config.tool == "ort" and config.params["mode"] != "nbits" else fp32_path
+        source = preprocessed if config.tool == "ort" and config.params["mode"] not in WEIGHT_ONLY_MODES else fp32_path
         child_spec = {"tool": config.tool, "params": config.params, "output": str(model_path), "input": str(source),
                       "external_data": _has_external_data(source), "calib": data["paths"]["calib"]}
         say(f"{head}: quantizing")
@@ -970,7 +1016,7 @@ def measure_latency(spec: ModelSpec, args, out: dict, work: Path, logs: Path) ->
     for g, members in enumerate(groups, 1):
         models = [("fp32", out["fp32"]["path"])] + [(c["id"], c["path"]) for c in members]
         say(f"  latency{f' (group {g}/{len(groups)})' if len(groups) > 1 else ''}: {len(models)} models interleaved, "
-            f"batches {', '.join(out['data']['latency_feeds'])}, {rounds} rounds")
+            f"inputs {', '.join(out['data']['latency_feeds'])}, {rounds} rounds")
         load_before = list(os.getloadavg())
         lat = run_child("latency", {"models": models, "feeds": out["data"]["latency_feeds"], "rounds": rounds,
                                     "min_time_s": min_time, "min_runs": 3}, logs, f"latency-{g}",
@@ -1029,7 +1075,7 @@ def table_rows(model: dict) -> tuple[list[str], list[list[str]], list[str]]:
                                ("SQNR dB", "sqnr_db", 1)],
                "minilm": [("cos mean", "cosine_mean", 4), ("cos min", "cosine_min", 4), ("SQNR dB", "sqnr_db", 1)],
                "smollm2": [("perplexity", "perplexity", 2)]}[name]
-    batches = [f"b{b}" for b in MODELS[name].latency_batches]
+    batches = MODELS[name].latency_labels
     header = (["configuration", "status"] + [m[0] for m in metrics]
               + ["size MB", "compile s", "peak GB"] + [f"latency {b} ×fp32" for b in batches])
     notes, rows = [], []
@@ -1046,7 +1092,7 @@ def table_rows(model: dict) -> tuple[list[str], list[list[str]], list[str]]:
             status += f" [{len(notes)}]"
         acc = c.get("accuracy", {})
         compile_s = c.get("compile", {}).get("wall_s")
-        if compile_s is not None and c["tool"] == "ort" and c["params"].get("mode") != "nbits" and pre \
+        if compile_s is not None and c["tool"] == "ort" and c["params"].get("mode") not in WEIGHT_ONLY_MODES and pre \
                 and pre.get("wall_s"):
             compile_s += pre["wall_s"]
         peak = c.get("compile", {}).get("peak_rss_bytes")
@@ -1080,9 +1126,11 @@ ORT_LINES_INT8 = [
 ORT_LINES_INT4 = [
     "* ORT: `MatMulNBitsQuantizer(model, block_size, is_symmetric, accuracy_level=4, algo_config=...)`, `process()`, "
     "on the fp32 model: DEFAULT without an algo_config (round to nearest), HQQ with `HQQWeightOnlyQuantConfig` "
-    "(asymmetric). qcompile: "
+    "(asymmetric), GPTQ with `GPTQWeightOnlyQuantConfig` on the calibration data (its defaults otherwise); NF4: "
+    "`MatMulBnb4Quantizer(model, NF4, block_size)`; FP8: `quant_pre_process` + `quantize_static` (QDQ, MinMax, "
+    "QFLOAT8E4M3FN weights per channel and activations). qcompile: "
     "`qcompile.compile(...)` with the options in the configuration's name (target ort-cpu), then `save`; "
-    "-acc0: accuracy_level 0 (float products)."]
+    "-acc0: accuracy_level 0 (float products). Latency `token`: one token (every matmul at M = 1, as in decoding)."]
 
 
 def write_markdown(path: Path, doc: dict) -> None:

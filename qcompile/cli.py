@@ -54,6 +54,16 @@ def _decibels(text: str) -> float:
     return value
 
 
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio such as 1.1, got {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a finite ratio of at least 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qcompile", description="A quantization compiler for ONNX models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
@@ -83,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--verify-data", default=None, help="data for --verify (default: --calib, else random)")
     c.add_argument("--verify-size", type=_count, default=None, help="samples used by --verify")
     c.add_argument("--min-sqnr", type=_decibels, help="with --verify: exit 1 if any output's SQNR is lower (dB)")
+    c.add_argument("--verify-text", help="with --verify: also both models' perplexity on this text (decoder LMs; "
+                                         "needs --tokenizer)")
+    c.add_argument("--tokenizer", help="the model's tokenizer.json, for --verify-text")
+    c.add_argument("--max-perplexity-ratio", type=_ratio, metavar="R",
+                   help="with --verify-text: exit 1 if the compiled model's perplexity is above R times the input's")
     c.add_argument("--verify-each", action="store_true", help="run the ONNX checker and invariants after every pass")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS")
     c.add_argument("--seed", type=_seed, default=0)
@@ -142,9 +157,13 @@ def _cmd_compile(args) -> int:
     if args.html:
         raise UsageError("--html reports are not built yet; use --report REPORT.json")
     for flag, value in (("--min-sqnr", args.min_sqnr), ("--verify-data", args.verify_data),
-                        ("--verify-size", args.verify_size)):
+                        ("--verify-size", args.verify_size), ("--verify-text", args.verify_text)):
         if value is not None and not args.verify:
             raise UsageError(f"{flag} needs --verify")
+    if (args.verify_text is None) != (args.tokenizer is None):
+        raise UsageError("--verify-text and --tokenizer go together")
+    if args.max_perplexity_ratio is not None and args.verify_text is None:
+        raise UsageError("--max-perplexity-ratio needs --verify-text")
     output = Path(args.output)
     load_model(args.input)  # one clear line for a bad file, before the paths are checked against it
     check_not_input(output, Path(args.input), with_data=True)
@@ -166,6 +185,8 @@ def _cmd_compile(args) -> int:
             data = args.verify_data or args.calib or "random"
             try:
                 result.verify(data, limit=args.verify_size, seed=args.seed, min_sqnr=args.min_sqnr)
+                if args.verify_text is not None:
+                    result.verify_perplexity(args.verify_text, args.tokenizer, args.max_perplexity_ratio)
             except BaseException:  # the command fails: leave no output behind
                 _discard(output)
                 raise
@@ -175,6 +196,11 @@ def _cmd_compile(args) -> int:
     if not args.quiet:
         print_compile_summary(report, out)
     verification = report.verification
+    perplexity = verification.perplexity if verification else None
+    if perplexity is not None and not perplexity["passed"]:
+        raise VerificationFailed(f"perplexity {perplexity['candidate']:.3f} against the input model's "
+                                 f"{perplexity['reference']:.3f} ({perplexity['ratio']:.3f}x), above "
+                                 f"--max-perplexity-ratio {args.max_perplexity_ratio}")
     if verification and not verification.passed:
         worst = min(verification.outputs, key=lambda o: o.sqnr_db)
         culprit = verification.blame

@@ -27,6 +27,7 @@ from qcompile.pipeline import Pipeline, dump_to_folder, pass_name
 from qcompile.placement import choose_placement
 from qcompile.recipes import Settings, get_recipe
 from qcompile.report import Latency, Layer, OutputError, PassRecord, Report, SizeBytes, Verification
+from qcompile.session import session
 from qcompile.target_check import check_already_quantized, checked_on
 from qcompile.targets import TARGETS, get_target
 from qcompile.targets.x86 import cpu_profile
@@ -93,6 +94,33 @@ class CompileResult:
                 verification.blame = blame(verification.layers)
         self.typed_report.verification = verification
         return verification.to_json()
+
+    def verify_perplexity(self, text: str | os.PathLike, tokenizer: str | os.PathLike,
+                          max_ratio: float | None = None, window: int = 512, stride: int = 256) -> dict:
+        """Both models' perplexity on ``text`` (decoder LMs, the tokenizer.json ``tokenizer``), added to the
+        verification (after `verify`); failed where the compiled model's is more than ``max_ratio`` times the
+        input model's."""
+        from qcompile.perplexity import LanguageModel, compare_perplexity, load_tokenizer, token_ids
+
+        if self.typed_report.verification is None:
+            raise UsageError("verify_perplexity: run verify first")
+        if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
+                                      or not math.isfinite(max_ratio) or max_ratio < 1):
+            raise UsageError(f"max_ratio: expected a finite number of at least 1, got {max_ratio!r}")
+        words = load_tokenizer(tokenizer)
+        ids = token_ids(text, words)
+        target = get_target(self.typed_report.target)
+        with tempfile.TemporaryDirectory() as tmp:
+            output = self.typed_report.output or save_model(self.model, Path(tmp) / "candidate.onnx")
+            result = compare_perplexity(LanguageModel(session(self._input), str(self._input)),
+                                        LanguageModel(target.session(output), str(output)), ids,
+                                        words.get_vocab_size(), window, stride)
+        result["max_ratio"] = max_ratio
+        result["passed"] = max_ratio is None or result["ratio"] <= max_ratio
+        verification = self.typed_report.verification
+        verification.perplexity = result
+        verification.passed = verification.passed and result["passed"]
+        return result
 
 
 def unused_node_settings(nodes: tuple[NodeSettings, ...], recipe: str,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qcompile.decisions import FLOAT_REASON_KEY
+from qcompile.decisions import CODE_BOOK_KEY, FLOAT_REASON_KEY
 from qcompile.graph import all_nodes
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
@@ -32,7 +32,15 @@ def decoded_integer(value: ir.Value) -> ir.Value | None:
     return stored if is_int8_constant else None
 
 
+def _code_book(value: ir.Value) -> str | None:
+    """The code book a weight is decoded from (`dequantize-code-book-weights` marks the decoding node)."""
+    producer = value.producer()
+    return producer.metadata_props.get(CODE_BOOK_KEY) if producer is not None else None
+
+
 def _operand_precision(value: ir.Value | None) -> str:
+    if value is not None and (book := _code_book(value)) is not None:
+        return book
     if value is not None and (integer := decoded_integer(value)) is not None:
         return integer.dtype.name.lower() if integer.dtype is not None else "?"
     if value is None or value.dtype is None:
@@ -48,6 +56,8 @@ WEIGHT_PATH_OPS = {"Transpose", "Reshape", "Cast"}
 def _stored(value: ir.Value) -> bool:
     """Whether ``value`` is a constant, possibly decoded, transposed or reshaped: a weight, not an activation."""
     while value.const_value is None and value.producer() is not None:
+        if _code_book(value) is not None:
+            return True
         if (integer := decoded_integer(value)) is not None:
             value = integer
             continue
@@ -88,7 +98,10 @@ def layer_precisions(model: ir.Model) -> list[dict]:
             activation = "uint8-dynamic"
         weight_input = QLINEAR_WEIGHT_INPUT.get(node.op_type, 1)
         operand = node.inputs[weight_input] if len(node.inputs) > weight_input else None
-        weight = _nbits_precision(node) if node.op_type == "MatMulNBits" else _operand_precision(operand)
+        if node.op_type == "MatMulBnb4":
+            weight = {0: "fp4", 1: "nf4"}.get(node.attributes.get_int("quant_type", 1), "?")
+        else:
+            weight = _nbits_precision(node) if node.op_type == "MatMulNBits" else _operand_precision(operand)
         precision = (f"a:{activation} x a:{weight}" if operand is not None and not _stored(operand)
                      else f"w:{weight} a:{activation}")
         row = {"name": node.name, "op_type": node.op_type, "precision": precision}

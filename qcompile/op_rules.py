@@ -28,6 +28,8 @@ import onnx_ir as ir
 # QuantizeLinear / DequantizeLinear exist from opset 10, and take 16-bit integers from opset 21.
 MIN_OPSET_QDQ = 10
 MIN_OPSET_16BIT_QDQ = 21
+# DequantizeLinear with `block_size` (and 4-bit types) from opset 21.
+BLOCK_DEQUANTIZE_OPSET = 21
 
 
 def qdq_missing_note(model) -> str | None:

@@ -91,7 +91,7 @@ def _tensorrt(node: ir.Node) -> list[str]:
     if dtype == ir.DataType.INT32:
         problems.append("TensorRT takes float biases, not INT32 ones behind a DequantizeLinear")
     elif dtype not in _tensorrt_types(node) or (array is not None and np.any(array != 0)):
-        problems.append(f"TensorRT needs symmetric INT8 (zero point 0), or INT4 weights, got {dtype.name}"
+        problems.append(f"TensorRT needs symmetric INT8 or FP8 E4M3 (zero point 0), or INT4 weights, got {dtype.name}"
                         + (" with a non-zero zero point" if array is not None and np.any(array != 0) else ""))
     if node.op_type == "DequantizeLinear" and constant_array(node.inputs[0]) is not None:
         axis = node.attributes.get_int("axis", 1)
@@ -105,9 +105,10 @@ def _tensorrt(node: ir.Node) -> list[str]:
 
 
 def _tensorrt_types(dequantize: ir.Node) -> tuple[ir.DataType, ...]:
-    """INT8, and INT4 for a constant weight behind a DequantizeLinear (weight-only quantization)."""
+    """INT8 and FP8 E4M3FN, and INT4 for a constant weight behind a DequantizeLinear (weight-only quantization)."""
     weight_only = dequantize.op_type == "DequantizeLinear" and constant_array(dequantize.inputs[0]) is not None
-    return (ir.DataType.INT8, ir.DataType.INT4) if weight_only else (ir.DataType.INT8,)
+    both = (ir.DataType.INT8, ir.DataType.FLOAT8E4M3FN)
+    return (*both, ir.DataType.INT4) if weight_only else both
 
 
 def _avx2_saturation(node: ir.Node) -> list[str]:

@@ -15,6 +15,12 @@ of opset 21's block-wise DequantizeLinear. K need not be a multiple of the block
 * asymmetric: levels 0..15 over the block's [min, max] widened to include 0 (the zero point is an
   integer level).
 
+* NF4 (``nf4``): QLoRA's 16-value code book scaled by each block's largest magnitude (absmax), for the 4-bit
+  layers; K must be a multiple of the block (MatMulBnb4 numbers its blocks over the flattened weight), else
+  the weight stays float. Where ``scale_block`` is given, the absmax values are themselves stored in 8 bits
+  (double quantization, as QLoRA does): levels 0..255 over [0, their max] for each ``scale_block`` of them
+  along N (QLoRA: 8-bit floats of absmax minus its mean, blocks of 256 over the flattened vector).
+
 A weight that anything but such layers reads (an embedding table's Gather, say) stays float, and so do
 weights whose K is shorter than one block; both are noted.
 """
@@ -25,13 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.decisions import QUANT_SPEC_KEY, IntegerGrid, PerBlock, QuantSpec
+from qcompile.decisions import NF4, QUANT_SPEC_KEY, IntegerGrid, PerBlock, QuantSpec
 from qcompile.graph import constant_array, name_matches
-from qcompile.op_rules import reduction_axis
+from qcompile.op_rules import BLOCK_DEQUANTIZE_OPSET, reduction_axis
 from qcompile.notes import add_note, some_names
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # powers of two from 16: what MatMulNBits takes
-BLOCK_DEQUANTIZE_OPSET = 21
 _GRIDS = {(4, True): ir.DataType.INT4, (4, False): ir.DataType.UINT4, (8, True): ir.DataType.INT8,
           (8, False): ir.DataType.UINT8}
 
@@ -45,6 +50,8 @@ class BlockSpecOptions:
     # MatMulNBits.
     block_dequantize: bool = False
     head_bits: int = 4  # bits of the layers that write a model output (an LM head): 4 or 8
+    nf4: bool = False  # the 4-bit layers on the NF4 code book instead of integers
+    scale_block: int | None = None  # NF4: absmax values per 8-bit scale (double quantization), None: float
 
 
 def block_spec(weight: np.ndarray, axis: int, block_size: int, symmetric: bool,
@@ -68,6 +75,21 @@ def block_spec(weight: np.ndarray, axis: int, block_size: int, symmetric: bool,
         zero_point = np.clip(np.rint(lo - low / scale), lo, hi).astype(grid.numpy_dtype)
     return QuantSpec(grid, from_blocks(scale, axis).astype(np.float32), from_blocks(zero_point, axis),
                      PerBlock(axis, block_size), symmetric=symmetric, method="rtn")
+
+
+def nf4_spec(weight: np.ndarray, axis: int, block_size: int, scale_block: int | None) -> QuantSpec:
+    """NF4 spec of ``weight`` (2-D, K along ``axis`` a multiple of ``block_size``): each block's absmax as its
+    scale, stored in 8 bits per ``scale_block`` along the other axis where that is given."""
+    absmax = np.nanmax(np.abs(blocks_of(weight.astype(np.float64), axis, block_size)), axis=-1)
+    positive = absmax[absmax > 0]
+    # an all-zero block is exact at any scale: take a typical one, not 1.0, which would coarsen the 8-bit scales
+    absmax = np.where(absmax > 0, absmax, np.median(positive) if positive.size else 1.0)
+    scale = from_blocks(absmax, axis).astype(np.float32)
+    scale_spec = None
+    if scale_block is not None:
+        scale_spec = block_spec(scale, 1 - axis, scale_block, symmetric=False, bits=8)
+    return QuantSpec(NF4, scale, np.zeros(scale.shape, np.uint8), PerBlock(axis, block_size, scale_spec),
+                     symmetric=True, method="nf4")
 
 
 def blocks_of(weight: np.ndarray, axis: int, block_size: int) -> np.ndarray:
@@ -104,7 +126,7 @@ class AssignBlockSpecsPass(ir.passes.InPlacePass):
             add_note(model, f"every weight left float: the model is at opset {opset}, which could not be raised to "
                      f"{BLOCK_DEQUANTIZE_OPSET}, the first whose DequantizeLinear takes blocks")
             return ir.passes.PassResult(model, modified=False)
-        shared, short = [], []
+        shared, short, uneven, with_nan, padded = [], [], [], [], []
         decided = heads = 0
         for node in model.graph:
             axis = reduction_axis(node)
@@ -120,10 +142,20 @@ class AssignBlockSpecsPass(ir.passes.InPlacePass):
             if array.shape[axis] < self.options.block_size:
                 short.append(weight.name)
                 continue
+            if np.isnan(array).any():
+                with_nan.append(weight.name)
             bits = self.options.head_bits if writes_output(weight) else 4
+            if self.options.nf4 and bits == 4:
+                if array.shape[axis] % self.options.block_size:
+                    uneven.append(weight.name)
+                    continue
+                weight.meta[QUANT_SPEC_KEY] = nf4_spec(array, axis, self.options.block_size, self.options.scale_block)
+            else:
+                weight.meta[QUANT_SPEC_KEY] = block_spec(array, axis, self.options.block_size, self.options.symmetric,
+                                                         negative_scales=not self.options.block_dequantize, bits=bits)
+                if array.shape[axis] % self.options.block_size:
+                    padded.append(weight.name)
             heads += bits != 4
-            weight.meta[QUANT_SPEC_KEY] = block_spec(array, axis, self.options.block_size, self.options.symmetric,
-                                                     negative_scales=not self.options.block_dequantize, bits=bits)
             decided += 1
         if shared:
             add_note(model, f"{len(shared)} weight(s) left float: read by other ops than MatMul / Gemm layers "
@@ -131,6 +163,15 @@ class AssignBlockSpecsPass(ir.passes.InPlacePass):
         if heads:
             add_note(model, f"{heads} layer(s) writing a model output (an LM head) in blocks of "
                      f"{self.options.head_bits} bits")
+        if with_nan:
+            add_note(model, f"{len(with_nan)} weight(s) hold NaN values, stored as 0: {some_names(with_nan)}")
+        if padded:
+            add_note(model, f"{len(padded)} weight(s) with K not a multiple of the block of {self.options.block_size}: "
+                     f"the last block of each column is short, padded to a whole block where stored: "
+                     f"{some_names(padded)}")
+        if uneven:
+            add_note(model, f"{len(uneven)} weight(s) left float: K not a multiple of the NF4 block of "
+                     f"{self.options.block_size}: {some_names(uneven)}")
         if short:
             add_note(model, f"{len(short)} weight(s) left float: K shorter than one block of "
                      f"{self.options.block_size}: {some_names(short)}")

@@ -11,7 +11,7 @@ from qcompile.config import NodeSettings, settings_for
 from qcompile.graph import constant_array, has_subgraph, name_matches
 from qcompile.notes import add_note
 from qcompile.decisions import (FLOAT_REASON_KEY, INTEGER_KERNEL_DTYPES, MAX_BIAS_LEVEL, QUANT_SPEC_KEY,
-                                LevelConstraint, symmetric_weight_spec)
+                                LevelConstraint, float8_weight_spec, symmetric_weight_spec)
 from qcompile.op_rules import qdq_missing_note, weight_axis
 from qcompile.targets.x86 import CpuProfile
 
@@ -29,6 +29,7 @@ class WeightSpecOptions:
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")
     nodes: tuple[NodeSettings, ...] = ()  # per-node per_channel
+    float8: ir.DataType | None = None  # FP8 weights of this type (E4M3FN) instead of INT8
 
 
 class AssignWeightSpecsPass(ir.passes.InPlacePass):
@@ -73,12 +74,15 @@ class AssignWeightSpecsPass(ir.passes.InPlacePass):
             per_tensor_for_opset += per_channel and not per_axis_ok
             cpu = self.options.cpu
             chosen_axis = axis if per_channel and per_axis_ok else None
+            modified = True
+            if self.options.float8 is not None:
+                weight.meta[QUANT_SPEC_KEY] = float8_weight_spec(array, chosen_axis, self.options.float8)
+                continue
             weight.meta[QUANT_SPEC_KEY] = symmetric_weight_spec(
                 array, chosen_axis, ir.DataType.UINT8 if cpu and cpu.weight_dtype == "uint8" else ir.DataType.INT8,
                 cpu.weight_qmax if cpu else 127, self._constraint(node, array.shape),
                 _step_for_bias(node, chosen_axis),
             )
-            modified = True
         if other_ops:
             add_note(model, f"{sum(other_ops.values())} layers left float "
                      f"({', '.join(f'{n} {op}' for op, n in sorted(other_ops.items()))}): this recipe quantizes "

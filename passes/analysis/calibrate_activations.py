@@ -8,8 +8,8 @@ import onnx_ir as ir
 
 from qcompile.calibration import CalibrationData, CalibrationOptions, CalibrationRunner, Method, calibrate_ranges
 from qcompile.config import NodeSettings, settings_for
-from qcompile.decisions import (MEAN_KEY, NEEDS_RANGE_KEY, QUANT_SPEC_KEY, QUANTIZED_INPUTS_KEY, SHARED_SPEC_KEY,
-                                IntegerGrid, activation_spec)
+from qcompile.decisions import (FLOAT8_TYPES, MEAN_KEY, NEEDS_RANGE_KEY, QUANT_SPEC_KEY, QUANTIZED_INPUTS_KEY,
+                                SHARED_SPEC_KEY, FloatGrid, IntegerGrid, activation_spec)
 from qcompile.errors import UsageError
 from qcompile.graph import all_nodes, graph_values, name_matches, producer_interval, reader_interval
 from qcompile.notes import add_note
@@ -90,8 +90,10 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         groups = _shared_groups(values)
         settings = [self._settings_for(group) for group in groups]
         calibrations = [calibration for calibration, _ in settings]
-        symmetric = {v: dtype == ir.DataType.INT8 for group, (_, dtype) in zip(groups, settings) for v in group}
-        grids = {v: IntegerGrid(dtype) for group, (_, dtype) in zip(groups, settings) for v in group}
+        symmetric = {v: dtype in (ir.DataType.INT8, *FLOAT8_TYPES) for group, (_, dtype) in zip(groups, settings)
+                     for v in group}
+        grids = {v: FloatGrid(dtype) if dtype in FLOAT8_TYPES else IntegerGrid(dtype)
+                 for group, (_, dtype) in zip(groups, settings) for v in group}
         means = {v for v in values if self.options.record_means and _read_by_layer(v)}
         ranges = {}
         runner = CalibrationRunner(model, self.options.data)

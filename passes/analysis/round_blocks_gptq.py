@@ -22,8 +22,8 @@ inputs). Defaults, chosen on SmolLM2-135M (symmetric blocks of 128) with text th
 the benchmark uses (Python's docstrings): act order and one stage, perplexity 37.7; four stages 38.4; without
 act order 40.3; round to nearest 40.9; fp32 29.0.
 Each stage is one run over the data, with one ONNX Runtime session for all of them. Memory: the
-Hessians of one stage (K^2 float64 each; a stage is split further where they pass `HESSIAN_BUDGET`) and the
-rounded weights, as float, of the stages done.
+Hessians of one stage (K^2 float64 each; a stage is split further where they pass `HESSIAN_BUDGET`), the
+levels decided, and, with more than one stage, the rounded weights as float of the stages done.
 
 The decision is the levels themselves: specs from `assign-block-specs` are replaced by ones carrying them
 (`QuantSpec.levels`, ``method="gptq"``).
@@ -91,7 +91,7 @@ def gptq_levels(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, damp: 
     granularity = spec.granularity
     assert isinstance(granularity, PerBlock)
     axis, block_size = granularity.axis, granularity.block_size
-    w = np.moveaxis(weight.astype(np.float64), axis, -1).copy()  # (N, K): a row per output
+    w = np.nan_to_num(np.moveaxis(weight.astype(np.float64), axis, -1), nan=0.0)  # (N, K): a row per output
     rows, k = w.shape
     order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(k)
     u = _cholesky_of_inverse(hessian[np.ix_(order, order)], damp)
@@ -189,7 +189,8 @@ class RoundBlocksGPTQPass(ir.passes.InPlacePass):
                     spec = gptq_levels(array, hessian, weight.spec, self.options.damp, self.options.act_order,
                                        self.options.negative_scales)
                     weight.value.meta[QUANT_SPEC_KEY] = spec
-                    rounded[weight.value] = spec.dequantize(spec.levels).astype(array.dtype)
+                    if number < len(stages):  # a float copy only where a later stage computes with it
+                        rounded[weight.value] = spec.dequantize(spec.levels).astype(array.dtype)
                     advance(1)
                 del grams
         add_note(model, f"GPTQ: {len(weights)} weight(s) rounded on Hessians from the calibration data, in "

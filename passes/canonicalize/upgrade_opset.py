@@ -41,6 +41,6 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
         if after != self.min_opset:  # the converter leaves the model as it was when it fails
             add_note(model, f"opset {before} kept: onnx's version converter could not raise it to {self.min_opset}")
             return ir.passes.PassResult(model, modified=False)
-        takes = "per-channel scales" if self.min_opset == PER_CHANNEL_OPSET else "blocks of scales"
+        takes = "per-channel scales" if self.min_opset == PER_CHANNEL_OPSET else "blocks of scales, 4-bit and FP8 types"
         add_note(model, f"opset {before} raised to {self.min_opset}, where DequantizeLinear takes {takes}")
         return ir.passes.PassResult(model, modified=True)

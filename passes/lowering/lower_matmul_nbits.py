@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.decisions import QUANT_SPEC_KEY, PerBlock, QuantSpec
+from qcompile.decisions import QUANT_SPEC_KEY, IntegerGrid, PerBlock, QuantSpec
 from qcompile.graph import register_constant
 from qcompile.notes import add_note
 from qcompile.op_rules import reduction_axis
@@ -86,7 +86,8 @@ def pack_weight(weight: np.ndarray, spec: QuantSpec) -> PackedWeight:
 
 
 def _is_nbits_block(spec) -> bool:
-    return isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerBlock) and spec.grid.bits in BITS
+    return isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerBlock) and \
+        isinstance(spec.grid, IntegerGrid) and spec.grid.bits in BITS
 
 
 class LowerMatMulNBitsPass(ir.passes.InPlacePass):
@@ -134,14 +135,20 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
     def _replace(self, graph: ir.Graph, node: ir.Node, weight: PackedWeight, inputs: list[ir.Value]) -> None:
         attributes = {"K": weight.k, "N": weight.n, "bits": weight.bits, "block_size": weight.block_size,
                       "accuracy_level": self.options.accuracy_level}
-        matmul = ir.node("MatMulNBits", [node.inputs[0], *inputs], attributes, domain=CONTRIB_DOMAIN, name=node.name)
-        new_nodes = [matmul]
-        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-        if bias is not None:
-            new_nodes.append(ir.node("Add", [matmul.outputs[0], bias], name=f"{node.name}_bias"))
-        output = node.outputs[0]
-        new_nodes[-1].outputs[0].type, new_nodes[-1].outputs[0].shape = output.type, output.shape
-        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [output], [new_nodes[-1].outputs[0]])
+        replace_layer(graph, node, "MatMulNBits", inputs, attributes)
+
+
+def replace_layer(graph: ir.Graph, node: ir.Node, op_type: str, weight_inputs: list[ir.Value], attributes: dict) -> None:
+    """Replace the MatMul / Gemm ``node`` by the contrib op ``op_type`` on its activation and ``weight_inputs``, and
+    a Gemm's bias by an Add after it."""
+    matmul = ir.node(op_type, [node.inputs[0], *weight_inputs], attributes, domain=CONTRIB_DOMAIN, name=node.name)
+    new_nodes = [matmul]
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None:
+        new_nodes.append(ir.node("Add", [matmul.outputs[0], bias], name=f"{node.name}_bias"))
+    output = node.outputs[0]
+    new_nodes[-1].outputs[0].type, new_nodes[-1].outputs[0].shape = output.type, output.shape
+    ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [output], [new_nodes[-1].outputs[0]])
 
 
 def _initializers(graph: ir.Graph, weight: ir.Value) -> tuple[PackedWeight, list[ir.Value]]:

@@ -3,9 +3,9 @@ observers that turn them into ranges for a grid."""
 from qcompile.calibration.observers import (CalibrationOptions, Method, TensorRange, calibrate_ranges,
                                             expected_squared_error, kl_threshold_bins)
 from qcompile.calibration.runner import CalibrationData, CalibrationRunner, Statistic
-from qcompile.calibration.statistics import (ChannelMax, ChannelMeanSquare, Gram, HistogramStatistic,
+from qcompile.calibration.statistics import (ChannelMax, ChannelMeanAbs, ChannelMeanSquare, Gram, HistogramStatistic,
                                              MeanStatistic, RangeStatistic)
 
 __all__ = ["CalibrationOptions", "Method", "TensorRange", "calibrate_ranges", "expected_squared_error",
-           "kl_threshold_bins", "CalibrationData", "CalibrationRunner", "Statistic", "ChannelMax", "ChannelMeanSquare",
+           "kl_threshold_bins", "CalibrationData", "CalibrationRunner", "Statistic", "ChannelMax", "ChannelMeanAbs", "ChannelMeanSquare",
            "Gram", "HistogramStatistic", "MeanStatistic", "RangeStatistic"]

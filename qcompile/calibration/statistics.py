@@ -189,13 +189,25 @@ class ChannelMeanSquare:
 
     def update(self, array: np.ndarray, samples: int) -> None:
         array = np.asarray(array)
-        batch = np.mean(np.square(array), axis=_other_axes(array.ndim, self.axis)).astype(np.float64) * samples
+        batch = np.mean(self._of(array), axis=_other_axes(array.ndim, self.axis)).astype(np.float64) * samples
         self.total = batch if self.total is None else self.total + batch
         self.samples += samples
+
+    @staticmethod
+    def _of(array: np.ndarray) -> np.ndarray:
+        return np.square(array)
 
     @property
     def value(self) -> np.ndarray | None:
         return None if self.total is None else self.total / max(self.samples, 1)
+
+
+class ChannelMeanAbs(ChannelMeanSquare):
+    """E[|x|] per index of ``axis``, as `ChannelMeanSquare` weighs batches."""
+
+    @staticmethod
+    def _of(array: np.ndarray) -> np.ndarray:
+        return np.abs(array)
 
 
 class Gram:

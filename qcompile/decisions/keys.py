@@ -37,6 +37,8 @@ NOTES_KEY = "qcompile.notes"
 # on a tensor the compiler rescaled per channel: JSON {"shape": [...], "factors": [...]}, so that
 # comparisons with the original model can undo it.
 CHANNEL_SCALE_KEY = "qcompile.channel_scale"
+# on the node that decodes a weight stored as code-book indexes (NF4 behind standard ops): the code book's name.
+CODE_BOOK_KEY = "qcompile.code_book"
 # on each node: the pass that created it, and the passes that changed it (`qcompile.pipeline`).
 CREATED_BY = "qcompile.created_by"
 CHANGED_BY = "qcompile.changed_by"

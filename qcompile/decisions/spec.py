@@ -15,9 +15,10 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.decisions.grids import Grid, IntegerGrid
+from qcompile.decisions.grids import FloatGrid, Grid, IntegerGrid
 from qcompile.decisions.keys import QUANT_SPEC_KEY
 
+FLOAT8_TYPES = (ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2)
 # Activation types ONNX Runtime's integer kernels take; a node with a wider (16-bit) input runs in float.
 INTEGER_KERNEL_DTYPES = (ir.DataType.UINT8, ir.DataType.INT8)
 # The largest |bias| in levels of its INT32 grid (step = input step x weight step): half the range, the
@@ -131,7 +132,8 @@ class QuantSpec:
             return self.levels.astype(self.numpy_dtype)
         scale = self._broadcast(self.stored_scale(), x.shape)
         zero_point = self._broadcast(self.zero_point, x.shape)
-        real = x.astype(np.float64) / scale
+        # NaN stores as zero; a scale that its own 8-bit grid rounded to 0 (double quantization) decodes to 0 anyway
+        real = np.nan_to_num(x.astype(np.float64), nan=0.0) / np.where(scale != 0, scale, np.inf)
         q = self.grid.encode(real, zero_point)
         if self.constraint is not None:
             q = self.constraint.apply(q, real)
@@ -186,6 +188,17 @@ def symmetric_weight_spec(weight: np.ndarray, axis: int | None, dtype: ir.DataTy
                      PerTensor() if axis is None else PerAxis(axis), symmetric=True, constraint=constraint)
 
 
+def float8_weight_spec(weight: np.ndarray, axis: int | None, dtype: ir.DataType) -> QuantSpec:
+    """FP8 spec for a weight, per channel along ``axis`` (or per tensor): the largest magnitude maps to the type's
+    largest finite value (448 for E4M3FN)."""
+    grid = FloatGrid(dtype)
+    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis) if axis is not None else None
+    amax = np.abs(weight).max(axis=reduce_axes).astype(np.float64)
+    scale = np.where(amax > 0, amax / grid.max, 1.0).astype(np.float32)
+    return QuantSpec(grid, scale, np.zeros(scale.shape, grid.numpy_dtype),
+                     PerTensor() if axis is None else PerAxis(axis), symmetric=True, method="amax")
+
+
 def grid_range(scale, zero_point, qmin: float, qmax: float) -> tuple[float, float]:
     """The smallest and largest value of the per-tensor grid (scale, zero_point) over [qmin, qmax]."""
     return (qmin - float(zero_point)) * float(scale), (qmax - float(zero_point)) * float(scale)
@@ -200,9 +213,13 @@ def grid_within(grid: tuple[float, float], bounds: tuple[float, float]) -> bool:
 def activation_spec(lo: float, hi: float, dtype: ir.DataType, method: str) -> QuantSpec:
     """Per-tensor spec covering [lo, hi] widened to include 0 (so zero, i.e. padding, is exact).
 
-    INT8 is symmetric (zero point 0, TensorRT's requirement); UINT8 and INT16 are asymmetric.
+    INT8 and FP8 are symmetric (zero point 0, TensorRT's requirement); UINT8 and INT16 are asymmetric.
     """
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if dtype in FLOAT8_TYPES:
+        grid, amax = FloatGrid(dtype), max(-lo, hi)
+        return QuantSpec(grid, np.array(amax / grid.max if amax > 0 else 1.0, np.float32),
+                         np.zeros((), grid.numpy_dtype), symmetric=True, method=method)
     grid = IntegerGrid(dtype)
     qmin, qmax = grid.bounds
     if dtype == ir.DataType.INT8:

@@ -1,6 +1,6 @@
 """Recipes: named, inspectable pass lists with typed options (`--option KEY=VALUE`).
 
-One module per family (`int8`, `int4`, and `nf4`, `fp8`, `llm_int8`, `auto` as they are built), each
+One module per family (`int8`, `int4` (NF4 too), `fp8`, and `llm_int8`, `auto` as they are built), each
 with a ``RECIPES`` list; this registry names the module of each recipe and imports it only when the
 recipe is asked for, so listing or compiling with one family does not load the passes of the others.
 """
@@ -22,11 +22,11 @@ FAMILIES = {
     "w4a16-hqq": "int4",
     "w4a16-gptq": "int4",
     "w4a16-awq": "int4",
+    "nf4": "int4",
+    "fp8": "fp8",
 }
 # Recipes in the interface (INTERFACE.md) that are not built yet.
 PLANNED = {
-    "nf4": "NF4 block-wise weight-only with double-quantized scales",
-    "fp8": "FP8 E4M3 weights and activations (Q/DQ)",
     "llm-int8": "LLM.int8(): outlier input channels kept in float, the rest INT8",
     "auto": "per-layer mixed precision chosen by measured sensitivity",
 }

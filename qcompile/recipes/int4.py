@@ -1,11 +1,12 @@
-"""The INT4 family: block-wise 4-bit weight-only recipes (`w4a16-rtn`, `w4a16-hqq`, `w4a16-gptq`, `w4a16-awq`),
-activations left float.
+"""The INT4 family: block-wise 4-bit weight-only recipes (`w4a16-rtn`, `w4a16-hqq`, `w4a16-gptq`, `w4a16-awq`,
+`nf4`), activations left float.
 
 The weights of MatMul and Gemm layers (a tied LM head too, once given its own transposed copy) get one
 scale, and asymmetric one zero point, per block along K; embedding tables are stored as INT8, one scale
 per row, as in the INT8 recipes (`embeddings=false` keeps them float). They are lowered to ONNX Runtime's
 `MatMulNBits` (``kernel=contrib``, ort-cpu and ort-cuda) or to opset 21's DequantizeLinear with
-``block_size`` in front of the MatMul (``kernel=decomposed``: portable, TensorRT).
+``block_size`` in front of the MatMul (``kernel=decomposed``: portable, TensorRT). `nf4` puts the 4-bit
+layers on QLoRA's code book instead, lowered to `MatMulBnb4` or decoded by standard ops.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from qcompile.passes.analysis.fit_block_grids_hqq import FitBlockGridsHQQPass, H
 from qcompile.passes.analysis.round_blocks_gptq import GPTQOptions, RoundBlocksGPTQPass
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.canonicalize.upgrade_opset import PER_CHANNEL_OPSET
+from qcompile.passes.lowering.dequantize_code_book_weights import DequantizeCodeBookWeightsPass
+from qcompile.passes.lowering.lower_matmul_bnb4 import LowerMatMulBnb4Pass
 from qcompile.passes.lowering.lower_matmul_nbits import LowerMatMulNBitsPass, MatMulNBitsOptions
 from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
 from qcompile.passes.transform.smooth_activations import SmoothActivationsPass
@@ -30,6 +33,7 @@ from qcompile.recipes.embeddings import assign_embedding_specs, embeddings_optio
 
 KERNELS = ("auto", "contrib", "decomposed")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+NF4_SCALE_BLOCK = 256  # absmax values per 8-bit scale (QLoRA's)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,21 @@ class W4A16GPTQOptions(W4A16Options):
                             "input; slower, and no better on SmolLM2)")
 
 
+@dataclass(frozen=True)
+class NF4Options:
+    block_size: int = option(64, f"weights per absmax along K (QLoRA: 64): {', '.join(map(str, BLOCK_SIZES))}; "
+                                 f"a weight whose K is not a multiple stays float")
+    double_quant: bool = option(True, f"absmax values stored in 8 bits, blocks of {NF4_SCALE_BLOCK} along N "
+                                      f"(QLoRA's double quantization), or as floats (false)")
+    accuracy_level: int = option(4, "MatMulNBits' accuracy_level, for the layers kept at 8 bits (head_bits)")
+    kernel: str = option("auto", "how the NF4 matmuls are lowered: contrib (ONNX Runtime's MatMulBnb4), decomposed "
+                                 "(the indexes decoded by Gather from the code book: standard ONNX, opset 21), auto "
+                                 "(contrib where the target takes contrib ops)")
+    head_bits: int = option(8, "bits of the layers that write a model output (an LM head): 8 (integer blocks, "
+                               "MatMulNBits from ONNX Runtime 1.22) or 4 (NF4)")
+    embeddings: bool = embeddings_option()
+
+
 def _kernel(settings: Settings) -> str:
     kernel = settings.options.kernel
     if kernel not in KERNELS:
@@ -74,36 +93,47 @@ def _kernel(settings: Settings) -> str:
     return kernel
 
 
-def _block_options(settings: Settings, decomposed: bool) -> BlockSpecOptions:
+def _block_options(settings: Settings, decomposed: bool, nf4: bool = False) -> BlockSpecOptions:
     options = settings.options
+    symmetric = nf4 or options.symmetric
     if options.block_size not in BLOCK_SIZES:
         raise UsageError(f"option block_size: expected one of {', '.join(map(str, BLOCK_SIZES))}, "
                          f"got {options.block_size}")
-    if settings.target.symmetric_int8_only and not options.symmetric:
+    if settings.target.symmetric_int8_only and not symmetric:
         raise UsageError(f"option symmetric=false: {settings.target.summary} takes 4-bit weights with zero point 0 "
                          f"only; use symmetric=true")
     if options.head_bits not in (4, 8):
         raise UsageError(f"option head_bits: expected 4 or 8, got {options.head_bits}")
-    return BlockSpecOptions(block_size=options.block_size, symmetric=options.symmetric, exclude=settings.excluded,
-                            block_dequantize=decomposed, head_bits=options.head_bits)
+    double_quant = nf4 and options.double_quant
+    return BlockSpecOptions(block_size=options.block_size, symmetric=symmetric, exclude=settings.excluded,
+                            block_dequantize=decomposed, head_bits=options.head_bits, nf4=nf4,
+                            scale_block=NF4_SCALE_BLOCK if double_quant else None)
 
 
-def _w4a16(settings: Settings, scale: list[ir.passes.PassBase] = (),
-           fit: list[ir.passes.PassBase] = ()) -> list[ir.passes.PassBase]:
-    """The INT4 pipeline; ``scale`` rescales weights before their blocks are decided, ``fit`` refines those."""
+def _w4a16(settings: Settings, scale: list[ir.passes.PassBase] = (), fit: list[ir.passes.PassBase] = (),
+           nf4: bool = False) -> list[ir.passes.PassBase]:
+    """The INT4 pipeline; ``scale`` rescales weights before their blocks are decided, ``fit`` refines those; ``nf4``:
+    the 4-bit layers on the NF4 code book."""
     decomposed = _kernel(settings) == "decomposed"
     if settings.options.accuracy_level not in ACCURACY_LEVELS:
         raise UsageError(f"option accuracy_level: expected one of {', '.join(map(str, ACCURACY_LEVELS))}, "
                          f"got {settings.options.accuracy_level}")
-    nbits = [] if decomposed else [LowerMatMulNBitsPass(MatMulNBitsOptions(settings.options.accuracy_level))]
+    blocks = _block_options(settings, decomposed, nf4)
+    if decomposed:
+        lowering = [DequantizeCodeBookWeightsPass()] if nf4 else []
+    else:
+        lowering = [*([LowerMatMulBnb4Pass()] if nf4 else []),
+                    LowerMatMulNBitsPass(MatMulNBitsOptions(settings.options.accuracy_level))]
+    # block-wise DequantizeLinear: the decomposed lowering's, and that of NF4's 8-bit scales
+    block_dequantize = decomposed or blocks.scale_block is not None
     return [
-        *canonicalize(BLOCK_DEQUANTIZE_OPSET if decomposed else PER_CHANNEL_OPSET),
+        *canonicalize(BLOCK_DEQUANTIZE_OPSET if block_dequantize else PER_CHANNEL_OPSET),
         *untie(settings),
         *scale,
-        AssignBlockSpecsPass(_block_options(settings, decomposed)),
+        AssignBlockSpecsPass(blocks),
         *fit,
         *assign_embedding_specs(settings),
-        *nbits,
+        *lowering,
         QuantizeWeightsPass(),  # the embedding tables', and behind DequantizeLinear the 4-bit blocks
         *gather_rows(settings),
         EliminateDeadCodePass(),
@@ -142,6 +172,10 @@ def _w4a16_awq(settings: Settings) -> list[ir.passes.PassBase]:
     return _w4a16(settings, scale=[ChooseAWQScalesPass(awq), SmoothActivationsPass()])
 
 
+def _nf4(settings: Settings) -> list[ir.passes.PassBase]:
+    return _w4a16(settings, nf4=True)
+
+
 RECIPES = [
     Recipe("w4a16-rtn", "INT4 block-wise weight-only, round to nearest: MatMul / Gemm weights in blocks along K, "
                         "lowered to MatMulNBits (ONNX Runtime) or block-wise DequantizeLinear (opset 21)",
@@ -156,4 +190,7 @@ RECIPES = [
                         "on calibration data move precision to the weights of the most active inputs (folded into "
                         "the op before where exact, else a Mul)",
            W4A16Options, _w4a16_awq),
+    Recipe("nf4", "NF4 block-wise weight-only (QLoRA's code book), absmax per block stored in 8 bits (double "
+                  "quantization): MatMulBnb4 (ONNX Runtime) or the indexes decoded by standard ops",
+           NF4Options, _nf4),
 ]

@@ -56,10 +56,12 @@ class Verification:
     passed: bool = True
     layers: list[dict] | None = None  # per quantized tensor, worst first (`qcompile.verify.layer_errors`)
     blame: dict | None = None  # the row of the layer that adds the most error
+    # decoder LMs: both models' perplexity on a text (`qcompile.perplexity.compare_perplexity`) and its bound
+    perplexity: dict | None = None
 
     def to_json(self) -> dict:
         data = asdict(self)
-        for key in ("latency_ms", "latency_note", "layers", "blame"):  # absent, not null, where not measured
+        for key in ("latency_ms", "latency_note", "layers", "blame", "perplexity"):  # absent where not measured
             if data[key] is None:
                 del data[key]
         return data

@@ -34,6 +34,9 @@ def print_compile_summary(report: Report, console: Console) -> None:
                                                         f"({lat.ratio:.2f}x fp32)")
         if verification.latency_note:
             table.add_row("latency", escape(verification.latency_note))
+        if (ppl := verification.perplexity) is not None:
+            table.add_row("perplexity", f"{ppl['reference']:.3f} -> {ppl['candidate']:.3f} ({ppl['ratio']:.3f}x, "
+                                        f"{ppl['predicted']} tokens)")
         table.add_row("checked on", verification.runtime)
     for note in report.notes:
         table.add_row("note", escape(note))

@@ -348,19 +348,21 @@ def test_entropy_is_not_fooled_by_the_zeros_of_a_relu(tmp_path, symmetric):
 
 def test_per_channel_statistics_and_gram_match_numpy_over_all_batches(tmp_path):
     """The runner's pluggable statistics on h = 2x, fed 8 samples at a time: what numpy gives on all 21."""
-    from qcompile.calibration import ChannelMax, ChannelMeanSquare, Gram, MeanStatistic
+    from qcompile.calibration import ChannelMax, ChannelMeanAbs, ChannelMeanSquare, Gram, MeanStatistic
 
     x = _normal(21, seed=3)
     model = load_model(_model(tmp_path))
     outputs = list(model.graph.outputs)
     h = next(node.outputs[0] for node in model.graph if node.op_type == "Mul")
-    stats = [ChannelMax(-1, absolute=True), ChannelMax(1), ChannelMeanSquare(-1), Gram(), MeanStatistic(1)]
+    stats = [ChannelMax(-1, absolute=True), ChannelMax(1), ChannelMeanSquare(-1), Gram(), MeanStatistic(1),
+             ChannelMeanAbs(-1)]
     CalibrationRunner(model, CalibrationData(_data(tmp_path / "d.npz", x=x))).run({h: stats}, "statistics")
     assert list(model.graph.outputs) == outputs  # the outputs added for the run are taken off again
     h_all = (2 * x).astype(np.float64)
     np.testing.assert_allclose(stats[0].value, np.abs(h_all).max(axis=0), rtol=1e-6)
     np.testing.assert_allclose(stats[1].value, h_all.max(axis=0), rtol=1e-6)
     np.testing.assert_allclose(stats[2].value, (h_all**2).mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(stats[5].value, np.abs(h_all).mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(stats[3].total, h_all.T @ h_all, rtol=1e-6)
     assert stats[3].rows == 21 and stats[3].memory_bytes() == 16 * 16 * 8
     # Mean over axis 1 of batches of shape (8, 16): one shape per batch only if the batches agree; the

@@ -98,3 +98,41 @@ def test_a_model_with_other_inputs_than_token_ids_is_refused(bigram, tmp_path, c
     save_model(parse(_bigram(table, "int64[1, S] input_ids, float[1, 4] past")), cached)
     assert main(["eval", str(cached), str(paths["candidate"]), "--text", text, "--tokenizer", tokenizer]) == 2
     assert "inputs are input_ids (and attention_mask, position_ids); it takes input_ids, past" in capsys.readouterr().err
+
+
+def test_compile_verify_bounds_the_perplexity_and_names_both(bigram, tmp_path, capsys):
+    """w8a16 on the bigram table: its INT8 rows raise the perplexity a little; a bound below that fails."""
+    paths, tokenizer, text, _, _ = bigram
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    common = ["compile", str(paths["reference"]), "-o", str(out), "--recipe", "w8a16", "--verify",
+              "--verify-text", text, "--tokenizer", tokenizer, "--report", str(report), "--quiet"]
+    assert main(common + ["--max-perplexity-ratio", "1.5"]) == 0
+    perplexity = json.loads(report.read_text())["verification"]["perplexity"]
+    assert perplexity["passed"] and perplexity["ratio"] != 1.0 and perplexity["max_ratio"] == 1.5
+    capsys.readouterr()
+    tight = 1 + (perplexity["ratio"] - 1) / 2 if perplexity["ratio"] > 1 else None
+    if tight is None:
+        pytest.skip("INT8 rows lowered this text's perplexity: no bound between 1 and the ratio to test")
+    assert main(common + ["--max-perplexity-ratio", str(tight)]) == 1
+    assert "above --max-perplexity-ratio" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--verify-text", "TEXT"], "--verify-text needs --verify"),
+    (["--verify", "--verify-text", "TEXT"], "--verify-text and --tokenizer go together"),
+    (["--verify", "--max-perplexity-ratio", "1.2"], "--max-perplexity-ratio needs --verify-text"),
+])
+def test_bad_perplexity_bounds_are_usage_errors(bigram, tmp_path, capsys, args, message):
+    paths, tokenizer, text, _, _ = bigram
+    args = [{"TEXT": text, "TOKENIZER": tokenizer}.get(a, a) for a in args]
+    assert main(["compile", str(paths["reference"]), "-o", str(tmp_path / "o.onnx"), "--recipe", "w8a16",
+                 *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_perplexity_ratio_below_1_is_refused_by_the_parser(bigram, tmp_path, capsys):
+    paths, tokenizer, text, _, _ = bigram
+    with pytest.raises(SystemExit) as exit:
+        main(["compile", str(paths["reference"]), "-o", str(tmp_path / "o.onnx"), "--recipe", "w8a16", "--verify",
+              "--verify-text", text, "--tokenizer", tokenizer, "--max-perplexity-ratio", "0.9"])
+    assert exit.value.code == 2 and "expected a finite ratio of at least 1" in capsys.readouterr().err

@@ -231,3 +231,126 @@ def test_awq_scales_the_active_channels_into_the_norm_and_beats_round_to_nearest
 def test_awq_without_calibration_data_suggests_the_recipes_that_need_none(block):
     with pytest.raises(UsageError, match="w4a16-awq calibrates.*w4a16-rtn or w4a16-hqq"):
         qcompile.compile(block, recipe="w4a16-awq")
+
+
+def _unpack_high_first(packed: np.ndarray, count: int) -> np.ndarray:
+    """MatMulBnb4's B as its documentation defines it, read back independently of the packer."""
+    codes = np.empty(2 * packed.size, np.uint8)
+    codes[0::2], codes[1::2] = packed >> 4, packed & 0x0F
+    return codes[:count]
+
+
+def _nf4_reference(path, block_size: int, double_quant: bool) -> ir.Model:
+    """The model with every MatMul weight replaced by its NF4 values, computed in numpy from the spec."""
+    from qcompile.passes.analysis.assign_block_specs import nf4_spec
+
+    model = qcompile.compile(path, recipe="canonicalize").model
+    for node in model.graph:
+        if node.op_type == "MatMul" and (weight := constant_array(node.inputs[1])) is not None:
+            spec = nf4_spec(weight, 0, block_size, 256 if double_quant else None)
+            node.inputs[1].const_value = ir.tensor(spec.dequantize(spec.quantize(weight)), name=node.inputs[1].name)
+    return model
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_runs_as_matmulbnb4_and_decoded_by_standard_ops_exactly_as_numpy_decodes_it(block, double_quant,
+                                                                                        tmp_path):
+    from qcompile.io import load_model
+    from qcompile.layers import layer_precisions
+
+    options = {"double_quant": double_quant, "block_size": 16}
+    contrib = qcompile.compile(block, recipe="nf4", options=options)
+    portable = qcompile.compile(block, recipe="nf4", target="portable", options=options).model
+    nodes = {n.name: n for n in contrib.model.graph if n.op_type == "MatMulBnb4"}
+    assert sorted(nodes) == sorted(LINEARS)
+    assert {layer["precision"] for layer in contrib.report["layers"] if layer["name"] in LINEARS} == {"w:nf4 a:fp32"}
+    assert "com.microsoft" not in portable.opset_imports
+    saved = save_model(portable, tmp_path / "portable.onnx")  # inspect reads the code book's mark from the file
+    assert {r["precision"] for r in layer_precisions(load_model(saved)) if r["name"] in LINEARS} == {"w:nf4 a:fp32"}
+    absmax = nodes["q_proj"].inputs[2].producer()  # decoded in the graph where double-quantized
+    assert (absmax.op_type, absmax.inputs[0].producer().op_type if double_quant else None) == (
+        "Reshape", "DequantizeLinear" if double_quant else None)
+    feed = random_feed(contrib.model, batch=2, seq=6)
+    expected = run(_nf4_reference(block, 16, double_quant), feed)
+    for model in (contrib.model, portable):
+        for a, b in zip(expected, run(model, feed)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_nf4_codes_are_packed_high_nibble_first_along_the_flattened_n_by_k_weight(block):
+    from qcompile.passes.analysis.assign_block_specs import nf4_spec
+
+    model = qcompile.compile(block, recipe="nf4", options={"double_quant": False, "block_size": 16}).model
+    original = constant_array(qcompile.compile(block, recipe="canonicalize").model.graph.initializers["fc1.weight"])
+    node = next(n for n in model.graph if n.name == "fc1")
+    k, n = node.attributes.get_int("K"), node.attributes.get_int("N")
+    spec = nf4_spec(original, 0, 16, None)
+    codes = _unpack_high_first(constant_array(node.inputs[1]), n * k).reshape(n, k)
+    np.testing.assert_array_equal(codes, spec.quantize(original).astype(np.uint8).T)
+    book = np.asarray(spec.grid.values)
+    # the nearest code: no other code is closer to the weight over its block's absmax
+    real = original.T / np.repeat(spec.scale.T, 16, axis=1)
+    assert np.all(np.abs(book[codes] - real) <= np.min(np.abs(book[None, None, :] - real[..., None]), axis=-1) + 1e-7)
+
+
+def test_nf4_double_quantization_stores_8_bit_scales_close_to_the_absmax(block):
+    from qcompile.passes.analysis.assign_block_specs import nf4_spec
+
+    weight = constant_array(qcompile.compile(block, recipe="canonicalize").model.graph.initializers["fc1.weight"])
+    spec = nf4_spec(weight, 0, 16, 256)
+    assert spec.granularity.scale_spec.grid.bits == 8
+    np.testing.assert_allclose(spec.stored_scale(), spec.scale, rtol=0.02)
+    one_block = weight.copy()
+    one_block[:16, 0] = 0.0  # an all-zero block: a finite, typical scale, decoded exactly to zeros
+    zeroed = nf4_spec(one_block, 0, 16, 256)
+    assert 0 < zeroed.scale[0, 0] <= np.abs(weight).max()
+    np.testing.assert_array_equal(zeroed.dequantize(zeroed.quantize(one_block))[:16, 0], 0.0)
+
+
+def test_a_k_not_a_multiple_of_the_block_leaves_nf4_float_and_pads_integer_blocks(tmp_path):
+    path = tmp_path / "odd.onnx"
+    save_model(parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, 96] x) => (float[B, 8] y) <float[96, 8] w = {%s}> {
+        h = MatMul(x, w)
+        y = Relu(h)
+    }
+    """ % ", ".join(["0.5"] * 96 * 8)), path)
+    result = qcompile.compile(path, recipe="nf4", options={"block_size": 64})
+    assert [n.op_type for n in result.model.graph] == ["MatMul", "Relu"]
+    assert any("K not a multiple of the NF4 block of 64" in note for note in result.report["notes"])
+    integer = qcompile.compile(path, recipe="w4a16-rtn", options={"block_size": 64})  # a short last block
+    assert [n.op_type for n in integer.model.graph] == ["MatMulNBits", "Relu"]
+    assert any("the last block of each column is short" in note for note in integer.report["notes"])
+
+
+@NBITS_8
+def test_nf4_keeps_an_lm_head_at_8_bits_and_runs(tied):
+    path, ids, expected = tied
+    model = qcompile.compile(path, recipe="nf4", options={"block_size": 32}).model
+    assert list(model.graph)[-1].op_type == "MatMulNBits"
+    assert worst_sqnr_db([expected], _outputs(model, {"ids": ids})) > 30
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-rtn", "w4a16-hqq", "w4a16-gptq", "w4a16-awq", "nf4"])
+def test_degenerate_blocks_get_valid_scales_and_a_nan_weight_is_stored_as_zero(tmp_path, recipe):
+    """A NaN, an all-zero block and a 1e6 outlier in one weight: finite outputs near those of the weight with the
+    NaN as 0, and a report line."""
+    weight = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    weight[3, 2], weight[40, 5], weight[:32, 7] = np.nan, 1e6, 0.0
+    values = ", ".join("NaN" if np.isnan(v) else f"{v:.6g}" for v in weight.reshape(-1))
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, 1, 64] x) => (float[B, 1, 8] y) <float[64, 8] w = {%s}> {
+        h = MatMul(x, w)
+        y = Relu(h)
+    }"""
+    save_model(parse(text % values), tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((16, 1, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    result = qcompile.compile(tmp_path / "m.onnx", recipe=recipe, options={"head_bits": 4, "block_size": 32},
+                              calib=str(tmp_path / "calib.npz"))
+    assert any("1 weight(s) hold NaN values, stored as 0: w" in note for note in result.report["notes"])
+    got = _outputs(result.model, {"x": x})[0]
+    assert np.all(np.isfinite(got))
+    expected = run(parse(text % values.replace("NaN", "0")), {"x": x})[0]
+    assert worst_sqnr_db([expected], [got]) > 10

@@ -23,7 +23,7 @@ def _rounded(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
 def test_loud_channels_get_scaled_up_and_the_outputs_of_other_samples_lose_less():
     weight = np.random.default_rng(1).standard_normal((96, 40)).astype(np.float32)
     x = _inputs(800, seed=2, loud=30)
-    alpha, scale = choose_scale([weight], [4], x.T @ x / len(x), OPTIONS)
+    alpha, scale = choose_scale([weight], [4], x.T @ x / len(x), np.abs(x).mean(axis=0), OPTIONS)
     assert 0 < alpha < 1 and scale[:6].min() > scale[6:].max()
     other = _inputs(800, seed=3, loud=30)
     error = {name: np.linalg.norm(other @ (weight - _rounded(weight, s)))
@@ -34,6 +34,6 @@ def test_loud_channels_get_scaled_up_and_the_outputs_of_other_samples_lose_less(
 def test_channels_of_one_size_need_no_scales_and_a_dead_input_none_either():
     weight = np.random.default_rng(1).standard_normal((96, 40)).astype(np.float32)
     x = _inputs(800, seed=2, loud=1)
-    choice = choose_scale([weight], [4], x.T @ x / len(x), OPTIONS)
+    choice = choose_scale([weight], [4], x.T @ x / len(x), np.abs(x).mean(axis=0), OPTIONS)
     assert choice is None or np.all(np.abs(np.log(choice[1])) < 0.05)  # any alpha of channels alike is about 1
-    assert choose_scale([weight], [4], np.zeros((96, 96)), OPTIONS) is None
+    assert choose_scale([weight], [4], np.zeros((96, 96)), np.zeros(96), OPTIONS) is None
