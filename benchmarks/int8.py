@@ -226,8 +226,9 @@ def int4_configurations() -> list[Config]:
     for activations in ("e4m3", "e5m2"):
         configs.append(Config(f"qc-fp8-{activations}", "qcompile", f"qcompile fp8, E4M3 weights, {activations} "
                               f"activations", {"recipe": "fp8", "calib": True, "options": {"activations": activations}}))
-    configs.append(Config("ort-static-fp8", "ort", "ORT quantize_static QDQ, E4M3FN weights and activations, MinMax",
-                          {"mode": "static", "method": "MinMax", "per_channel": True, "reduce_range": False,
+    configs.append(Config("ort-static-fp8", "ort", "ORT quantize_static QDQ, E4M3FN weights and activations, "
+                          "Distribution (the only calibration it takes for FP8)",
+                          {"mode": "static", "method": "Distribution", "per_channel": True, "reduce_range": False,
                            "activation_type": "QFLOAT8E4M3FN", "weight_type": "QFLOAT8E4M3FN"}))
     configs.append(Config("qc-w8a8-smoothquant", "qcompile", "qcompile w8a8-smoothquant",
                           {"recipe": "w8a8-smoothquant", "calib": True, "options": {}}))
@@ -1127,8 +1128,8 @@ ORT_LINES_INT4 = [
     "* ORT: `MatMulNBitsQuantizer(model, block_size, is_symmetric, accuracy_level=4, algo_config=...)`, `process()`, "
     "on the fp32 model: DEFAULT without an algo_config (round to nearest), HQQ with `HQQWeightOnlyQuantConfig` "
     "(asymmetric), GPTQ with `GPTQWeightOnlyQuantConfig` on the calibration data (its defaults otherwise); NF4: "
-    "`MatMulBnb4Quantizer(model, NF4, block_size)`; FP8: `quant_pre_process` + `quantize_static` (QDQ, MinMax, "
-    "QFLOAT8E4M3FN weights per channel and activations). qcompile: "
+    "`MatMulBnb4Quantizer(model, NF4, block_size)`; FP8: `quant_pre_process` + `quantize_static` (QDQ, "
+    "Distribution calibration, QFLOAT8E4M3FN weights per channel and activations). qcompile: "
     "`qcompile.compile(...)` with the options in the configuration's name (target ort-cpu), then `save`; "
     "-acc0: accuracy_level 0 (float products). Latency `token`: one token (every matmul at M = 1, as in decoding)."]
 

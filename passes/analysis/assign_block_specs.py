@@ -16,8 +16,8 @@ of opset 21's block-wise DequantizeLinear. K need not be a multiple of the block
   integer level).
 
 * NF4 (``nf4``): QLoRA's 16-value code book scaled by each block's largest magnitude (absmax), for the 4-bit
-  layers; K must be a multiple of the block (MatMulBnb4 numbers its blocks over the flattened weight), else
-  the weight stays float. Where ``scale_block`` is given, the absmax values are themselves stored in 8 bits
+  layers; K must be a multiple of the block (MatMulBnb4 numbers its blocks over the flattened weight): where it
+  is not, the largest smaller block that divides K is taken (SmolLM2's K = 576 at 128: 64), and noted. Where ``scale_block`` is given, the absmax values are themselves stored in 8 bits
   (double quantization, as QLoRA does): levels 0..255 over [0, their max] for each ``scale_block`` of them
   along N (QLoRA: 8-bit floats of absmax minus its mean, blocks of 256 over the flattened vector).
 
@@ -92,6 +92,12 @@ def nf4_spec(weight: np.ndarray, axis: int, block_size: int, scale_block: int | 
                      symmetric=True, method="nf4")
 
 
+def _dividing_block(k: int, block_size: int) -> int | None:
+    """The largest block of `BLOCK_SIZES` up to ``block_size`` that divides ``k`` (MatMulBnb4 numbers its blocks
+    over the flattened weight: they must not span two columns), or None."""
+    return next((b for b in sorted(BLOCK_SIZES, reverse=True) if b <= block_size and k % b == 0), None)
+
+
 def blocks_of(weight: np.ndarray, axis: int, block_size: int) -> np.ndarray:
     """``weight`` with ``axis`` moved last, padded with NaN to whole blocks and split into them:
     (..., blocks, block_size)."""
@@ -126,7 +132,7 @@ class AssignBlockSpecsPass(ir.passes.InPlacePass):
             add_note(model, f"every weight left float: the model is at opset {opset}, which could not be raised to "
                      f"{BLOCK_DEQUANTIZE_OPSET}, the first whose DequantizeLinear takes blocks")
             return ir.passes.PassResult(model, modified=False)
-        shared, short, uneven, with_nan, padded = [], [], [], [], []
+        shared, short, uneven, with_nan, padded, smaller = [], [], [], [], [], []
         decided = heads = 0
         for node in model.graph:
             axis = reduction_axis(node)
@@ -146,10 +152,13 @@ class AssignBlockSpecsPass(ir.passes.InPlacePass):
                 with_nan.append(weight.name)
             bits = self.options.head_bits if writes_output(weight) else 4
             if self.options.nf4 and bits == 4:
-                if array.shape[axis] % self.options.block_size:
+                block = _dividing_block(array.shape[axis], self.options.block_size)
+                if block is None:
                     uneven.append(weight.name)
                     continue
-                weight.meta[QUANT_SPEC_KEY] = nf4_spec(array, axis, self.options.block_size, self.options.scale_block)
+                if block != self.options.block_size:
+                    smaller.append((weight.name, block))
+                weight.meta[QUANT_SPEC_KEY] = nf4_spec(array, axis, block, self.options.scale_block)
             else:
                 weight.meta[QUANT_SPEC_KEY] = block_spec(array, axis, self.options.block_size, self.options.symmetric,
                                                          negative_scales=not self.options.block_dequantize, bits=bits)
@@ -169,9 +178,13 @@ class AssignBlockSpecsPass(ir.passes.InPlacePass):
             add_note(model, f"{len(padded)} weight(s) with K not a multiple of the block of {self.options.block_size}: "
                      f"the last block of each column is short, padded to a whole block where stored: "
                      f"{some_names(padded)}")
+        if smaller:
+            sizes = ", ".join(map(str, sorted({block for _, block in smaller})))
+            add_note(model, f"{len(smaller)} NF4 weight(s) in blocks of {sizes}: K is not a multiple of "
+                     f"{self.options.block_size}: {some_names([name for name, _ in smaller])}")
         if uneven:
-            add_note(model, f"{len(uneven)} weight(s) left float: K not a multiple of the NF4 block of "
-                     f"{self.options.block_size}: {some_names(uneven)}")
+            add_note(model, f"{len(uneven)} weight(s) left float: K not a multiple of an NF4 block of "
+                     f"{BLOCK_SIZES[0]} or more: {some_names(uneven)}")
         if short:
             add_note(model, f"{len(short)} weight(s) left float: K shorter than one block of "
                      f"{self.options.block_size}: {some_names(short)}")

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from qcompile.errors import UsageError
-from qcompile.decisions import QUANTIZED_INPUTS_KEY
+from qcompile.decisions import FLOAT8_TYPES, QUANTIZED_INPUTS_KEY
 from qcompile.graph import graph_values, register_constant
+from qcompile.notes import add_note
 from qcompile.op_rules import MIN_OPSET_16BIT_QDQ
 from qcompile.targets import CONTRIB_DOMAIN
 from qcompile.decisions import QUANT_SPEC_KEY
@@ -51,8 +52,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         graph = model.graph
         values = _decided(graph)
         first = next(iter(graph), None)
+        float8 = 0
         for value in values:
             spec = value.meta.pop(QUANT_SPEC_KEY)
+            float8 += spec.dtype in FLOAT8_TYPES
             consumers = [(user, i) for user, i in value.uses()
                          if user.graph is graph and i in user.meta.get(QUANTIZED_INPUTS_KEY, ())]
             if not consumers:
@@ -77,6 +80,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 graph.insert_after(producer, [quantize, dequantize])
             for user, i in consumers:
                 user.replace_input_with(i, dequantize.outputs[0])
+        if float8:
+            add_note(model, f"{float8} FP8 Q/DQ pairs: ONNX Runtime's CPU has no FP8 kernels and computes them in "
+                     f"float, slower than fp32 (SmolLM2 3.8x at 128 tokens, MiniLM 2.3-4.1x, AMD EPYC); TensorRT "
+                     f"fuses them into FP8 kernels on GPUs that have them")
         return ir.passes.PassResult(model, modified=bool(values))
 
     def _domain(self, model: ir.Model, value: ir.Value, dtype: ir.DataType) -> str:

@@ -69,7 +69,7 @@ class W4A16GPTQOptions(W4A16Options):
 @dataclass(frozen=True)
 class NF4Options:
     block_size: int = option(64, f"weights per absmax along K (QLoRA: 64): {', '.join(map(str, BLOCK_SIZES))}; "
-                                 f"a weight whose K is not a multiple stays float")
+                                 f"a weight whose K is not a multiple gets the largest smaller block that divides K")
     double_quant: bool = option(True, f"absmax values stored in 8 bits, blocks of {NF4_SCALE_BLOCK} along N "
                                       f"(QLoRA's double quantization), or as floats (false)")
     accuracy_level: int = option(4, "MatMulNBits' accuracy_level, for the layers kept at 8 bits (head_bits)")

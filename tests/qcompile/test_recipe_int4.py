@@ -307,7 +307,7 @@ def test_nf4_double_quantization_stores_8_bit_scales_close_to_the_absmax(block):
     np.testing.assert_array_equal(zeroed.dequantize(zeroed.quantize(one_block))[:16, 0], 0.0)
 
 
-def test_a_k_not_a_multiple_of_the_block_leaves_nf4_float_and_pads_integer_blocks(tmp_path):
+def test_a_k_not_a_multiple_of_the_block_takes_a_smaller_nf4_block_and_pads_integer_blocks(tmp_path):
     path = tmp_path / "odd.onnx"
     save_model(parse("""
     <ir_version: 8, opset_import: ["" : 17]>
@@ -316,9 +316,10 @@ def test_a_k_not_a_multiple_of_the_block_leaves_nf4_float_and_pads_integer_block
         y = Relu(h)
     }
     """ % ", ".join(["0.5"] * 96 * 8)), path)
-    result = qcompile.compile(path, recipe="nf4", options={"block_size": 64})
-    assert [n.op_type for n in result.model.graph] == ["MatMul", "Relu"]
-    assert any("K not a multiple of the NF4 block of 64" in note for note in result.report["notes"])
+    result = qcompile.compile(path, recipe="nf4", options={"block_size": 64})  # K = 96: blocks of 32
+    node = next(n for n in result.model.graph if n.op_type == "MatMulBnb4")
+    assert node.attributes.get_int("block_size") == 32
+    assert any("1 NF4 weight(s) in blocks of 32: K is not a multiple of 64" in note for note in result.report["notes"])
     integer = qcompile.compile(path, recipe="w4a16-rtn", options={"block_size": 64})  # a short last block
     assert [n.op_type for n in integer.model.graph] == ["MatMulNBits", "Relu"]
     assert any("the last block of each column is short" in note for note in integer.report["notes"])
