@@ -14,6 +14,31 @@ from qcompile.runtime import onnxruntime
 # 0.39x; without spinning, 1.00x and 0.78x.
 TIMING = {"session.intra_op.allow_spinning": "0"}
 
+# ONNX Runtime before 1.32 (1.20.1 and 1.28 seen) fuses DequantizeLinear -> MatMul into MatMulIntegerToFloat
+# for FP8 inputs too, and then refuses the graph at its default optimization level; basic optimizations leave
+# the Q/DQ as they are.
+FP8_FUSION_FIXED = (1, 32)
+_FLOAT8_TYPES = (17, 18, 19, 20)  # TensorProto FLOAT8E4M3FN, FLOAT8E4M3FNUZ, FLOAT8E5M2, FLOAT8E5M2FNUZ
+
+
+def misfuses_float8(model) -> bool:
+    """Whether this ONNX Runtime would refuse ``model`` (a ModelProto) at its default optimization level: it
+    stores FP8 tensors and the runtime is older than `FP8_FUSION_FIXED`."""
+    version = tuple(int(p) for p in onnxruntime().__version__.split(".")[:2])
+    return version < FP8_FUSION_FIXED and any(t.data_type in _FLOAT8_TYPES for t in model.graph.initializer)
+
+
+def _misfuses_float8_file(path: str | os.PathLike) -> bool:
+    version = tuple(int(p) for p in onnxruntime().__version__.split(".")[:2])
+    if version >= FP8_FUSION_FIXED:
+        return False
+    import onnx
+
+    try:
+        return misfuses_float8(onnx.load(str(path), load_external_data=False))
+    except Exception:  # noqa: BLE001 - ONNX Runtime reports an unreadable file itself
+        return False
+
 
 def session(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
             integer_kernels: bool = True, libraries: Sequence[str | os.PathLike] = (),
@@ -30,7 +55,7 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
     ort = onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures reach the user as exceptions, not as ORT's log lines
-    if not integer_kernels:
+    if not integer_kernels or _misfuses_float8_file(path):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         options.intra_op_num_threads = threads

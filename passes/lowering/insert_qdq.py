@@ -83,7 +83,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if float8:
             add_note(model, f"{float8} FP8 Q/DQ pairs: ONNX Runtime's CPU has no FP8 kernels and computes them in "
                      f"float, slower than fp32 (SmolLM2 3.8x at 128 tokens, MiniLM 2.3-4.1x, AMD EPYC); TensorRT "
-                     f"fuses them into FP8 kernels on GPUs that have them")
+                     f"fuses them into FP8 kernels on GPUs that have them. ONNX Runtime before 1.32 refuses the model "
+                     f"at its default optimization level (it fuses FP8 Q/DQ as if INT8): there, open it with "
+                     f"GraphOptimizationLevel.ORT_ENABLE_BASIC (qcompile.session does)")
         return ir.passes.PassResult(model, modified=bool(values))
 
     def _domain(self, model: ir.Model, value: ir.Value, dtype: ir.DataType) -> str:
