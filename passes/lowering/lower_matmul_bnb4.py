@@ -22,8 +22,9 @@ NF4_QUANT_TYPE = 1  # MatMulBnb4's quant_type: 0 FP4, 1 NF4
 
 
 def is_code_book_block(spec) -> bool:
-    return isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerBlock) and isinstance(spec.grid,
-                                                                                                 CodebookGrid)
+    """A block-wise spec on a code book (NF4)."""
+    return (isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerBlock)
+            and isinstance(spec.grid, CodebookGrid))
 
 
 def pack_high_first(codes: np.ndarray) -> np.ndarray:
