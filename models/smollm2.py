@@ -32,6 +32,7 @@ from qcompile.errors import UsageError
 from qcompile.models.graph_builder import GraphBuilder
 from qcompile.models.registry import ModelEntry, WeightPackage
 from qcompile.models.text import corpus
+from qcompile.perplexity import negative_log_likelihoods
 
 logger = logging.getLogger(__name__)
 
@@ -345,11 +346,8 @@ def perplexity(run_logits: Callable[[np.ndarray], np.ndarray], input_ids: np.nda
     total, count = 0.0, 0
     for window in np.asarray(input_ids, dtype=np.int64):
         logits = np.asarray(run_logits(window[None]), dtype=np.float64)[0, :-1]
-        targets = window[1:]
-        peak = logits.max(axis=-1)
-        log_norm = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1))
-        total += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
-        count += len(targets)
+        total += float(negative_log_likelihoods(logits, window[1:]).sum())
+        count += len(window) - 1
     return math.exp(total / count)
 
 

@@ -24,6 +24,11 @@ def installed_runtimes() -> list[str]:
     return found
 
 
+def runtime_version(ort: ModuleType) -> tuple[int, int]:
+    """(major, minor) of an imported onnxruntime."""
+    return tuple(int(p) for p in ort.__version__.split(".")[:2])
+
+
 def onnxruntime() -> ModuleType:
     """Import onnxruntime, or explain in one line why it cannot be used."""
     found = installed_runtimes()
@@ -38,8 +43,7 @@ def onnxruntime() -> ModuleType:
         import onnxruntime as ort
     except ImportError as exc:  # a half-removed wheel leaves the folder without its binary
         raise UsageError(f"{found[0]} is installed but does not import ({exc}); reinstall it") from exc
-    version = tuple(int(p) for p in ort.__version__.split(".")[:2])
-    if version < OLDEST_SUPPORTED:
+    if runtime_version(ort) < OLDEST_SUPPORTED:
         raise UsageError(
             f"onnxruntime {ort.__version__} is older than the oldest supported "
             f"{'.'.join(map(str, OLDEST_SUPPORTED))}"

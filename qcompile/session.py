@@ -5,7 +5,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from qcompile.errors import UsageError
-from qcompile.runtime import onnxruntime
+from qcompile.runtime import onnxruntime, runtime_version
 
 
 # For sessions timed against each other, runs interleaved: a session's idle threads spin for a while after
@@ -24,14 +24,13 @@ _FLOAT8_TYPES = (17, 18, 19, 20)  # TensorProto FLOAT8E4M3FN, FLOAT8E4M3FNUZ, FL
 def misfuses_float8(model) -> bool:
     """Whether this ONNX Runtime would refuse ``model`` (a ModelProto) at its default optimization level: it
     stores FP8 tensors and the runtime is older than `FP8_FUSION_FIXED`."""
-    version = tuple(int(p) for p in onnxruntime().__version__.split(".")[:2])
-    return version < FP8_FUSION_FIXED and any(t.data_type in _FLOAT8_TYPES for t in model.graph.initializer)
+    return (runtime_version(onnxruntime()) < FP8_FUSION_FIXED
+            and any(t.data_type in _FLOAT8_TYPES for t in model.graph.initializer))
 
 
 def _misfuses_float8_file(path: str | os.PathLike) -> bool:
-    version = tuple(int(p) for p in onnxruntime().__version__.split(".")[:2])
-    if version >= FP8_FUSION_FIXED:
-        return False
+    if runtime_version(onnxruntime()) >= FP8_FUSION_FIXED:
+        return False  # the file need not be read
     import onnx
 
     try:

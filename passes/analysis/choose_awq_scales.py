@@ -9,7 +9,7 @@ normalized so that the largest and smallest s multiply to 1, and searches alpha 
 for the least output error of the layers reading X, their weights rounded to the blocks they will get
 (`assign-block-specs`' grids). The output error of a weight error E under scales s is
 ``trace(E^T D H D E)`` with D = diag(1/s) and H = X^T X, so the search needs X's Hessian and channel means, not X: one run
-over the data (more where the Hessians pass `HESSIAN_BUDGET`). alpha = 0 is no scaling, so the result is
+over the data (more where the Hessians pass `hessian_stages`' budget). alpha = 0 is no scaling, so the result is
 never worse than round to nearest on the calibration data.
 
 The decision is SmoothQuant's (`Smoothing` on X); `smooth-activations` applies it, folding 1/s into the op
@@ -34,7 +34,7 @@ from qcompile.decisions import SMOOTHING_KEY, Smoothing
 from qcompile.notes import add_note
 from qcompile.passes.analysis.assign_block_specs import block_spec, writes_output
 from qcompile.passes.analysis.choose_smoothing import MAX_SCALE, MIN_SCALE, smoothable_groups
-from qcompile.passes.analysis.round_blocks_gptq import HESSIAN_BUDGET
+from qcompile.passes.analysis.round_blocks_gptq import hessian_stages
 
 logger = logging.getLogger(__name__)
 
@@ -92,19 +92,6 @@ def choose_scale(weights: list[np.ndarray], bits: list[int], hessian: np.ndarray
     return None if best[2] is None else (best[1], best[2])
 
 
-def _runs(groups: list[ir.Value]) -> list[list[ir.Value]]:
-    """``groups`` in consecutive runs whose Hessians fit `HESSIAN_BUDGET`."""
-    runs, held = [[]], 0
-    for x in groups:
-        size = x.shape[-1] ** 2 * 8
-        if runs[-1] and held + size > HESSIAN_BUDGET:
-            runs.append([])
-            held = 0
-        runs[-1].append(x)
-        held += size
-    return runs
-
-
 class ChooseAWQScalesPass(ir.passes.InPlacePass):
     """Measure the Hessians of MatMul inputs and decide AWQ's per-channel scales for each."""
 
@@ -119,7 +106,7 @@ class ChooseAWQScalesPass(ir.passes.InPlacePass):
         groups = smoothable_groups(model, self.options.exclude)
         runner = CalibrationRunner(model, self.options.data)
         chosen = []
-        for number, run in enumerate(_runs(list(groups)), 1):
+        for number, run in enumerate(hessian_stages({x: x.shape[-1] for x in groups}), 1):
             grams, magnitudes = {x: Gram() for x in run}, {x: ChannelMeanAbs(-1) for x in run}
             runner.run({x: [grams[x], magnitudes[x]] for x in run}, f"AWQ activations {number}")
             for x in run:

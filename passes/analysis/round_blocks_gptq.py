@@ -141,23 +141,27 @@ def _block_weights(model: ir.Model) -> list[_Weight]:
     return [w for w in found.values() if w.value not in unmeasurable]
 
 
+def hessian_stages(features: dict[ir.Value, int], count: int = 1) -> list[list[ir.Value]]:
+    """Activations (in graph order, with their feature counts K) in ``count`` consecutive groups, each split
+    further where their Hessians (K^2 float64 each) pass `HESSIAN_BUDGET`: one calibration run per group."""
+    per_stage = -(-len(features) // max(count, 1))
+    stages: list[list[ir.Value]] = []
+    held = 0
+    for i, (x, k) in enumerate(features.items()):
+        if not stages or i % per_stage == 0 or held + k * k * 8 > HESSIAN_BUDGET:
+            stages.append([])
+            held = 0
+        stages[-1].append(x)
+        held += k * k * 8
+    return stages
+
+
 def _stages(weights: list[_Weight], count: int) -> list[list[_Weight]]:
-    """``weights`` in ``count`` consecutive groups by their inputs (a weight goes with its first input's group),
-    each split further where its Hessians pass `HESSIAN_BUDGET`."""
-    activations = list(dict.fromkeys(x for w in weights for x in w.inputs))
-    per_stage = -(-len(activations) // max(count, 1))
-    group_of = {x: i // per_stage for i, x in enumerate(activations)}
-    stages: list[list[_Weight]] = []
-    current, held, group = [], 0, 0
-    for weight in sorted(weights, key=lambda w: group_of[w.inputs[0]]):
-        size = weight.value.shape[weight.spec.granularity.axis] ** 2 * 8
-        if current and (group_of[weight.inputs[0]] != group or held + size > HESSIAN_BUDGET):
-            stages.append(current)
-            current, held = [], 0
-        group = group_of[weight.inputs[0]]
-        current.append(weight)
-        held += size
-    return stages + ([current] if current else [])
+    """``weights`` by the stage of their (first) input: `hessian_stages` of the inputs, K from the weights."""
+    features = {x: w.value.shape[w.spec.granularity.axis] for w in weights for x in w.inputs}
+    stage_of = {x: i for i, stage in enumerate(hessian_stages(features, count)) for x in stage}
+    stages = [[w for w in weights if stage_of[w.inputs[0]] == i] for i in range(max(stage_of.values()) + 1)]
+    return [stage for stage in stages if stage]
 
 
 class RoundBlocksGPTQPass(ir.passes.InPlacePass):

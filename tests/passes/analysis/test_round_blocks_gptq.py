@@ -63,3 +63,14 @@ def test_a_singular_hessian_is_damped_until_it_factors():
     x, weight = _layer(k=64, n=8, rows=10)  # rank 10 of 64
     gptq = gptq_levels(weight, x.T @ x / len(x), block_spec(weight, 0, 32, True), damp=1e-9)
     assert np.all(np.isfinite(gptq.dequantize(gptq.levels)))
+
+
+def test_hessian_stages_keep_graph_order_and_split_past_the_budget():
+    import onnx_ir as ir
+
+    from qcompile.passes.analysis.round_blocks_gptq import HESSIAN_BUDGET, hessian_stages
+
+    xs = [ir.Value(name=f"x{i}") for i in range(5)]
+    assert hessian_stages(dict.fromkeys(xs, 64), count=2) == [xs[:3], xs[3:]]
+    huge = int((HESSIAN_BUDGET / 8) ** 0.5 * 0.8)  # one Hessian fits the budget, two do not
+    assert hessian_stages(dict.fromkeys(xs[:3], huge)) == [[xs[0]], [xs[1]], [xs[2]]]
