@@ -21,6 +21,7 @@ from qcompile.errors import UsageError
 from qcompile.graph import all_nodes, name_matches
 from qcompile.io import check_not_input, load_model, model_files, save_model
 from qcompile.layers import layer_precisions
+from qcompile.memory import peak_bytes, reset_peak
 from qcompile.notes import notes
 from qcompile.op_rules import COMPUTE_OPS
 from qcompile.pipeline import Pipeline, dump_to_folder, pass_name
@@ -226,6 +227,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
     if unknown:
         raise UsageError(f"--dump-after {unknown[0]}: recipe {chosen.name} has no such pass ({', '.join(sorted(names))})")
 
+    reset_peak()
     model = load_model(input_path)
     check_float_types(model, input_path)
     cpu = getattr(resolved, "cpu", None)
@@ -272,6 +274,7 @@ def compile(input: str | os.PathLike, recipe: str | None = None, target: str | N
         cpu=asdict(cpu_profile(options["cpu"])) if "cpu" in options else None,
         versions=versions(),
         command=" ".join(sys.argv),
+        peak_memory_bytes=peak_bytes(),
     )
     return CompileResult(model, report, input_path)
 

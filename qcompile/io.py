@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import google.protobuf.message
+import numpy as np
 import onnx
 import onnx.external_data_helper
 import onnx_ir as ir
@@ -28,7 +29,7 @@ EXTERNAL_DATA_THRESHOLD = 256 << 20
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX model; external data stays on disk (memory-mapped) until a pass reads it."""
+    """Load an ONNX model; external data stays on disk until a pass reads it (`ReadOnDemandTensor`)."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file")
@@ -48,6 +49,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     except Exception as exc:  # onnx_ir rejects malformed graphs with assorted exception types
         raise UsageError(f"{path}: malformed ONNX graph ({exc})") from None
     ir.external_data.set_base_dir(model.graph, path.parent)
+    _read_on_demand(model)
     return model
 
 
@@ -65,6 +67,42 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, path: Path) -> 
                 f"{path}: external data file {info.location!r} is too short for tensor {tensor.name!r} "
                 f"(needs {end} bytes, has {data_path.stat().st_size})"
             )
+
+
+class ReadOnDemandTensor(ir.ExternalTensor):
+    """An external tensor read into memory of the caller's each time it is read, and never left mapped.
+
+    onnx_ir maps an external tensor's file when it is first read and keeps it mapped, so a pass that
+    read every weight of a 4 GB model left 4 GB resident and counted in the process's memory until the
+    end of the compile. Reads here cost a copy from the page cache instead.
+    """
+
+    @classmethod
+    def like(cls, tensor: ir.ExternalTensor) -> ReadOnDemandTensor:
+        return cls(tensor.location, tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape, name=tensor.name,
+                   doc_string=tensor.doc_string, metadata_props=tensor.metadata_props, base_dir=tensor.base_dir)
+
+    def numpy(self) -> np.ndarray:
+        try:
+            return super().numpy().copy()
+        finally:
+            self.release()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.numpy().__array__(dtype)
+
+    def tobytes(self) -> bytes:
+        try:
+            return super().tobytes()
+        finally:
+            self.release()
+
+
+def _read_on_demand(model: ir.Model) -> None:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ReadOnDemandTensor.like(value.const_value)
 
 
 def tensor_bytes(model: ir.Model) -> int:

@@ -83,6 +83,8 @@ class Report:
     command: str
     output: str | None = None
     verification: Verification | None = None
+    # The compile's peak resident memory, input weights read from disk included (`qcompile.memory`).
+    peak_memory_bytes: int | None = None
 
     def to_json(self) -> dict:
         """The JSON object `--report` writes (INTERFACE.md)."""

@@ -21,6 +21,8 @@ def print_compile_summary(report: Report, console: Console) -> None:
                   if size.after else _mb(size.before))
     table.add_row("passes", f"{sum(p.seconds for p in report.passes):.2f} s, "
                             f"{sum(p.modified for p in report.passes)}/{len(report.passes)} modified")
+    if report.peak_memory_bytes:
+        table.add_row("memory", f"peak {report.peak_memory_bytes / 1e9:.2f} GB")
     precisions = Counter(layer.precision for layer in report.layers)
     table.add_row("layers", ", ".join(f"{n} x {p}" for p, n in precisions.items()) or "none")
     verification = report.verification

@@ -116,3 +116,15 @@ def test_a_float16_model_is_quantized_and_keeps_its_float16_interface(tmp_path, 
     assert [v.dtype.name for v in (*result.model.graph.inputs, *result.model.graph.outputs)] == ["FLOAT16"] * 2
     assert all(layer["precision"].startswith("w:int8") for layer in result.report["layers"])
     assert verification["outputs"][0]["sqnr_db"] > 25
+
+
+def test_the_report_gives_the_compiles_own_peak_memory_not_the_process_s(cnn):
+    from qcompile.memory import peak_bytes, reset_peak
+
+    if not reset_peak():
+        pytest.skip("this system cannot reset the peak resident memory")
+    before = np.ones(300 << 20, np.uint8)  # 300 MB resident before the compile, then freed
+    del before
+    peak_before = peak_bytes()
+    report = qcompile.compile(cnn, recipe="w8a8-dynamic").report
+    assert 0 < report["peak_memory_bytes"] < peak_before - (150 << 20)

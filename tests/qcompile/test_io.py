@@ -6,7 +6,7 @@ import onnx_ir as ir
 import pytest
 
 from qcompile.errors import UsageError
-from qcompile.io import load_model, save_model
+from qcompile.io import ReadOnDemandTensor, load_model, save_model
 from qcompile.models import synthetic
 
 
@@ -64,6 +64,14 @@ def test_external_data_round_trip_is_exact_and_loads_lazily(tmp_path):
     original = {k: v.const_value.numpy() for k, v in synthetic.mlp().graph.initializers.items()}
     for name, value in load_model(resaved).graph.initializers.items():
         np.testing.assert_array_equal(value.const_value.numpy(), original[name])
+
+
+def test_external_weights_are_read_into_fresh_arrays_and_left_unmapped(tmp_path):
+    value = load_model(_saved(tmp_path, external=True)).graph.initializers["fc0.weight"]
+    assert isinstance(value.const_value, ReadOnDemandTensor)
+    first = value.const_value.numpy()
+    first[0, 0] = 123.0  # the caller's own copy
+    assert value.const_value.raw is None and value.const_value.numpy()[0, 0] != 123.0
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
