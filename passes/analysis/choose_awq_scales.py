@@ -106,9 +106,10 @@ class ChooseAWQScalesPass(ir.passes.InPlacePass):
         groups = smoothable_groups(model, self.options.exclude)
         runner = CalibrationRunner(model, self.options.data)
         chosen = []
-        for number, run in enumerate(hessian_stages({x: x.shape[-1] for x in groups}), 1):
+        for number, (_, run) in enumerate(hessian_stages({x: x.shape[-1] for x in groups}), 1):
             grams, magnitudes = {x: Gram() for x in run}, {x: ChannelMeanAbs(-1) for x in run}
             runner.run({x: [grams[x], magnitudes[x]] for x in run}, f"AWQ activations {number}")
+            runner.close()  # each run observes other values: the next opens its own session
             for x in run:
                 layers = groups[x]
                 weights = [layer.inputs[1].const_value.numpy() for layer in layers]

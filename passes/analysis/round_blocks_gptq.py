@@ -31,6 +31,7 @@ The decision is the levels themselves: specs from `assign-block-specs` are repla
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -68,19 +69,23 @@ class _Weight:
 
 
 def _cholesky_of_inverse(hessian: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor U of (H + damping)^-1 = U^T U; the damping grows until H is positive definite."""
-    h = hessian.copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    mean_diagonal = float(np.mean(np.diag(h)))
+    """Upper Cholesky factor U of (H + damping)^-1 = U^T U; the damping grows until H is positive definite.
+
+    At most three K x K matrices are alive at once (K = 5632: 254 MB each), the input's included."""
+    diagonal = np.diag(hessian).copy()
+    diagonal[diagonal == 0] = 1.0  # dead inputs
+    mean_diagonal = float(np.mean(diagonal))
     for attempt in range(8):
-        damped = h + np.eye(len(h)) * damp * mean_diagonal * 10**attempt
+        damped = hessian.copy()
+        np.fill_diagonal(damped, diagonal + damp * mean_diagonal * 10**attempt)
         try:
             lower = np.linalg.cholesky(damped)
-            inverse = np.linalg.inv(lower)
-            return np.linalg.cholesky(inverse.T @ inverse).T
         except np.linalg.LinAlgError:
             continue
+        del damped
+        inverse = np.linalg.inv(lower)
+        del lower
+        return np.linalg.cholesky(inverse.T @ inverse).T
     raise np.linalg.LinAlgError("the Hessian stays singular under damping")
 
 
@@ -98,7 +103,7 @@ def gptq_levels(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, damp: 
     w = w[:, order]
     scales = np.moveaxis(spec.scale.astype(np.float64), axis, -1).copy()  # (N, blocks)
     zero_points = np.moveaxis(spec.zero_point, axis, -1).copy()
-    levels = np.zeros((rows, k))
+    levels = np.zeros((rows, k), np.int16)
     lazy = max(LAZY_COLUMNS, block_size)  # a multiple of block_size: a block never spans two batches
     for start in range(0, k, lazy):
         stop = min(start + lazy, k)
@@ -141,27 +146,29 @@ def _block_weights(model: ir.Model) -> list[_Weight]:
     return [w for w in found.values() if w.value not in unmeasurable]
 
 
-def hessian_stages(features: dict[ir.Value, int], count: int = 1) -> list[list[ir.Value]]:
+def hessian_stages(features: dict[ir.Value, int], count: int = 1) -> list[tuple[int, list[ir.Value]]]:
     """Activations (in graph order, with their feature counts K) in ``count`` consecutive groups, each split
-    further where their Hessians (K^2 float64 each) pass `HESSIAN_BUDGET`: one calibration run per group."""
-    per_stage = -(-len(features) // max(count, 1))
-    stages: list[list[ir.Value]] = []
+    further into runs where their Hessians (K^2 float64 each) pass `HESSIAN_BUDGET`: one calibration run per
+    (group number, activations) pair."""
+    per_group = -(-len(features) // max(count, 1))
+    runs: list[tuple[int, list[ir.Value]]] = []
     held = 0
     for i, (x, k) in enumerate(features.items()):
-        if not stages or i % per_stage == 0 or held + k * k * 8 > HESSIAN_BUDGET:
-            stages.append([])
+        if not runs or i % per_group == 0 or held + k * k * 8 > HESSIAN_BUDGET:
+            runs.append((i // per_group, []))
             held = 0
-        stages[-1].append(x)
+        runs[-1][1].append(x)
         held += k * k * 8
-    return stages
+    return runs
 
 
-def _stages(weights: list[_Weight], count: int) -> list[list[_Weight]]:
-    """``weights`` by the stage of their (first) input: `hessian_stages` of the inputs, K from the weights."""
+def _stages(weights: list[_Weight], count: int) -> list[tuple[int, list[_Weight]]]:
+    """``weights`` by the run of their (first) input: `hessian_stages` of the inputs, K from the weights."""
     features = {x: w.value.shape[w.spec.granularity.axis] for w in weights for x in w.inputs}
-    stage_of = {x: i for i, stage in enumerate(hessian_stages(features, count)) for x in stage}
-    stages = [[w for w in weights if stage_of[w.inputs[0]] == i] for i in range(max(stage_of.values()) + 1)]
-    return [stage for stage in stages if stage]
+    runs = hessian_stages(features, count)
+    run_of = {x: i for i, (_, run) in enumerate(runs) for x in run}
+    stages = [(group, [w for w in weights if run_of[w.inputs[0]] == i]) for i, (group, _) in enumerate(runs)]
+    return [(group, stage) for group, stage in stages if stage]
 
 
 class RoundBlocksGPTQPass(ir.passes.InPlacePass):
@@ -179,24 +186,34 @@ class RoundBlocksGPTQPass(ir.passes.InPlacePass):
         if not weights:
             return ir.passes.PassResult(model, modified=False)
         stages = _stages(weights, self.options.stages)
-        runner = CalibrationRunner(model, self.options.data, replaceable=[w.value for w in weights])
-        rounded: dict[ir.Value, np.ndarray] = {}  # the weights done, as the stages after them compute with them
+        last_group = stages[-1][0]
+        runner = CalibrationRunner(model, self.options.data, replaceable=[w.value for w in weights] if last_group else ())
+        # The weights of the groups done, as float, which the groups after them compute with.
+        rounded: dict[ir.Value, tuple[int, np.ndarray]] = {}
         with progress.task("GPTQ", len(weights)) as advance:
-            for number, stage in enumerate(stages, 1):
+            for number, (group, stage) in enumerate(stages, 1):
                 grams = {x: Gram() for w in stage for x in w.inputs}
                 runner.run({x: [gram] for x, gram in grams.items()}, f"GPTQ stage {number}/{len(stages)}",
-                           replacements=rounded)
+                           replacements={value: array for value, (done, array) in rounded.items() if done < group})
+                runner.close()  # each stage observes other values: the next opens its own session
+                readers = Counter(x for weight in stage for x in dict.fromkeys(weight.inputs))
                 for weight in stage:
-                    hessian = sum(grams[x].total for x in dict.fromkeys(weight.inputs)) / max(
-                        sum(grams[x].rows for x in dict.fromkeys(weight.inputs)), 1)
+                    inputs = list(dict.fromkeys(weight.inputs))
+                    rows = max(sum(grams[x].rows for x in inputs), 1)
+                    hessian = grams[inputs[0]].total / rows
+                    for x in inputs[1:]:  # a weight several layers read: their inputs' rows together
+                        hessian += grams[x].total / rows
+                    readers.subtract(inputs)
+                    for x in inputs:  # a Hessian no other weight of the stage reads is dropped now
+                        if not readers[x]:
+                            del grams[x]
                     array = weight.value.const_value.numpy()
                     spec = gptq_levels(array, hessian, weight.spec, self.options.damp, self.options.act_order,
                                        self.options.negative_scales)
                     weight.value.meta[QUANT_SPEC_KEY] = spec
-                    if number < len(stages):  # a float copy only where a later stage computes with it
-                        rounded[weight.value] = spec.dequantize(spec.levels).astype(array.dtype)
+                    if group < last_group:  # a float copy only where a later group computes with it
+                        rounded[weight.value] = (group, spec.dequantize(spec.levels).astype(array.dtype))
                     advance(1)
-                del grams
         add_note(model, f"GPTQ: {len(weights)} weight(s) rounded on Hessians from the calibration data, in "
                  f"{len(stages)} stage(s){' in activation order' if self.options.act_order else ''}")
         return ir.passes.PassResult(model, modified=True)

@@ -109,6 +109,11 @@ class CalibrationRunner:
         held = sum(s.memory_bytes() for stats in observed.values() for s in stats)
         logger.info("%s: %d tensors on %s; the statistics hold %.1f MB", description, len(values), self.data, held / 1e6)
 
+    def close(self) -> None:
+        """Drop the session and its copy of the model until a run needs one (for a large model, the weights'
+        size in memory, and on disk)."""
+        self._session = self._folder = None
+
     def _session_for(self, fetch: list[ir.Value]):
         """A session whose outputs include ``fetch``: the last one where it does, else a new one."""
         if self._session is None or not set(fetch) <= self._fetchable:

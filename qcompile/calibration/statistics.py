@@ -223,7 +223,10 @@ class Gram:
 
     def update(self, array: np.ndarray, samples: int) -> None:
         rows = np.asarray(array, np.float64).reshape(-1, np.shape(array)[-1])
-        self.total = rows.T @ rows if self.total is None else self.total + rows.T @ rows
+        if self.total is None:
+            self.total = rows.T @ rows
+        else:
+            self.total += rows.T @ rows
         self.rows += rows.shape[0]
 
 

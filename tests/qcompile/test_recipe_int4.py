@@ -184,6 +184,21 @@ def test_gptq_beats_round_to_nearest_on_other_samples_and_runs_as_decided(two_la
     assert gptq_db > rtn_db + 1.5, (gptq_db, rtn_db)
 
 
+def test_gptq_runs_split_by_the_hessian_budget_still_measure_one_group_on_the_float_model(two_layers, monkeypatch):
+    """With one group (stages=1), every layer's input comes from the float model, however many calibration runs
+    the Hessian budget needs: the second run must not see the first run's rounded weights."""
+    from qcompile.passes.analysis import round_blocks_gptq
+
+    path, calib, _, _ = two_layers
+    options = {"block_size": 32, "head_bits": 4}
+    together = qcompile.compile(path, recipe="w4a16-gptq", calib=calib, target="portable", options=options)
+    monkeypatch.setattr(round_blocks_gptq, "HESSIAN_BUDGET", 96 * 96 * 8)  # one Hessian per run
+    apart = qcompile.compile(path, recipe="w4a16-gptq", calib=calib, target="portable", options=options)
+    assert any("in 2 stage(s)" in note for note in apart.report["notes"])
+    for name, tensor in together.model.graph.initializers.items():
+        np.testing.assert_array_equal(tensor.const_value.numpy(), apart.model.graph.initializers[name].const_value.numpy())
+
+
 def test_gptq_without_calibration_data_suggests_the_recipes_that_need_none(block):
     with pytest.raises(UsageError, match="w4a16-gptq calibrates.*w4a16-rtn or w4a16-hqq"):
         qcompile.compile(block, recipe="w4a16-gptq")

@@ -71,6 +71,8 @@ def test_hessian_stages_keep_graph_order_and_split_past_the_budget():
     from qcompile.passes.analysis.round_blocks_gptq import HESSIAN_BUDGET, hessian_stages
 
     xs = [ir.Value(name=f"x{i}") for i in range(5)]
-    assert hessian_stages(dict.fromkeys(xs, 64), count=2) == [xs[:3], xs[3:]]
+    assert hessian_stages(dict.fromkeys(xs, 64), count=2) == [(0, xs[:3]), (1, xs[3:])]
     huge = int((HESSIAN_BUDGET / 8) ** 0.5 * 0.8)  # one Hessian fits the budget, two do not
-    assert hessian_stages(dict.fromkeys(xs[:3], huge)) == [[xs[0]], [xs[1]], [xs[2]]]
+    assert hessian_stages(dict.fromkeys(xs[:3], huge)) == [(0, [xs[0]]), (0, [xs[1]]), (0, [xs[2]])]
+    assert hessian_stages(dict.fromkeys(xs[:4], huge), count=2) == [(0, [xs[0]]), (0, [xs[1]]), (1, [xs[2]]),
+                                                                  (1, [xs[3]])]
