@@ -1,4 +1,5 @@
-"""Decide how embedding tables (constant data of Gather) are stored: INT8, one scale per row."""
+"""Decide how embedding tables (constant data of Gather) are stored: INT8, one scale per row, or 4 bits in
+blocks along the row (for ONNX Runtime's GatherBlockQuantized)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,11 +10,15 @@ import onnx_ir as ir
 from qcompile.graph import constant_array, name_matches
 from qcompile.notes import add_note
 from qcompile.decisions import QUANT_SPEC_KEY, symmetric_weight_spec
+from qcompile.passes.analysis.assign_block_specs import block_spec
 
 
 @dataclass(frozen=True)
 class EmbeddingSpecOptions:
     exclude: tuple[str, ...] = ()
+    # 4-bit blocks of this many values along each row (`lower-gather-block-quantized`); None: INT8 per row
+    block_size: int | None = None
+    symmetric: bool = True
 
 
 class AssignEmbeddingSpecsPass(ir.passes.InPlacePass):
@@ -43,7 +48,14 @@ class AssignEmbeddingSpecsPass(ir.passes.InPlacePass):
             if not all(index == 0 and _gathers_rows(user) and not self._excluded(user) for user, index in table.uses()):
                 add_note(model, f"{table.name}: embedding table left float, read by other ops than row Gathers")
                 continue
-            table.meta[QUANT_SPEC_KEY] = symmetric_weight_spec(array, 0, ir.DataType.INT8, 127)
+            block = self.options.block_size
+            if block is not None and array.shape[1] % block == 0:
+                table.meta[QUANT_SPEC_KEY] = block_spec(array, 1, block, self.options.symmetric, negative_scales=False)
+            else:
+                if block is not None:
+                    add_note(model, f"{table.name}: embedding table stored as INT8 rows, not 4-bit blocks: its rows "
+                             f"of {array.shape[1]} are not a multiple of the block of {block}")
+                table.meta[QUANT_SPEC_KEY] = symmetric_weight_spec(array, 0, ir.DataType.INT8, 127)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 

@@ -14,8 +14,11 @@ def embeddings_option():
     return option(True, "store the tables of embedding Gathers as INT8, one scale per row")
 
 
-def assign_embedding_specs(settings: Settings) -> list[ir.passes.PassBase]:
-    return [AssignEmbeddingSpecsPass(EmbeddingSpecOptions(settings.excluded))] if settings.options.embeddings else []
+def assign_embedding_specs(settings: Settings, block_size: int | None = None,
+                           symmetric: bool = True) -> list[ir.passes.PassBase]:
+    """``block_size``: 4-bit blocks along the rows instead of INT8 rows (`lower-gather-block-quantized`)."""
+    options = EmbeddingSpecOptions(settings.excluded, block_size, symmetric)
+    return [AssignEmbeddingSpecsPass(options)] if settings.options.embeddings else []
 
 
 def untie(settings: Settings) -> list[ir.passes.PassBase]:

@@ -3,7 +3,8 @@
 
 The weights of MatMul and Gemm layers (a tied LM head too, once given its own transposed copy) get one
 scale, and asymmetric one zero point, per block along K; embedding tables are stored as INT8, one scale
-per row, as in the INT8 recipes (`embeddings=false` keeps them float). They are lowered to ONNX Runtime's
+per row, as in the INT8 recipes (`embeddings=false` keeps them float), or with `embedding_bits=4` as INT4 in
+blocks along the row for ONNX Runtime's GatherBlockQuantized. They are lowered to ONNX Runtime's
 `MatMulNBits` (``kernel=contrib``, ort-cpu and ort-cuda) or to opset 21's DequantizeLinear with
 ``block_size`` in front of the MatMul (``kernel=decomposed``: portable, TensorRT). `nf4` puts the 4-bit
 layers on QLoRA's code book instead, lowered to `MatMulBnb4` or decoded by standard ops.
@@ -23,6 +24,7 @@ from qcompile.passes.analysis.round_blocks_gptq import GPTQOptions, RoundBlocksG
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.canonicalize.upgrade_opset import PER_CHANNEL_OPSET
 from qcompile.passes.lowering.dequantize_code_book_weights import DequantizeCodeBookWeightsPass
+from qcompile.passes.lowering.lower_gather_block_quantized import LowerGatherBlockQuantizedPass
 from qcompile.passes.lowering.lower_matmul_bnb4 import LowerMatMulBnb4Pass
 from qcompile.passes.lowering.lower_matmul_nbits import LowerMatMulNBitsPass, MatMulNBitsOptions
 from qcompile.passes.lowering.quantize_weights import QuantizeWeightsPass
@@ -34,6 +36,11 @@ from qcompile.recipes.embeddings import assign_embedding_specs, embeddings_optio
 KERNELS = ("auto", "contrib", "decomposed")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 NF4_SCALE_BLOCK = 256  # absmax values per 8-bit scale (QLoRA's)
+
+
+def embedding_bits_option():
+    return option(8, "bits of embedding tables: 8 (INT8, one scale per row, every target) or 4 (INT4 in blocks of "
+                     "block_size along each row: ONNX Runtime's GatherBlockQuantized, kernel=contrib only)")
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class W4A16Options:
     head_bits: int = option(8, "bits of the layers that write a model output (an LM head): 8 (a 4-bit head costs "
                                "small LMs most; MatMulNBits runs 8 bits on ONNX Runtime 1.22 and later) or 4")
     embeddings: bool = embeddings_option()
+    embedding_bits: int = embedding_bits_option()
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,23 @@ class NF4Options:
     head_bits: int = option(8, "bits of the layers that write a model output (an LM head): 8 (integer blocks, "
                                "MatMulNBits from ONNX Runtime 1.22) or 4 (NF4)")
     embeddings: bool = embeddings_option()
+    embedding_bits: int = embedding_bits_option()
+
+
+def _embedding_block(settings: Settings, decomposed: bool) -> int | None:
+    """The block of 4-bit embedding rows, or None for INT8 rows."""
+    bits = settings.options.embedding_bits
+    if bits not in (4, 8):
+        raise UsageError(f"option embedding_bits: expected 4 or 8, got {bits}")
+    if bits == 8:
+        return None
+    if not settings.options.embeddings:
+        raise UsageError("option embedding_bits=4 stores embedding tables in 4 bits, and embeddings=false keeps "
+                         "them float: drop one of the two")
+    if decomposed:
+        raise UsageError("option embedding_bits=4 needs ONNX Runtime's GatherBlockQuantized (kernel=contrib): "
+                         "standard ONNX's Gather takes no 4-bit tables; use embedding_bits=8")
+    return settings.options.block_size
 
 
 def _kernel(settings: Settings) -> str:
@@ -119,10 +144,12 @@ def _w4a16(settings: Settings, scale: list[ir.passes.PassBase] = (), fit: list[i
         raise UsageError(f"option accuracy_level: expected one of {', '.join(map(str, ACCURACY_LEVELS))}, "
                          f"got {settings.options.accuracy_level}")
     blocks = _block_options(settings, decomposed, nf4)
+    embedding_block = _embedding_block(settings, decomposed)
     if decomposed:
         lowering = [DequantizeCodeBookWeightsPass()] if nf4 else []
     else:
-        lowering = [*([LowerMatMulBnb4Pass()] if nf4 else []),
+        lowering = [*([LowerGatherBlockQuantizedPass()] if embedding_block else []),
+                    *([LowerMatMulBnb4Pass()] if nf4 else []),
                     LowerMatMulNBitsPass(MatMulNBitsOptions(settings.options.accuracy_level))]
     # block-wise DequantizeLinear: the decomposed lowering's, and that of NF4's 8-bit scales
     block_dequantize = decomposed or blocks.scale_block is not None
@@ -132,7 +159,7 @@ def _w4a16(settings: Settings, scale: list[ir.passes.PassBase] = (), fit: list[i
         *scale,
         AssignBlockSpecsPass(blocks),
         *fit,
-        *assign_embedding_specs(settings),
+        *assign_embedding_specs(settings, embedding_block, blocks.symmetric),
         *lowering,
         QuantizeWeightsPass(),  # the embedding tables', and behind DequantizeLinear the 4-bit blocks
         *gather_rows(settings),

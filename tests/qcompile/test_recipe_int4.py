@@ -103,6 +103,48 @@ def test_a_tied_head_gets_its_own_8bit_copy_and_the_gathered_table_int8_rows(tie
     assert 14 < worst_sqnr_db([expected], _outputs(four_bits, {"ids": ids})) < 30
 
 
+EMBEDDING = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (int64[B, S] ids) => (float[B, S, 64] rows) <float[40, 64] embedding = {%s}> {
+    rows = Gather(embedding, ids)
+}
+""" % ", ".join(f"{v:.4f}" for v in np.random.default_rng(4).standard_normal(40 * 64))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_4_bit_embedding_rows_are_gathered_by_gather_block_quantized_as_numpy_dequantizes_them(tmp_path, symmetric):
+    from qcompile.passes.analysis.assign_block_specs import block_spec
+
+    path = tmp_path / "embedding.onnx"
+    save_model(parse(EMBEDDING), path)
+    result = qcompile.compile(path, recipe="w4a16-rtn", options={"embedding_bits": 4, "symmetric": symmetric})
+    assert [(n.op_type, n.domain) for n in result.model.graph] == [("GatherBlockQuantized", "com.microsoft")]
+    stored = {v.dtype for v in result.model.graph.initializers.values()}
+    assert stored == ({ir.DataType.INT4, ir.DataType.FLOAT} if symmetric else {ir.DataType.UINT4, ir.DataType.FLOAT})
+    assert result.report["size_bytes"]["before"] > 0
+    table = constant_array(parse(EMBEDDING).graph.initializers["embedding"])
+    spec = block_spec(table, 1, 32, symmetric, negative_scales=False)
+    ids = np.array([[0, 7, 39, 7], [3, 1, 2, 38]], np.int64)
+    rows = run(result.model, {"ids": ids})[0]
+    np.testing.assert_allclose(rows, spec.dequantize(spec.quantize(table)).astype(np.float32)[ids], rtol=1e-6,
+                               atol=1e-7)
+    assert 0.1 < np.abs(rows - table[ids]).max() < 0.5  # 4-bit steps, not INT8 rows
+
+
+def test_4_bit_embeddings_need_gather_block_quantized_and_a_row_the_block_divides(tmp_path, tied):
+    path = tmp_path / "embedding.onnx"
+    save_model(parse(EMBEDDING), path)
+    with pytest.raises(UsageError, match="standard ONNX's Gather takes no 4-bit tables"):
+        qcompile.compile(path, recipe="w4a16-rtn", target="portable", options={"embedding_bits": 4})
+    with pytest.raises(UsageError, match="embedding_bits: expected 4 or 8"):
+        qcompile.compile(path, recipe="nf4", options={"embedding_bits": 2})
+    with pytest.raises(UsageError, match="embeddings=false keeps them float"):
+        qcompile.compile(path, recipe="w4a16-rtn", options={"embedding_bits": 4, "embeddings": False})
+    result = qcompile.compile(path, recipe="w4a16-rtn", options={"embedding_bits": 4, "block_size": 128})
+    assert any("not a multiple of the block of 128" in note for note in result.report["notes"])
+    assert [n.op_type for n in result.model.graph][0] == "Gather"
+
+
 @NBITS_8
 def test_hqq_keeps_integer_zero_points_on_an_8_bit_head_and_runs(tied):
     """MatMulNBits takes float zero points at 4 bits only."""
