@@ -35,8 +35,13 @@ class GraphBuilder:
         self.inputs.append(value)
         return value
 
-    def const(self, name: str, array: np.ndarray | float | int) -> ir.Value:
-        """An initializer holding ``array`` (a numpy array keeps its dtype; Python scalars become float32/int64)."""
+    def const(self, name: str, array: np.ndarray | ir.TensorProtocol | float | int) -> ir.Value:
+        """An initializer holding ``array`` (a numpy array keeps its dtype; Python scalars become float32/int64;
+        an ir tensor, lazy ones included, is used as it is)."""
+        if isinstance(array, ir.TensorProtocol):
+            name = self._unique(name)
+            array.name = name
+            return self.tape.initializer(array, name=name)
         if isinstance(array, np.generic):
             array = np.asarray(array)
         elif not isinstance(array, np.ndarray):

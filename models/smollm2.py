@@ -182,7 +182,12 @@ class _LlamaGraph:
         return self.b.const(name, self.w(name))
 
     def linear(self, prefix: str, x: ir.Value) -> ir.Value:
-        w_t = np.ascontiguousarray(self.w(f"{prefix}.weight").T)
+        w = self.w(f"{prefix}.weight")  # [out, in], as Hugging Face stores it
+        if isinstance(w, ir.LazyTensor):  # transposed when it is written, so it is never held in memory
+            w_t = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(w.numpy().T)), w.dtype,
+                                ir.Shape(list(reversed(w.shape.dims))))
+        else:
+            w_t = np.ascontiguousarray(w.T)
         return self.b.op("MatMul", x, self.b.const(f"{prefix}.weight.T", w_t), name=prefix)
 
     def rms_norm(self, prefix: str, x: ir.Value) -> ir.Value:
@@ -281,8 +286,10 @@ class _LlamaGraph:
         return b.op("MatMul", h, head, name="lm_head")
 
 
-def build_graph(cfg: LlamaConfig, weights: Callable[[str], np.ndarray], name: str = "llama") -> ir.Model:
-    """A LLaMA decoder for ``cfg``; ``weights(hf_name)`` returns each fp32 parameter when it is needed."""
+def build_graph(cfg: LlamaConfig, weights: Callable[[str], np.ndarray | ir.LazyTensor],
+                name: str = "llama") -> ir.Model:
+    """A LLaMA decoder for ``cfg``; ``weights(hf_name)`` returns each fp32 parameter when it is needed, or an
+    ``ir.LazyTensor`` that makes it only when the model is written."""
     b = GraphBuilder(name)
     input_ids = b.input("input_ids", ir.DataType.INT64, ["batch", "seq"])
     logits = _LlamaGraph(b, cfg, weights).forward(input_ids)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from qcompile.errors import UsageError
-from qcompile.models import minilm, mobilenetv2, smollm2, synthetic
+from qcompile.models import minilm, mobilenetv2, smollm2, synthetic, synthetic_llama
 from qcompile.models.registry import ModelEntry
 
-ZOO: dict[str, ModelEntry] = {e.name: e for e in (mobilenetv2.ENTRY, minilm.ENTRY, smollm2.ENTRY, *synthetic.ENTRIES)}
+ZOO: dict[str, ModelEntry] = {e.name: e for e in (mobilenetv2.ENTRY, minilm.ENTRY, smollm2.ENTRY, *synthetic.ENTRIES,
+                                                  synthetic_llama.ENTRY)}
 
 
 def entry(name: str) -> ModelEntry:
