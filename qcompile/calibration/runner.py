@@ -29,6 +29,7 @@ from qcompile import progress
 from qcompile.data import InputInfo, count_samples, iterate_batches, model_inputs
 from qcompile.errors import UsageError
 from qcompile.io import save_model
+from qcompile.memory import return_freed_memory
 from qcompile.session import run, session
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class CalibrationRunner:
                     graph.outputs.remove(value)
                 for value in fed:
                     graph.inputs.remove(value)
+            return_freed_memory()  # before the session allocates a copy of the weights
             self._session, self._fetchable = session(path), set(fetch)
         return self._session
 
