@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np  # module level: the standard library and numpy only, as Quark's venv runs this file too
@@ -186,8 +186,8 @@ def configurations() -> list[Config]:
 
 def int4_configurations() -> list[Config]:
     """qcompile's INT4 recipes (w4a16-rtn, w4a16-hqq, w4a16-gptq, w4a16-awq) and ONNX Runtime's
-    `MatMulNBitsQuantizer` (its DEFAULT round to nearest; HQQ, which is asymmetric only; GPTQ, run symmetric
-    only to bound the run's length: it was seen to take over 15 minutes) at block sizes 32 and 128, symmetric
+    `MatMulNBitsQuantizer` (its DEFAULT round to nearest; HQQ and K_QUANT, which are asymmetric only; GPTQ, run
+    symmetric only to bound the run's length: it was seen to take over 15 minutes) at block sizes 32 and 128, symmetric
     and asymmetric, each at MatMulNBits accuracy_level 4 (activations quantized to int8 per block: the fast
     path) unless its id ends in -acc0; qcompile's `nf4` (absmax in 8 bits or float) and ONNX Runtime's
     `MatMulBnb4Quantizer` (NF4, float absmax) at blocks of 64 and 128; `fp8` and `w8a8-smoothquant`, and ONNX
@@ -206,7 +206,7 @@ def int4_configurations() -> list[Config]:
                                       {"recipe": recipe, "calib": recipe in ("w4a16-gptq", "w4a16-awq"),
                                        "options": {"block_size": block, "symmetric": symmetric,
                                                    "accuracy_level": level}}, quick=quick and level == 4))
-            for algorithm in ("DEFAULT", "GPTQ") if symmetric else ("DEFAULT", "HQQ"):
+            for algorithm in ("DEFAULT", "GPTQ") if symmetric else ("DEFAULT", "HQQ", "K_QUANT"):
                 configs.append(Config(f"ort-nbits-{algorithm.lower()}-{tag}", "ort",
                                       f"ORT MatMulNBitsQuantizer {algorithm} block {block} "
                                       f"{'symmetric' if symmetric else 'asymmetric'}, accuracy_level 4"
@@ -595,6 +595,8 @@ def ort_nbits_compile(spec: dict, output: Path) -> dict:
     algorithm = None
     if params["algorithm"] == "HQQ":
         algorithm = nbits.HQQWeightOnlyQuantConfig(block_size=params["block_size"])
+    elif params["algorithm"] == "K_QUANT":  # llama.cpp's scale and min search per block: asymmetric only
+        algorithm = nbits.KQuantWeightOnlyQuantConfig()
     elif params["algorithm"] == "GPTQ":  # its defaults otherwise (no act order, damping 0.01)
         algorithm = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=npz_reader(spec["calib"]),
                                                    block_size=params["block_size"])
