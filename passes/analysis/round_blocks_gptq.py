@@ -187,7 +187,8 @@ class RoundBlocksGPTQPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         stages = _stages(weights, self.options.stages)
         last_group = stages[-1][0]
-        runner = CalibrationRunner(model, self.options.data, replaceable=[w.value for w in weights] if last_group else ())
+        replaceable = [w.value for w in weights] if last_group else []  # one group: every run on the float model
+        runner = CalibrationRunner(model, self.options.data, replaceable=replaceable)
         # The weights of the groups done, as float, which the groups after them compute with.
         rounded: dict[ir.Value, tuple[int, np.ndarray]] = {}
         with progress.task("GPTQ", len(weights)) as advance:
@@ -215,5 +216,6 @@ class RoundBlocksGPTQPass(ir.passes.InPlacePass):
                         rounded[weight.value] = (group, spec.dequantize(spec.levels).astype(array.dtype))
                     advance(1)
         add_note(model, f"GPTQ: {len(weights)} weight(s) rounded on Hessians from the calibration data, in "
-                 f"{len(stages)} stage(s){' in activation order' if self.options.act_order else ''}")
+                 f"{last_group + 1} stage(s) of {len(stages)} calibration run(s)"
+                 f"{' in activation order' if self.options.act_order else ''}")
         return ir.passes.PassResult(model, modified=True)
