@@ -210,7 +210,8 @@ def int4_configurations() -> list[Config]:
                 configs.append(Config(f"ort-nbits-{algorithm.lower()}-{tag}", "ort",
                                       f"ORT MatMulNBitsQuantizer {algorithm} block {block} "
                                       f"{'symmetric' if symmetric else 'asymmetric'}, accuracy_level 4"
-                                      + (" (Quark's venv: ORT 1.28 with CPU torch)" if algorithm != "DEFAULT" else ""),
+                                      + (" (Quark's venv: ORT 1.28 with CPU torch)" if algorithm in ("HQQ", "GPTQ")
+                                         else ""),
                                       {"mode": "nbits", "algorithm": algorithm, "block_size": block,
                                        "symmetric": symmetric, "accuracy_level": 4}, quick=quick,
                                       needs_torch=algorithm in ("HQQ", "GPTQ")))
