@@ -6,8 +6,8 @@ model in the same run.
     .venv/bin/python benchmarks/large_model.py [--configs PATTERN,...] [--calib-samples 8]
 
 Per configuration: compile wall time, peak memory as the kernel counts the process (its maximum resident
-set after the compile and save, mapped files included) and as qcompile's report gives it, size on disk, and the compiled logits against fp32
-on other random tokens (mean cosine, top-1 agreement). The weights are random, so the logits check that the
+set after the compile and save, mapped files included) and as qcompile's report gives it, size on disk, and
+the compiled logits against fp32 on other random tokens (mean cosine, top-1 agreement). The weights are random, so the logits check that the
 compile is right, not how good a recipe is (`int4.py` scores recipes on real models). Results:
 ``benchmarks/results/large-model-<date>-<machine>.json`` and ``.md``.
 """
@@ -161,8 +161,8 @@ def main() -> int:
     doc = {"date": date, "machine": machine, "model": ENTRY.name, "input_bytes": sum(
         p.stat().st_size for p in model.parent.iterdir()), "calib_samples": args.calib_samples, "results": results}
     stem = int8.RESULTS_DIR / f"large-model-{date}-{int8.machine_slug(machine)}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-    write_markdown(stem.with_suffix(".md"), doc)
+    Path(f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")  # not with_suffix: the stem ends "1.32.0"
+    write_markdown(Path(f"{stem}.md"), doc)
     int8.say(f"written {stem}.md")
     return 0
 
