@@ -16,7 +16,7 @@ from qcompile.graph import register_constant
 from qcompile.passes.lowering.lower_matmul_nbits import CONTRIB_DOMAIN
 
 
-def four_bit_row_blocks(spec: object) -> bool:
+def _four_bit_row_blocks(spec: object) -> bool:
     """Whether ``spec`` is what GatherBlockQuantized stores: 4-bit levels in blocks along the rows (axis 1)."""
     return (isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerBlock) and spec.granularity.axis == 1
             and spec.grid.bits == 4)
@@ -35,7 +35,7 @@ class LowerGatherBlockQuantizedPass(ir.passes.InPlacePass):
                 continue
             table = node.inputs[0]
             spec = table.meta.get(QUANT_SPEC_KEY)
-            if not four_bit_row_blocks(spec) or table.const_value is None:
+            if not _four_bit_row_blocks(spec) or table.const_value is None:
                 continue
             if table not in lowered:
                 levels = spec.quantize(table.const_value.numpy())  # INT4 (symmetric) or UINT4 levels
