@@ -185,7 +185,8 @@ def configurations() -> list[Config]:
 
 
 def int4_configurations() -> list[Config]:
-    """qcompile's INT4 recipes (w4a16-rtn, w4a16-hqq, w4a16-gptq, w4a16-awq) and ONNX Runtime's
+    """qcompile's INT4 recipes (w4a16-rtn, w4a16-hqq, w4a16-gptq, w4a16-awq; RTN on MatMulNBits and on qcompile's
+    own BlockQuantMatMul, kernel=custom) and ONNX Runtime's
     `MatMulNBitsQuantizer` (its DEFAULT round to nearest; HQQ and K_QUANT, which are asymmetric only; GPTQ, run
     symmetric only to bound the run's length: it was seen to take over 15 minutes) at block sizes 32 and 128, symmetric
     and asymmetric, each at MatMulNBits accuracy_level 4 (activations quantized to int8 per block: the fast
@@ -206,6 +207,11 @@ def int4_configurations() -> list[Config]:
                                       {"recipe": recipe, "calib": recipe in ("w4a16-gptq", "w4a16-awq"),
                                        "options": {"block_size": block, "symmetric": symmetric,
                                                    "accuracy_level": level}}, quick=quick and level == 4))
+            configs.append(Config(f"qc-w4a16-rtn-{tag}-custom", "qcompile",
+                                  f"qcompile w4a16-rtn block {block} {'symmetric' if symmetric else 'asymmetric'}, "
+                                  f"kernel=custom (qcompile's BlockQuantMatMul)",
+                                  {"recipe": "w4a16-rtn", "calib": False,
+                                   "options": {"block_size": block, "symmetric": symmetric, "kernel": "custom"}}))
             for algorithm in ("DEFAULT", "GPTQ") if symmetric else ("DEFAULT", "HQQ", "K_QUANT"):
                 configs.append(Config(f"ort-nbits-{algorithm.lower()}-{tag}", "ort",
                                       f"ORT MatMulNBitsQuantizer {algorithm} block {block} "
@@ -1240,6 +1246,10 @@ def main(argv: list[str] | None = None, family: str = "int8") -> int:
     if not chosen and args.configs:
         parser.error(f"--configs {args.configs}: matches none of the configurations (see --list)")
 
+    if any(c.params.get("options", {}).get("kernel") == "custom" for c in chosen):
+        from qcompile import kernels
+
+        say(f"  custom-op library: {kernels.build()}")
     available = _meminfo().get("MemAvailable", int(args.mem_cap_gb * GiB))
     args.mem_cap = int(min(args.mem_cap_gb * GiB, max(available - GiB, 2 * GiB)))
 

@@ -1,5 +1,5 @@
-"""Definitions of qcompile's custom operators: schemas, numpy reference semantics, decomposed fallbacks.
+"""Definitions of qcompile's custom operators (domain ``ai.qcompile``): semantics, numpy references, one-node
+models and their standard-ONNX equivalents. The C++ kernels in `custom_kernels/` are tested against them.
 
-Empty until the INT4 / NF4 / LLM.int8() lowerings land; the kernels in `custom_kernels/` are tested
-against the references that will live here.
+* `block_quant_matmul`: ``BlockQuantMatMul``, INT4 / INT8 block-wise weights times int8-quantized activations.
 """

@@ -135,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", parents=[debug], help="list recipes and their options; NAME: its passes and options")
     r.add_argument("name", nargs="?", help="a recipe: show its pass list and typed options")
     sub.add_parser("passes", parents=[debug], help="list passes")
+    k = sub.add_parser("kernels", parents=[debug], help="build / locate / self-test the custom-op library")
+    k.add_argument("action", choices=("build", "path", "check"),
+                   help="build: compile it into the cache dir (downloads ONNX Runtime's headers once, ~150 MB, "
+                        "unless $QCOMPILE_ORT_INCLUDE names them); path: where it is; check: its ops against their "
+                        "numpy references on this CPU")
+    k.add_argument("--force", action="store_true", help="build: rebuild even if built")
     return parser
 
 
@@ -260,6 +266,9 @@ def _cmd_inspect(args) -> int:
         return 1 if problems else 0
     out.print(f"[bold]{escape(args.model)}[/]  IR {info['ir_version']}, opsets "
               + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()) + f", {info['nodes']} nodes")
+    if info["custom_op_library"]:
+        out.print(f"needs qcompile's custom-op library ({escape(info['custom_op_library'])}): build it with "
+                  f"`qcompile kernels build`; qcompile.session() registers it", soft_wrap=True)
     io_table = Table("", "name", "type")
     for kind in ("inputs", "outputs"):
         for name, text in info[kind].items():
@@ -453,8 +462,29 @@ def _cmd_passes(args) -> int:
     return 0
 
 
+def _cmd_kernels(args) -> int:
+    from qcompile import kernels
+
+    if args.action == "build":
+        with err.status("building qcompile's custom-op library (cmake)"):
+            path = kernels.build(force=args.force)
+        out.print(str(path), soft_wrap=True)
+        return 0
+    if args.action == "path":
+        out.print(str(kernels.require_library()), soft_wrap=True)
+        return 0
+    results = kernels.check()
+    table = Table("case", "kernel", "max error (relative)", "")
+    for result in results:
+        table.add_row(result.case, result.isa, f"{result.max_error:.1e}", "ok" if result.ok else "[red]FAILED[/]")
+    out.print(table)
+    failed = sum(not r.ok for r in results)
+    out.print(f"{len(results) - failed} of {len(results)} passed (tolerance {results[0].tolerance:.0e})")
+    return 1 if failed else 0
+
+
 COMMANDS = {"compile": _cmd_compile, "inspect": _cmd_inspect, "diff": _cmd_diff, "eval": _cmd_eval,
-            "recipes": _cmd_recipes, "passes": _cmd_passes}
+            "recipes": _cmd_recipes, "passes": _cmd_passes, "kernels": _cmd_kernels}
 
 
 # Output that goes to a file or a pipe is not wrapped to 80 columns: names stay whole for scripts and logs.

@@ -5,6 +5,7 @@ from collections import Counter
 
 import onnx_ir as ir
 
+from qcompile import kernels
 from qcompile.graph import all_nodes
 from qcompile.layers import layer_precisions
 from qcompile.decisions.keys import CHANGED_BY, CREATED_BY
@@ -33,6 +34,8 @@ def describe(model: ir.Model) -> dict:
         "op_histogram": dict(ops.most_common()),
         "initializer_bytes": dict(by_dtype.most_common()),
         "layers": layer_precisions(model),
+        "custom_op_library": model.metadata_props.get(kernels.METADATA_KEY)
+        or (kernels.DOMAIN if kernels.DOMAIN in model.opset_imports else None),
     }
 
 

@@ -10,7 +10,9 @@ RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "QLinearConv",
                 "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulBnb4",
-                *RECURRENT_OPS}
+                "BlockQuantMatMul", *RECURRENT_OPS}
+# Ops storing their weight as MatMulNBits does (`_nbits_precision`).
+NBITS_OPS = ("MatMulNBits", "BlockQuantMatMul")
 DEQUANTIZE_OPS = {"DequantizeLinear"}
 # Ops that take (a, a_scale, a_zero_point, b, ...): their weight is input 3; every other op's is input 1.
 QLINEAR_WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3}
@@ -96,12 +98,14 @@ def layer_precisions(model: ir.Model) -> list[dict]:
         producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
         if node.op_type == "DynamicQuantizeMatMul" or (producer and producer.op_type == "DynamicQuantizeLinear"):
             activation = "uint8-dynamic"
+        if node.op_type == "BlockQuantMatMul":
+            activation = "int8-blocks"  # quantized per block at run time
         weight_input = QLINEAR_WEIGHT_INPUT.get(node.op_type, 1)
         operand = node.inputs[weight_input] if len(node.inputs) > weight_input else None
         if node.op_type == "MatMulBnb4":
             weight = {0: "fp4", 1: "nf4"}.get(node.attributes.get_int("quant_type", 1), "?")
         else:
-            weight = _nbits_precision(node) if node.op_type == "MatMulNBits" else _operand_precision(operand)
+            weight = _nbits_precision(node) if node.op_type in NBITS_OPS else _operand_precision(operand)
         precision = (f"a:{activation} x a:{weight}" if operand is not None and not _stored(operand)
                      else f"w:{weight} a:{activation}")
         row = {"name": node.name, "op_type": node.op_type, "precision": precision}

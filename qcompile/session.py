@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from qcompile import kernels
 from qcompile.errors import UsageError
 from qcompile.runtime import onnxruntime, runtime_version
 
@@ -46,7 +47,8 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
 
     ``integer_kernels=False`` keeps ONNX Runtime from fusing Q/DQ groups into its integer ops, so
     the model computes Q/DQ as ONNX defines them (see `qcompile.targets.Target.qdq_semantics`).
-    ``libraries``: custom-op libraries to register (`qcompile.targets.Target.custom_op_libraries`).
+    ``libraries``: custom-op libraries to register besides qcompile's own (`qcompile.kernels`), which is
+    registered whenever it is built.
     ``config``: session configuration entries (`SessionOptions.add_session_config_entry`).
     """
     if isinstance(providers, str):
@@ -60,7 +62,8 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
         options.intra_op_num_threads = threads
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
-    for library in libraries:
+    own = kernels.built_library()
+    for library in [*libraries, *([own] if own else [])]:
         try:
             options.register_custom_ops_library(str(library))
         except Exception as exc:
@@ -68,6 +71,8 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for files it cannot load
+        if own is None and kernels.DOMAIN in str(exc):
+            kernels.require_library()  # says how to build it
         raise UsageError(f"{path}: ONNX Runtime cannot load it: {_first_line(exc)}") from None
 
 

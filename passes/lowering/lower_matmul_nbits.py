@@ -10,6 +10,11 @@ A Gemm's bias follows as an Add. A weight several layers read is packed once.
 
 ``accuracy_level`` 4 lets ONNX Runtime quantize A to int8 per block and compute on integers (4-5x faster
 at one token on these machines, with an error of its own); 0 computes in float.
+
+With ``kernel="custom"`` the same inputs and attributes (but ``accuracy_level``) go to qcompile's own
+``ai.qcompile.BlockQuantMatMul`` (`qcompile.ops.block_quant_matmul`, the library `qcompile kernels build`
+makes), which quantizes A the same way; it takes integer zero points only. The model's metadata then names
+the library, so that `qcompile inspect` and a deployment can tell.
 """
 from __future__ import annotations
 
@@ -18,10 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qcompile import kernels
 from qcompile.decisions import QUANT_SPEC_KEY, IntegerGrid, PerBlock, QuantSpec
 from qcompile.graph import register_constant
 from qcompile.notes import add_note
 from qcompile.op_rules import reduction_axis
+from qcompile.ops import block_quant_matmul
 
 CONTRIB_DOMAIN = "com.microsoft"
 BITS = (4, 8)  # MatMulNBits' 8 bits run on ONNX Runtime 1.22 and later
@@ -30,6 +37,7 @@ BITS = (4, 8)  # MatMulNBits' 8 bits run on ONNX Runtime 1.22 and later
 @dataclass(frozen=True)
 class MatMulNBitsOptions:
     accuracy_level: int = 4
+    custom: bool = False  # BlockQuantMatMul (qcompile's library) instead of MatMulNBits
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,8 @@ def _is_nbits_block(spec) -> bool:
 
 
 class LowerMatMulNBitsPass(ir.passes.InPlacePass):
-    """Replace each MatMul / Gemm on a 4- or 8-bit block-quantized weight by a MatMulNBits (and a Gemm's bias Add)."""
+    """Replace each MatMul / Gemm on a 4- or 8-bit block-quantized weight by a MatMulNBits or BlockQuantMatMul (and a
+    Gemm's bias Add)."""
 
     name = "lower-matmul-nbits"
 
@@ -121,27 +130,38 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
             if not weight.uses():
                 graph.initializers.pop(weight.name)
         if lowered:
-            model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
+            model.opset_imports.setdefault(self._domain, 1)
+        if lowered and self.options.custom:
+            model.metadata_props[kernels.METADATA_KEY] = f"{block_quant_matmul.DOMAIN}: {block_quant_matmul.OP_TYPE}"
         if floats := sum(weight.zero_points is not None and weight.zero_points.dtype == np.float32
                          for weight, _ in packed.values()):
             add_note(model, f"{floats} MatMulNBits weight(s) with float zero points (HQQ's): ONNX Runtime's CPU "
                      f"kernels run them slower than integer ones (SmolLM2, 128 tokens: 1.46x fp32 where round to "
                      f"nearest runs 0.83x, AMD EPYC with VNNI)")
-        if eight := sum(weight.bits == 8 for weight, _ in packed.values()):
+        if (eight := sum(weight.bits == 8 for weight, _ in packed.values())) and not self.options.custom:
             add_note(model, f"{eight} MatMulNBits weight(s) at 8 bits: ONNX Runtime runs them from version 1.22 "
                      f"(head_bits=4 for older ones)")
         return ir.passes.PassResult(model, modified=bool(lowered))
 
+    @property
+    def _domain(self) -> str:
+        return block_quant_matmul.DOMAIN if self.options.custom else CONTRIB_DOMAIN
+
     def _replace(self, graph: ir.Graph, node: ir.Node, weight: PackedWeight, inputs: list[ir.Value]) -> None:
-        attributes = {"K": weight.k, "N": weight.n, "bits": weight.bits, "block_size": weight.block_size,
-                      "accuracy_level": self.options.accuracy_level}
-        replace_layer(graph, node, "MatMulNBits", inputs, attributes)
+        attributes = {"K": weight.k, "N": weight.n, "bits": weight.bits, "block_size": weight.block_size}
+        if self.options.custom:
+            assert weight.zero_points is None or weight.zero_points.dtype == np.uint8, "float zero points"
+            replace_layer(graph, node, block_quant_matmul.OP_TYPE, inputs, attributes, block_quant_matmul.DOMAIN)
+        else:
+            replace_layer(graph, node, "MatMulNBits", inputs,
+                          {**attributes, "accuracy_level": self.options.accuracy_level})
 
 
-def replace_layer(graph: ir.Graph, node: ir.Node, op_type: str, weight_inputs: list[ir.Value], attributes: dict) -> None:
-    """Replace the MatMul / Gemm ``node`` by the contrib op ``op_type`` on its activation and ``weight_inputs``, and
+def replace_layer(graph: ir.Graph, node: ir.Node, op_type: str, weight_inputs: list[ir.Value], attributes: dict,
+                  domain: str = CONTRIB_DOMAIN) -> None:
+    """Replace the MatMul / Gemm ``node`` by ``op_type`` (of ``domain``) on its activation and ``weight_inputs``, and
     a Gemm's bias by an Add after it."""
-    matmul = ir.node(op_type, [node.inputs[0], *weight_inputs], attributes, domain=CONTRIB_DOMAIN, name=node.name)
+    matmul = ir.node(op_type, [node.inputs[0], *weight_inputs], attributes, domain=domain, name=node.name)
     new_nodes = [matmul]
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
     if bias is not None:

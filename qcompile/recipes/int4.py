@@ -5,8 +5,9 @@ The weights of MatMul and Gemm layers (a tied LM head too, once given its own tr
 scale, and asymmetric one zero point, per block along K; embedding tables are stored as INT8, one scale
 per row, as in the INT8 recipes (`embeddings=false` keeps them float), or with `embedding_bits=4` as INT4 in
 blocks along the row for ONNX Runtime's GatherBlockQuantized. They are lowered to ONNX Runtime's
-`MatMulNBits` (``kernel=contrib``, ort-cpu and ort-cuda) or to opset 21's DequantizeLinear with
-``block_size`` in front of the MatMul (``kernel=decomposed``: portable, TensorRT). `nf4` puts the 4-bit
+`MatMulNBits` (``kernel=contrib``, ort-cpu and ort-cuda), to qcompile's own `BlockQuantMatMul` (``kernel=custom``,
+ort-cpu, `qcompile.kernels`), or to opset 21's DequantizeLinear with ``block_size`` in front of the MatMul
+(``kernel=decomposed``: portable, TensorRT). `nf4` puts the 4-bit
 layers on QLoRA's code book instead, lowered to `MatMulBnb4` or decoded by standard ops.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from qcompile import kernels
 from qcompile.errors import UsageError
 from qcompile.passes.analysis.assign_block_specs import (BLOCK_DEQUANTIZE_OPSET, BLOCK_SIZES, AssignBlockSpecsPass,
                                                          BlockSpecOptions)
@@ -33,7 +35,7 @@ from qcompile.recipes.base import Recipe, Settings, option
 from qcompile.recipes.canonical import canonicalize
 from qcompile.recipes.embeddings import assign_embedding_specs, embeddings_option, gather_rows, untie
 
-KERNELS = ("auto", "contrib", "decomposed")
+KERNELS = ("auto", "contrib", "custom", "decomposed")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 NF4_SCALE_BLOCK = 256  # absmax values per 8-bit scale (QLoRA's)
 
@@ -50,6 +52,7 @@ class W4A16Options:
     accuracy_level: int = option(4, "MatMulNBits' accuracy_level: 4 quantizes the activations to int8 per block "
                                     "and computes on integers (fast), 0 computes in float")
     kernel: str = option("auto", "how the 4-bit matmuls are lowered: contrib (ONNX Runtime's MatMulNBits), "
+                                 "custom (qcompile's BlockQuantMatMul, ort-cpu, after `qcompile kernels build`), "
                                  "decomposed (DequantizeLinear with block_size, opset 21: standard ONNX), auto "
                                  "(contrib where the target takes contrib ops)")
     head_bits: int = option(8, "bits of the layers that write a model output (an LM head): 8 (a 4-bit head costs "
@@ -106,7 +109,7 @@ def _embedding_block(settings: Settings, decomposed: bool) -> int | None:
     return settings.options.block_size
 
 
-def _kernel(settings: Settings) -> str:
+def _kernel(settings: Settings, nf4: bool = False) -> str:
     kernel = settings.options.kernel
     if kernel not in KERNELS:
         raise UsageError(f"option kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
@@ -115,6 +118,14 @@ def _kernel(settings: Settings) -> str:
     if kernel == "contrib" and not settings.target.contrib_ops:
         raise UsageError(f"option kernel=contrib: {settings.target.summary} takes no com.microsoft ops; "
                          f"use kernel=decomposed")
+    if kernel == "custom":
+        if nf4:
+            raise UsageError("option kernel=custom: qcompile's library has no NF4 kernel yet; use kernel=contrib "
+                             "(MatMulBnb4) or kernel=decomposed")
+        if kernels.DOMAIN not in settings.target.custom_op_domains:
+            raise UsageError(f"option kernel=custom: qcompile's custom-op library has no kernels for "
+                             f"{settings.target.summary} (CPU only so far); use kernel=contrib or kernel=decomposed")
+        kernels.require_library()
     return kernel
 
 
@@ -139,7 +150,8 @@ def _w4a16(settings: Settings, scale: list[ir.passes.PassBase] = (), fit: list[i
            nf4: bool = False) -> list[ir.passes.PassBase]:
     """The INT4 pipeline; ``scale`` rescales weights before their blocks are decided, ``fit`` refines those; ``nf4``:
     the 4-bit layers on the NF4 code book."""
-    decomposed = _kernel(settings) == "decomposed"
+    kernel = _kernel(settings, nf4)
+    decomposed = kernel == "decomposed"
     if settings.options.accuracy_level not in ACCURACY_LEVELS:
         raise UsageError(f"option accuracy_level: expected one of {', '.join(map(str, ACCURACY_LEVELS))}, "
                          f"got {settings.options.accuracy_level}")
@@ -150,7 +162,7 @@ def _w4a16(settings: Settings, scale: list[ir.passes.PassBase] = (), fit: list[i
     else:
         lowering = [*([LowerGatherBlockQuantizedPass()] if embedding_block else []),
                     *([LowerMatMulBnb4Pass()] if nf4 else []),
-                    LowerMatMulNBitsPass(MatMulNBitsOptions(settings.options.accuracy_level))]
+                    LowerMatMulNBitsPass(MatMulNBitsOptions(settings.options.accuracy_level, kernel == "custom"))]
     # block-wise DequantizeLinear: the decomposed lowering's, and that of NF4's 8-bit scales
     block_dequantize = decomposed or blocks.scale_block is not None
     return [
@@ -175,8 +187,8 @@ def _w4a16_hqq(settings: Settings) -> list[ir.passes.PassBase]:
     if settings.options.symmetric:
         raise UsageError("recipe w4a16-hqq fits each block's zero point, which symmetric blocks do not have: use "
                          "symmetric=false, or w4a16-rtn")
-    decomposed = _kernel(settings) == "decomposed"
-    return _w4a16(settings, fit=[FitBlockGridsHQQPass(HQQOptions(integer_zero_points=decomposed))])
+    integer_zero_points = _kernel(settings) in ("custom", "decomposed")  # MatMulNBits alone takes float ones
+    return _w4a16(settings, fit=[FitBlockGridsHQQPass(HQQOptions(integer_zero_points=integer_zero_points))])
 
 
 def _w4a16_gptq(settings: Settings) -> list[ir.passes.PassBase]:

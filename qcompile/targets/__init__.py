@@ -15,6 +15,7 @@ from qcompile.errors import UsageError
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 CONTRIB_DOMAIN = "com.microsoft"
+CUSTOM_DOMAIN = "ai.qcompile"  # qcompile's own library (`qcompile.kernels`): CPU kernels only so far
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Target:
     # Its runtime folds `Cast(int8) -> Mul(scale)` of initializers when it loads a model, so the weights of
     # float layers may be stored as INT8 (`store-int8-weights`). Not relied on for TensorRT.
     folds_int8_weights: bool = True
-    # Custom-op domains its runtime registers a library for (the custom-op issue fills this).
+    # Custom-op domains whose library (`qcompile.kernels`) has kernels for its runtime.
     custom_op_domains: tuple[str, ...] = ()
 
     @property
@@ -57,17 +58,12 @@ class Target:
     def allows(self, dtype: ir.DataType) -> bool:
         return dtype in self.grids
 
-    def custom_op_libraries(self) -> tuple[str, ...]:
-        """Shared libraries to register in its sessions, for `custom_op_domains`."""
-        return ()
-
     def session(self, path: str | os.PathLike, threads: int | None = None, config: Mapping[str, str] | None = None):
         """An ONNX Runtime session (on this machine's CPU) that computes ``path`` as this target would
         (``config``: session configuration entries)."""
         from qcompile.session import session
 
-        return session(path, threads=threads, integer_kernels=not self.qdq_semantics,
-                       libraries=self.custom_op_libraries(), config=config)
+        return session(path, threads=threads, integer_kernels=not self.qdq_semantics, config=config)
 
     @property
     def checked_on(self) -> str:
@@ -81,7 +77,8 @@ class Target:
 _INTEGERS = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.INT32)
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("ort-cpu", "ONNX Runtime CPU", ir.DataType.UINT8, _INTEGERS,
-           domains=(*STANDARD_DOMAINS, CONTRIB_DOMAIN), cpu_kernels=True, qoperator=True),
+           domains=(*STANDARD_DOMAINS, CONTRIB_DOMAIN), cpu_kernels=True, qoperator=True,
+           custom_op_domains=(CUSTOM_DOMAIN,)),
     Target("ort-cuda", "ONNX Runtime CUDA", ir.DataType.UINT8, _INTEGERS,
            domains=(*STANDARD_DOMAINS, CONTRIB_DOMAIN), qdq_semantics=True),
     Target("tensorrt", "TensorRT", ir.DataType.INT8, (ir.DataType.INT8,), qdq_semantics=True,

@@ -1,5 +1,3 @@
-from dataclasses import replace
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -9,6 +7,7 @@ import qcompile
 from qcompile.errors import UsageError
 from qcompile.io import save_model
 from qcompile.models import synthetic
+from qcompile.session import session
 from qcompile.decisions import symmetric_weight_spec
 from qcompile.targets import TARGETS, get_target
 from qcompile.targets.x86 import PAIR_LIMIT, PairSumLimit, cpu_profile, has_vnni, reduction_axes, worst_pair_sum
@@ -172,7 +171,7 @@ def test_cpu_profiles_and_detection():
         assert not has_vnni("flags\t: fpu sse avx2 fma")
 
 
-def test_targets_are_objects_that_open_sessions_as_their_runtime_computes(tmp_path, monkeypatch):
+def test_targets_are_objects_that_open_sessions_as_their_runtime_computes(tmp_path):
     assert get_target("tensorrt").activation_dtype == ir.DataType.INT8 and not get_target("tensorrt").contrib_ops
     assert get_target("ort-cpu").qoperator and get_target("ort-cpu").cpu_kernels
     with pytest.raises(UsageError, match="unknown target 'tpu'"):
@@ -180,8 +179,6 @@ def test_targets_are_objects_that_open_sessions_as_their_runtime_computes(tmp_pa
     path = save_model(synthetic.mlp(), tmp_path / "mlp.onnx")
     assert TARGETS["tensorrt"].session(path).get_session_options().graph_optimization_level == \
         ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # Q/DQ as ONNX defines them: no integer fusions
-    # the hook the custom-op library will use: each library a target names is registered in its sessions
-    with_library = replace(TARGETS["ort-cpu"], custom_op_domains=("ai.qcompile",))
-    monkeypatch.setattr(type(with_library), "custom_op_libraries", lambda self: (str(tmp_path / "missing.so"),))
+    assert TARGETS["ort-cpu"].custom_op_domains == ("ai.qcompile",) and not TARGETS["ort-cuda"].custom_op_domains
     with pytest.raises(UsageError, match="missing.so: ONNX Runtime cannot load this custom-op library"):
-        with_library.session(path)
+        session(path, libraries=[tmp_path / "missing.so"])

@@ -1,0 +1,69 @@
+// Block-quantized weights times activations quantized to int8 per block: the arithmetic of BlockQuantMatMul
+// (ops/block_quant_matmul.py holds its numpy reference, which defines every rounding).
+//
+// Y[m, n] = sum over blocks b of  sw[n, b] * sa[m, b] * (sum_k qa[m, k] * w[n, k] - zp[n, b] * sum_k qa[m, k])
+// with w the unsigned stored levels (0..15 or 0..255), zp their zero point, qa = rint(a * 127 / max|a|) per
+// block of A's row. The integer sums are exact, and the blocks' terms are added in order by fused
+// multiply-adds, so every instruction set computes the same Y.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace qcompile {
+
+constexpr int64_t kGroup = 64;     // K elements whose 4-bit levels one 32-byte load holds
+constexpr int64_t kMaxBlock = 256;
+
+// The weight as MatMulNBits stores it: B (N, k_blocks, block * bits / 8), scales (N * k_blocks), zero points
+// (N * ceil(k_blocks * bits / 8), packed like B) or none (8, or 128 at 8 bits).
+struct BlockWeight {
+  int64_t k, n, k_blocks;
+  int bits, block;
+  const uint8_t* data;
+  const float* scales;
+  const uint8_t* zero_points;
+
+  const uint8_t* column(int64_t n_) const { return data + n_ * k_blocks * (block * bits / 8); }
+  int32_t zero_point(int64_t n_, int64_t b) const;
+};
+
+// A's rows quantized: q (m, padded_k) int8 and per block its scale and level sum. For 4-bit weights each group
+// of 64 elements along K holds its even elements first, then its odd ones: the order in which 32 packed bytes'
+// low and high nibbles unpack.
+struct QuantizedRows {
+  int64_t m = 0, k_blocks = 0, padded_k = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> sum;
+  // For the x86 GEMM path (4-bit weights, m >= kGemmRows): per row, each step's scales as 8 lanes
+  // (`step_lanes`), and scale x sum per block, padded to whole vectors (`scaled_sums`, `padded_blocks` each).
+  int64_t steps = 0, padded_blocks = 0;
+  std::vector<float> step_scales, scaled_sums;
+};
+
+// Rows of A from which the x86 kernels compute 4-bit weights as a GEMM: each column's levels unpacked once.
+constexpr int64_t kGemmRows = 3;
+
+void quantize_rows(const float* a, int64_t m, const BlockWeight& w, QuantizedRows& out);
+
+// The GEMM steps: a block of 64 or more elements, or a pair of 32-element blocks (one 64-element group); a
+// step's 8 lanes hold its block's scale, or the pair's first scale in lanes 0..3 and the second in 4..7.
+int64_t gemm_steps(const BlockWeight& w);
+void step_lanes(const BlockWeight& w, const float* block_scales, float* lanes);
+
+// Y[m, n] for every row m and the columns n in [n0, n1) (y has row stride ldy).
+using ColumnKernel = void (*)(const BlockWeight& w, const QuantizedRows& a, int64_t n0, int64_t n1, float* y,
+                              int64_t ldy);
+
+void columns_portable(const BlockWeight&, const QuantizedRows&, int64_t, int64_t, float*, int64_t);
+#ifdef QCOMPILE_X86
+void columns_avx2(const BlockWeight&, const QuantizedRows&, int64_t, int64_t, float*, int64_t);
+void columns_avx512vnni(const BlockWeight&, const QuantizedRows&, int64_t, int64_t, float*, int64_t);
+#endif
+
+// The fastest kernel this CPU runs; its name in *name.
+ColumnKernel best_column_kernel(const char** name);
+
+}  // namespace qcompile

@@ -1,0 +1,130 @@
+// The parts of the block GEMM every CPU runs: activation quantization, the portable kernel, the choice of kernel.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+#include "block_gemm.h"
+
+namespace qcompile {
+
+int32_t BlockWeight::zero_point(int64_t n_, int64_t b) const {
+  if (zero_points == nullptr) return bits == 4 ? 8 : 128;
+  const uint8_t* zp = zero_points + n_ * ((k_blocks * bits + 7) / 8);
+  return bits == 4 ? (zp[b / 2] >> (4 * (b % 2))) & 0x0F : zp[b];
+}
+
+// Where element k of a row goes in `QuantizedRows::q`.
+static inline int64_t q_position(int bits, int64_t k) {
+  if (bits != 4) return k;
+  const int64_t i = k % kGroup;
+  return k - i + (i % 2 ? kGroup / 2 : 0) + i / 2;
+}
+
+void quantize_rows(const float* a, int64_t m, const BlockWeight& w, QuantizedRows& out) {
+  const int64_t block = w.block;
+  out.m = m;
+  out.k_blocks = w.k_blocks;
+  out.padded_k = (w.k_blocks * block + kGroup - 1) / kGroup * kGroup;
+  out.q.assign(static_cast<size_t>(m * out.padded_k), 0);
+  out.scale.assign(static_cast<size_t>(m * w.k_blocks), 0.0f);
+  out.sum.assign(static_cast<size_t>(m * w.k_blocks), 0);
+  for (int64_t row = 0; row < m; ++row) {
+    const float* x = a + row * w.k;
+    int8_t* q = out.q.data() + row * out.padded_k;
+    for (int64_t b = 0; b < w.k_blocks; ++b) {
+      const int64_t begin = b * block, end = std::min(begin + block, w.k);
+      float amax = 0.0f;
+      bool finite = true;
+      for (int64_t k = begin; k < end; ++k) {
+        amax = std::max(amax, std::fabs(x[k]));
+        finite = finite && std::isfinite(x[k]);
+      }
+      const int64_t at = row * w.k_blocks + b;
+      if (!finite) {  // the block's products are NaN, as a float matmul's would be (or inf - inf)
+        out.scale[at] = NAN;
+        continue;
+      }
+      if (amax == 0.0f) continue;
+      const float inverse = 127.0f / amax;
+      int32_t sum = 0;
+      for (int64_t k = begin; k < end; ++k) {
+        const int32_t level = static_cast<int32_t>(std::clamp(std::nearbyint(x[k] * inverse), -127.0f, 127.0f));
+        q[q_position(w.bits, k)] = static_cast<int8_t>(level);
+        sum += level;
+      }
+      out.scale[at] = amax / 127.0f;
+      out.sum[at] = sum;
+    }
+  }
+  if (w.bits != 4 || m < kGemmRows) return;
+  out.steps = gemm_steps(w);
+  out.padded_blocks = (w.k_blocks + 7) / 8 * 8;
+  out.step_scales.assign(static_cast<size_t>(m * out.steps * 8), 0.0f);
+  out.scaled_sums.assign(static_cast<size_t>(m * out.padded_blocks), 0.0f);
+  for (int64_t row = 0; row < m; ++row) {
+    step_lanes(w, &out.scale[row * w.k_blocks], &out.step_scales[row * out.steps * 8]);
+    for (int64_t b = 0; b < w.k_blocks; ++b) {
+      out.scaled_sums[row * out.padded_blocks + b] = out.scale[row * w.k_blocks + b] * out.sum[row * w.k_blocks + b];
+    }
+  }
+}
+
+int64_t gemm_steps(const BlockWeight& w) { return w.block < kGroup ? (w.k_blocks + 1) / 2 : w.k_blocks; }
+
+void step_lanes(const BlockWeight& w, const float* block_scales, float* lanes) {
+  for (int64_t s = 0; s < gemm_steps(w); ++s) {
+    for (int lane = 0; lane < 8; ++lane) {
+      const int64_t b = w.block < kGroup ? 2 * s + lane / 4 : s;
+      lanes[s * 8 + lane] = b < w.k_blocks ? block_scales[b] : 0.0f;
+    }
+  }
+}
+
+// Level k of a column's stored bytes.
+static inline int32_t stored_level(const BlockWeight& w, const uint8_t* column, int64_t k) {
+  return w.bits == 4 ? (column[k / 2] >> (4 * (k % 2))) & 0x0F : column[k];
+}
+
+void columns_portable(const BlockWeight& w, const QuantizedRows& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t block = w.block;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* column = w.column(n);
+    for (int64_t m = 0; m < a.m; ++m) {
+      const int8_t* q = a.q.data() + m * a.padded_k;
+      float lanes[8] = {};  // block b adds into lane b % 8, summed as the x86 kernels sum their vector's lanes
+      for (int64_t b = 0; b < w.k_blocks; ++b) {
+        int32_t dot = 0;
+        for (int64_t k = b * block; k < (b + 1) * block; ++k) dot += stored_level(w, column, k) * q[q_position(w.bits, k)];
+        const int64_t at = m * a.k_blocks + b;
+        dot -= w.zero_point(n, b) * a.sum[at];
+        lanes[b % 8] = std::fma(static_cast<float>(dot), w.scales[n * w.k_blocks + b] * a.scale[at], lanes[b % 8]);
+      }
+      y[m * ldy + n] = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+    }
+  }
+}
+
+ColumnKernel best_column_kernel(const char** name) {
+  // QCOMPILE_KERNELS_ISA asks for a slower kernel than the best (tests compare them on one machine).
+  const char* wanted = std::getenv("QCOMPILE_KERNELS_ISA");
+  const std::string choice = wanted ? wanted : "";
+#ifdef QCOMPILE_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool vnni = avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+                    __builtin_cpu_supports("avx512bw");
+  if (vnni && (choice.empty() || choice == "avx512vnni")) {
+    *name = "avx512vnni";
+    return columns_avx512vnni;
+  }
+  if (avx2 && choice != "portable") {
+    *name = "avx2";
+    return columns_avx2;
+  }
+#endif
+  *name = "portable";
+  return columns_portable;
+}
+
+}  // namespace qcompile

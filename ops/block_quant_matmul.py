@@ -1,0 +1,145 @@
+"""``ai.qcompile.BlockQuantMatMul``: activations times a block-quantized weight, on integer dot products.
+
+Inputs and attributes are MatMulNBits' (``com.microsoft``), so the lowering that packs for one packs for the
+other: ``A`` (..., K) float32; ``B`` uint8 (N, k_blocks, block_size * bits / 8), the levels of each output
+column along K, two 4-bit levels per byte (the first in the low nibble) or one 8-bit level; ``scales`` float32
+(N * k_blocks); ``zero_points`` uint8, optional, packed like B (N * ceil(k_blocks * bits / 8) bytes), else 8
+(4 bits) or 128 (8 bits). Attributes ``K``, ``N``, ``bits`` (4, 8), ``block_size`` (32, 64, 128, 256). Output
+``Y`` (..., N) float32.
+
+Unlike MatMulNBits' float path, A is quantized too, per row and per block of K (as MatMulNBits does at
+``accuracy_level`` 4, and llama.cpp's Q8_0 activations): ``sa = max|a| / 127``, ``qa = rint(a * (127 / max|a|))``
+in float32 (ties to even), so a block of zeros is all zeros and a block holding NaN or inf gives NaN. Then
+
+    Y[m, n] = sum_b  sw[n, b] * sa[m, b] * (sum_k qa[m, k] * w[n, k]  -  zp[n, b] * sum_k qa[m, k])
+
+with integer sums (exact) and the blocks added in order in float32, each by one fused multiply-add. The C++
+kernels compute exactly this; `reference` is it in numpy (float64 products: within float32 rounding of it).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+DOMAIN = "ai.qcompile"
+OP_TYPE = "BlockQuantMatMul"
+BITS = (4, 8)
+BLOCK_SIZES = (32, 64, 128, 256)
+
+
+def quantize_activations(a: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` (M, K) float32 -> int levels (M, k_blocks, block_size), zero-padded, and scales (M, k_blocks)."""
+    m, k = a.shape
+    k_blocks = -(-k // block_size)
+    padded = np.zeros((m, k_blocks * block_size), np.float32)
+    padded[:, :k] = a
+    blocks = padded.reshape(m, k_blocks, block_size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amax = np.abs(blocks).max(axis=-1)  # NaN where the block holds NaN
+        finite = np.isfinite(blocks).all(axis=-1)
+        inverse = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        levels = np.clip(np.rint(blocks * inverse[..., None]), -127, 127)
+    levels = np.where(finite[..., None], levels, 0).astype(np.int32)
+    scales = np.where(finite, amax / np.float32(127), np.float32(np.nan)).astype(np.float32)
+    return levels, scales
+
+
+def unpack_weight(b: np.ndarray, zero_points: np.ndarray | None, n: int, k_blocks: int, bits: int,
+                  block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stored levels (N, k_blocks, block_size) and zero points (N, k_blocks), both unsigned."""
+    data = b.reshape(n, k_blocks, -1)
+    if bits == 4:
+        levels = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(n, k_blocks, block_size)
+    else:
+        levels = data
+    if zero_points is None:
+        points = np.full((n, k_blocks), 1 << (bits - 1), np.int32)
+    elif bits == 4:
+        packed = zero_points.reshape(n, -1)
+        points = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :k_blocks]
+    else:
+        points = zero_points.reshape(n, k_blocks)
+    return levels.astype(np.int32), points.astype(np.int32)
+
+
+def reference(a: np.ndarray, b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, K: int, N: int,
+              bits: int, block_size: int) -> np.ndarray:
+    """The operator in numpy (see the module's docstring)."""
+    k_blocks = -(-K // block_size)
+    rows = a.reshape(-1, K).astype(np.float32)
+    qa, sa = quantize_activations(rows, block_size)
+    levels, points = unpack_weight(b, zero_points, N, k_blocks, bits, block_size)
+    dots = np.einsum("mbk,nbk->mnb", qa.astype(np.int64), levels.astype(np.int64))
+    dots -= points[None].astype(np.int64) * qa.sum(axis=-1)[:, None, :]
+    sw = scales.reshape(N, k_blocks).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        y = (dots.astype(np.float64) * (sw[None] * sa[:, None, :]).astype(np.float64)).sum(axis=-1)
+    return y.astype(np.float32).reshape(*a.shape[:-1], N)
+
+
+def make_model(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, K: int, N: int, bits: int,
+               block_size: int, opset: int = 21):
+    """A one-node model (ModelProto): input ``A`` (batch, rows, K), output ``Y``, the weight as initializers."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = {"B": b, "scales": scales, **({"zero_points": zero_points} if zero_points is not None else {})}
+    node = helper.make_node(OP_TYPE, ["A", *weights], ["Y"], domain=DOMAIN, K=K, N=N, bits=bits,
+                            block_size=block_size)
+    graph = helper.make_graph(
+        [node], "block_quant_matmul", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["batch", "rows", K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "rows", N])],
+        [numpy_helper.from_array(value, name) for name, value in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)])
+
+
+def decomposed_model(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, K: int, N: int, bits: int,
+                     block_size: int, opset: int = 21):
+    """The same computation in standard ONNX ops (`make_model`'s inputs and outputs): A quantized per block by
+    ReduceMax / Round / Clip and taken back to float, times the weight dequantized to float32 at build time.
+    Equal to the operator up to float32 rounding (its integer sums are exact; here they are float products)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k_blocks = -(-K // block_size)
+    padded = k_blocks * block_size
+    levels, points = unpack_weight(b, zero_points, N, k_blocks, bits, block_size)
+    sw = scales.reshape(N, k_blocks, 1).astype(np.float32)
+    weight = (sw * (levels - points[..., None]).astype(np.float32)).reshape(N, padded).T.copy()
+    constants = {"weight": weight, "shape_blocks": np.array([-1, k_blocks, block_size], np.int64),
+                 "shape_rows": np.array([-1, padded], np.int64), "pads": np.array([0, 0, 0, padded - K], np.int64),
+                 "rows_k": np.array([-1, K], np.int64), "axes": np.array([-1], np.int64),
+                 "top": np.array(127, np.float32), "zero": np.array(0, np.float32), "bottom": np.array(-127, np.float32)}
+    nodes = [
+        helper.make_node("Shape", ["A"], ["a_shape"], end=-1),
+        helper.make_node("Reshape", ["A", "rows_k"], ["rows"]),
+        helper.make_node("Pad", ["rows", "pads"], ["padded"]),
+        helper.make_node("Reshape", ["padded", "shape_blocks"], ["blocks"]),
+        helper.make_node("Abs", ["blocks"], ["magnitudes"]),
+        helper.make_node("ReduceMax", ["magnitudes", "axes"], ["amax"], keepdims=1),
+        helper.make_node("Div", ["top", "amax"], ["inverse_or_inf"]),
+        helper.make_node("Greater", ["amax", "zero"], ["nonzero"]),
+        helper.make_node("Where", ["nonzero", "inverse_or_inf", "zero"], ["inverse"]),
+        helper.make_node("Mul", ["blocks", "inverse"], ["scaled"]),
+        helper.make_node("Round", ["scaled"], ["rounded"]),
+        helper.make_node("Clip", ["rounded", "bottom", "top"], ["levels"]),
+        helper.make_node("Div", ["amax", "top"], ["step"]),
+        helper.make_node("Mul", ["levels", "step"], ["quantized"]),
+        helper.make_node("Reshape", ["quantized", "shape_rows"], ["quantized_rows"]),
+        helper.make_node("MatMul", ["quantized_rows", "weight"], ["y_rows"]),
+        helper.make_node("Concat", ["a_shape", "n"], ["y_shape"], axis=0),
+        helper.make_node("Reshape", ["y_rows", "y_shape"], ["Y"]),
+    ]
+    constants["n"] = np.array([N], np.int64)
+    graph = helper.make_graph(
+        nodes, "block_quant_matmul_decomposed",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["batch", "rows", K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "rows", N])],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def random_weight(rng: np.random.Generator, *, K: int, N: int, bits: int, block_size: int, symmetric: bool):
+    """Random stored levels (never all zeros), scales and, asymmetric, zero points, as the op takes them."""
+    k_blocks = -(-K // block_size)
+    b = rng.integers(0, 256, (N, k_blocks, block_size * bits // 8), dtype=np.uint8)
+    scales = rng.uniform(0.005, 0.05, N * k_blocks).astype(np.float32)
+    zero_points = None if symmetric else rng.integers(0, 256, N * -(-k_blocks * bits // 8), dtype=np.uint8)
+    return b, scales, zero_points
