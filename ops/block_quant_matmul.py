@@ -24,6 +24,7 @@ DOMAIN = "ai.qcompile"
 OP_TYPE = "BlockQuantMatMul"
 BITS = (4, 8)
 BLOCK_SIZES = (32, 64, 128, 256)
+IR_VERSION = 10  # what every supported ONNX Runtime reads (qcompile.io.MAX_IR_VERSION)
 
 
 def quantize_activations(a: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +89,8 @@ def make_model(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
         [node], "block_quant_matmul", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["batch", "rows", K])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "rows", N])],
         [numpy_helper.from_array(value, name) for name, value in weights.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
+                             ir_version=IR_VERSION)
 
 
 def decomposed_model(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, K: int, N: int, bits: int,
@@ -133,7 +135,7 @@ def decomposed_model(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["batch", "rows", K])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "rows", N])],
         [numpy_helper.from_array(value, name) for name, value in constants.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
 
 
 def random_weight(rng: np.random.Generator, *, K: int, N: int, bits: int, block_size: int, symmetric: bool):

@@ -39,7 +39,7 @@ LICENSE_IN_PACKAGE = "package/LICENSE"
 # Instruction sets the CPU kernels have a path for, fastest first; QCOMPILE_KERNELS_ISA picks a slower one.
 ISA_ENV = "QCOMPILE_KERNELS_ISA"
 ISAS = ("avx512vnni", "avx2", "portable")
-_ISA_FLAGS = {"avx512vnni": {"avx512_vnni", "avx512vl", "avx512bw", "avx2", "fma"}, "avx2": {"avx2", "fma"},
+_ISA_FLAGS = {"avx512vnni": {"avx512_vnni", "avx512vl", "avx512bw", "avx512dq", "avx2", "fma"}, "avx2": {"avx2", "fma"},
               "portable": set()}
 
 

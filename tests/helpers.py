@@ -7,6 +7,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from qcompile import kernels
 from qcompile.io import runtime_ir_version
 from qcompile.pipeline import Pipeline
 from qcompile.session import misfuses_float8
@@ -32,6 +33,8 @@ def run(model: ir.Model, feed: dict[str, np.ndarray], config: dict[str, str] | N
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
+    if library := kernels.built_library():  # models with qcompile's custom ops (tests that use them build it)
+        options.register_custom_ops_library(str(library))
     sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return sess.run(None, feed)
 

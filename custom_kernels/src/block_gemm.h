@@ -29,21 +29,23 @@ struct BlockWeight {
   int32_t zero_point(int64_t n_, int64_t b) const;
 };
 
-// A's rows quantized: q (m, padded_k) int8 and per block its scale and level sum. For 4-bit weights each group
-// of 64 elements along K holds its even elements first, then its odd ones: the order in which 32 packed bytes'
-// low and high nibbles unpack.
+// A's rows quantized: q (m, padded_k) int8 and per block its scale and level sum (m, row_blocks), each row
+// zero-padded to whole steps of 8 blocks. Where `paired` (4-bit weights, and every weight on the GEMM path) each
+// group of 64 elements along K holds its even elements first, then its odd ones: the order in which 32 packed
+// bytes' low and high nibbles unpack.
 struct QuantizedRows {
-  int64_t m = 0, k_blocks = 0, padded_k = 0;
+  int64_t m = 0, row_blocks = 0, padded_k = 0;
+  bool paired = false;
   std::vector<int8_t> q;
   std::vector<float> scale;
   std::vector<int32_t> sum;
-  // For the x86 GEMM path (4-bit weights, m >= kGemmRows): per row, each step's scales as 8 lanes
-  // (`step_lanes`), and scale x sum per block, padded to whole vectors (`scaled_sums`, `padded_blocks` each).
-  int64_t steps = 0, padded_blocks = 0;
+  // For the x86 GEMM path (m >= kGemmRows): per row, each step's scales as 8 lanes
+  // (`step_lanes`), and scale x sum per block (`scaled_sums`, row_blocks each).
+  int64_t steps = 0, groups_per_step = 0;
   std::vector<float> step_scales, scaled_sums;
 };
 
-// Rows of A from which the x86 kernels compute 4-bit weights as a GEMM: each column's levels unpacked once.
+// Rows of A from which the x86 kernels compute a GEMM: each column's levels unpacked once, in `paired` order.
 constexpr int64_t kGemmRows = 3;
 
 void quantize_rows(const float* a, int64_t m, const BlockWeight& w, QuantizedRows& out);

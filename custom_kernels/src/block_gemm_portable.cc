@@ -15,8 +15,8 @@ int32_t BlockWeight::zero_point(int64_t n_, int64_t b) const {
 }
 
 // Where element k of a row goes in `QuantizedRows::q`.
-static inline int64_t q_position(int bits, int64_t k) {
-  if (bits != 4) return k;
+static inline int64_t q_position(bool paired, int64_t k) {
+  if (!paired) return k;
   const int64_t i = k % kGroup;
   return k - i + (i % 2 ? kGroup / 2 : 0) + i / 2;
 }
@@ -24,11 +24,12 @@ static inline int64_t q_position(int bits, int64_t k) {
 void quantize_rows(const float* a, int64_t m, const BlockWeight& w, QuantizedRows& out) {
   const int64_t block = w.block;
   out.m = m;
-  out.k_blocks = w.k_blocks;
-  out.padded_k = (w.k_blocks * block + kGroup - 1) / kGroup * kGroup;
+  out.row_blocks = (w.k_blocks + 7) / 8 * 8;
+  out.padded_k = out.row_blocks * block;
+  out.paired = w.bits == 4 || m >= kGemmRows;
   out.q.assign(static_cast<size_t>(m * out.padded_k), 0);
-  out.scale.assign(static_cast<size_t>(m * w.k_blocks), 0.0f);
-  out.sum.assign(static_cast<size_t>(m * w.k_blocks), 0);
+  out.scale.assign(static_cast<size_t>(m * out.row_blocks), 0.0f);
+  out.sum.assign(static_cast<size_t>(m * out.row_blocks), 0);
   for (int64_t row = 0; row < m; ++row) {
     const float* x = a + row * w.k;
     int8_t* q = out.q.data() + row * out.padded_k;
@@ -40,7 +41,7 @@ void quantize_rows(const float* a, int64_t m, const BlockWeight& w, QuantizedRow
         amax = std::max(amax, std::fabs(x[k]));
         finite = finite && std::isfinite(x[k]);
       }
-      const int64_t at = row * w.k_blocks + b;
+      const int64_t at = row * out.row_blocks + b;
       if (!finite) {  // the block's products are NaN, as a float matmul's would be (or inf - inf)
         out.scale[at] = NAN;
         continue;
@@ -50,23 +51,22 @@ void quantize_rows(const float* a, int64_t m, const BlockWeight& w, QuantizedRow
       int32_t sum = 0;
       for (int64_t k = begin; k < end; ++k) {
         const int32_t level = static_cast<int32_t>(std::clamp(std::nearbyint(x[k] * inverse), -127.0f, 127.0f));
-        q[q_position(w.bits, k)] = static_cast<int8_t>(level);
+        q[q_position(out.paired, k)] = static_cast<int8_t>(level);
         sum += level;
       }
       out.scale[at] = amax / 127.0f;
       out.sum[at] = sum;
     }
   }
-  if (w.bits != 4 || m < kGemmRows) return;
+  if (m < kGemmRows) return;
   out.steps = gemm_steps(w);
-  out.padded_blocks = (w.k_blocks + 7) / 8 * 8;
+  out.groups_per_step = std::max<int64_t>(block / kGroup, 1);
   out.step_scales.assign(static_cast<size_t>(m * out.steps * 8), 0.0f);
-  out.scaled_sums.assign(static_cast<size_t>(m * out.padded_blocks), 0.0f);
+  out.scaled_sums.assign(static_cast<size_t>(m * out.row_blocks), 0.0f);
   for (int64_t row = 0; row < m; ++row) {
-    step_lanes(w, &out.scale[row * w.k_blocks], &out.step_scales[row * out.steps * 8]);
-    for (int64_t b = 0; b < w.k_blocks; ++b) {
-      out.scaled_sums[row * out.padded_blocks + b] = out.scale[row * w.k_blocks + b] * out.sum[row * w.k_blocks + b];
-    }
+    const int64_t at = row * out.row_blocks;
+    step_lanes(w, &out.scale[at], &out.step_scales[row * out.steps * 8]);
+    for (int64_t b = 0; b < w.k_blocks; ++b) out.scaled_sums[at + b] = out.scale[at + b] * out.sum[at + b];
   }
 }
 
@@ -95,8 +95,8 @@ void columns_portable(const BlockWeight& w, const QuantizedRows& a, int64_t n0, 
       float lanes[8] = {};  // block b adds into lane b % 8, summed as the x86 kernels sum their vector's lanes
       for (int64_t b = 0; b < w.k_blocks; ++b) {
         int32_t dot = 0;
-        for (int64_t k = b * block; k < (b + 1) * block; ++k) dot += stored_level(w, column, k) * q[q_position(w.bits, k)];
-        const int64_t at = m * a.k_blocks + b;
+        for (int64_t k = b * block; k < (b + 1) * block; ++k) dot += stored_level(w, column, k) * q[q_position(a.paired, k)];
+        const int64_t at = m * a.row_blocks + b;
         dot -= w.zero_point(n, b) * a.sum[at];
         lanes[b % 8] = std::fma(static_cast<float>(dot), w.scales[n * w.k_blocks + b] * a.scale[at], lanes[b % 8]);
       }
@@ -113,7 +113,7 @@ ColumnKernel best_column_kernel(const char** name) {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool vnni = avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-                    __builtin_cpu_supports("avx512bw");
+                    __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   if (vnni && (choice.empty() || choice == "avx512vnni")) {
     *name = "avx512vnni";
     return columns_avx512vnni;

@@ -4,6 +4,7 @@
 //                                   summed in fours (lane i: bytes 4i .. 4i + 3)
 //   dot_chunk8(acc, w, q)           the same for 8-bit levels (0..255)
 //   GEMM_COLUMNS                    columns the GEMM path computes together (as registers allow)
+//   QCOMPILE_LANES16                (if defined) the GEMM path's 512-bit registers
 // Blocks are taken eight at a time, one per lane, so that their scales, zero points and the rows' sums load as
 // vectors.
 #include <algorithm>
@@ -49,43 +50,54 @@ inline void group_levels(const uint8_t* levels, int64_t g, bool short_group, __m
   high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
 }
 
+// Column n's zero points of blocks b0 .. b0 + 7.
+inline __m256i zero_points8(const BlockWeight& w, int64_t n, int64_t b0) {
+  if (w.zero_points == nullptr) return _mm256_set1_epi32(w.bits == 4 ? 8 : 128);
+  if (w.bits == 8) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero_points + n * w.k_blocks + b0)));
+  }
+  int32_t packed;  // four bytes, two nibbles each, low first
+  std::memcpy(&packed, w.zero_points + n * ((w.k_blocks + 1) / 2) + b0 / 2, sizeof packed);
+  const __m128i bytes = _mm_shuffle_epi8(_mm_cvtsi32_si128(packed),
+                                         _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1));
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)),
+                          _mm256_set1_epi32(0x0F));
+}
+
+// acc + (totals - zero points x the rows' level sums) x scales, eight blocks in the lanes.
+inline __m256 add_scaled(__m256 acc, __m256i totals, __m256i zero_points, __m256i sums, __m256 scales) {
+  const __m256i dot = _mm256_sub_epi32(totals, _mm256_mullo_epi32(zero_points, sums));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scales, acc);
+}
+
+// The 64 levels of 8-bit group g of a column (32 where the group is the short last one), even elements first:
+// the order of `group_levels`.
+inline void group_levels8(const uint8_t* levels, int64_t g, bool short_group, __m256i& even, __m256i& odd) {
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i first = _mm256_shuffle_epi8(load(levels + g * kGroup), split);  // per 128 bits: evens, odds
+  const __m256i second = short_group ? _mm256_setzero_si256()
+                                     : _mm256_shuffle_epi8(load(levels + g * kGroup + kGroup / 2), split);
+  even = _mm256_permute4x64_epi64(_mm256_unpacklo_epi64(first, second), 0xD8);
+  odd = _mm256_permute4x64_epi64(_mm256_unpackhi_epi64(first, second), 0xD8);
+}
+
 // Blocks b0 .. b0 + 7 of column n (fewer at the end): acc + their integer totals times their scales.
 inline __m256 add_blocks(__m256 acc, __m256i totals, const BlockWeight& w, const QuantizedRows& a, int64_t m,
                          int64_t n, int64_t b0) {
-  const int64_t at = m * a.k_blocks + b0, count = std::min(kLanes, w.k_blocks - b0);
-  __m256i zero_points, sums;
-  __m256 scales;
+  const int64_t at = m * a.row_blocks + b0, count = std::min(kLanes, w.k_blocks - b0);
   if (count == kLanes) {
-    if (w.zero_points == nullptr) {
-      zero_points = _mm256_set1_epi32(w.bits == 4 ? 8 : 128);
-    } else if (w.bits == 4) {  // four bytes, two nibbles each, low first
-      int32_t packed;
-      std::memcpy(&packed, w.zero_points + n * ((w.k_blocks + 1) / 2) + b0 / 2, sizeof packed);
-      const __m128i bytes = _mm_shuffle_epi8(_mm_cvtsi32_si128(packed),
-                                             _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1));
-      zero_points = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(bytes),
-                                                       _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)),
-                                     _mm256_set1_epi32(0x0F));
-    } else {
-      zero_points = _mm256_cvtepu8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero_points + n * w.k_blocks + b0)));
-    }
-    sums = load(&a.sum[at]);
-    scales = _mm256_mul_ps(_mm256_loadu_ps(w.scales + n * w.k_blocks + b0), _mm256_loadu_ps(&a.scale[at]));
-  } else {  // the last blocks: lanes past them scale by 0
-    alignas(32) int32_t zp[kLanes] = {}, sum[kLanes] = {};
-    alignas(32) float scale[kLanes] = {};
-    for (int64_t i = 0; i < count; ++i) {
-      zp[i] = w.zero_point(n, b0 + i);
-      sum[i] = a.sum[at + i];
-      scale[i] = w.scales[n * w.k_blocks + b0 + i] * a.scale[at + i];
-    }
-    zero_points = load(zp);
-    sums = load(sum);
-    scales = _mm256_load_ps(scale);
+    return add_scaled(acc, totals, zero_points8(w, n, b0), load(&a.sum[at]),
+                      _mm256_mul_ps(_mm256_loadu_ps(w.scales + n * w.k_blocks + b0), _mm256_loadu_ps(&a.scale[at])));
   }
-  const __m256i dot = _mm256_sub_epi32(totals, _mm256_mullo_epi32(zero_points, sums));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scales, acc);
+  alignas(32) int32_t zp[kLanes] = {}, sum[kLanes] = {};  // the last blocks: lanes past them scale by 0
+  alignas(32) float scale[kLanes] = {};
+  for (int64_t i = 0; i < count; ++i) {
+    zp[i] = w.zero_point(n, b0 + i);
+    sum[i] = a.sum[at + i];
+    scale[i] = w.scales[n * w.k_blocks + b0 + i] * a.scale[at + i];
+  }
+  return add_scaled(acc, totals, load(zp), load(sum), _mm256_load_ps(scale));
 }
 
 // (lanes 0..3 + lanes 4..7), then (0 + 2) + (1 + 3): the order columns_portable follows.
@@ -95,22 +107,65 @@ inline float sum_lanes(__m256 acc) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
-// Y[m, n] for 4-bit levels, unpacked from the column's stored bytes as they are read.
-float dot4(const BlockWeight& w, const uint8_t* levels, const QuantizedRows& a, int64_t m, int64_t n) {
+// The integer totals of 8 whole 4-bit blocks from their packed bytes and activations; Groups: 64-element groups
+// per block (0: blocks of 32, two per group). Unrolled: the streamed path's inner loop.
+template <int Groups>
+inline __m256i block_totals(const uint8_t* packed, const int8_t* q) {
+  __m256i low, high;
+  if constexpr (Groups == 0) {
+    __m256i v[kLanes / 2];
+    for (int p = 0; p < kLanes / 2; ++p) {
+      group_levels(packed, p, false, low, high);
+      v[p] = dot_chunk(dot_chunk(_mm256_setzero_si256(), low, load(q + p * kGroup)), high,
+                       load(q + p * kGroup + kGroup / 2));
+    }
+    return sum_block_pairs(v);
+  } else {
+    __m256i c[kLanes];
+    for (int i = 0; i < kLanes; ++i) {
+      c[i] = _mm256_setzero_si256();
+      for (int g = i * Groups; g < (i + 1) * Groups; ++g) {
+        group_levels(packed, g, false, low, high);
+        c[i] = dot_chunk(dot_chunk(c[i], low, load(q + g * kGroup)), high, load(q + g * kGroup + kGroup / 2));
+      }
+    }
+    return sum_blocks(c);
+  }
+}
+
+// Y[m, n] for 4-bit levels, unpacked from the column's stored bytes as they are read: whole steps of 8 blocks
+// by `block_totals`, the rest (a short last group, fewer than 8 blocks) generically.
+template <int Groups>
+float dot4(const BlockWeight& w, const QuantizedRows& a, int64_t m, int64_t n) {
+  const uint8_t* levels = w.column(n);
   const int8_t* q = a.q.data() + m * a.padded_k;
-  const int64_t groups = w.block / kGroup;  // per block; 0: a 32-element block is half a group
-  const bool odd_pairs = w.block < kGroup && w.k_blocks % 2;
+  const int64_t block = w.block, k_blocks = w.k_blocks;
+  // A column whose bytes are followed by enough of the weight's (its next columns') is read in whole steps up to
+  // the padded row: the activations past K are zero, so what is read there adds nothing. The last columns stop at
+  // their last whole step, and the rest goes the generic way.
+  const int64_t zero_point_bytes = (k_blocks * w.bits + 7) / 8;
+  const bool over_read = (n * k_blocks + a.row_blocks + 1) <= w.n * k_blocks &&
+                         (w.zero_points == nullptr || n * zero_point_bytes + a.row_blocks <= w.n * zero_point_bytes);
+  const int64_t whole = over_read ? a.row_blocks : k_blocks / kLanes * kLanes;
+  const float* column_scales = w.scales + n * k_blocks;
+  const float* row_scales = &a.scale[m * a.row_blocks];
+  const int32_t* row_sums = &a.sum[m * a.row_blocks];
   __m256 acc = _mm256_setzero_ps();
-  for (int64_t b0 = 0; b0 < w.k_blocks; b0 += kLanes) {
-    __m256i totals;
-    __m256i low, high;
-    if (groups == 0) {
+  for (int64_t b0 = 0; b0 < whole; b0 += kLanes) {
+    const __m256i totals = block_totals<Groups>(levels + b0 * block / 2, q + b0 * block);
+    acc = add_scaled(acc, totals, zero_points8(w, n, b0), load(row_sums + b0),
+                     _mm256_mul_ps(_mm256_loadu_ps(column_scales + b0), _mm256_loadu_ps(row_scales + b0)));
+  }
+  if (whole < k_blocks) {
+    const bool odd_pairs = block < kGroup && k_blocks % 2;
+    __m256i low, high, totals;
+    if (Groups == 0) {
       __m256i v[kLanes / 2];
       for (int64_t p = 0; p < kLanes / 2; ++p) {
-        const int64_t g = b0 / 2 + p;
+        const int64_t g = whole / 2 + p;
         v[p] = _mm256_setzero_si256();
-        if (2 * g >= w.k_blocks) continue;
-        group_levels(levels, g, odd_pairs && 2 * g + 1 == w.k_blocks, low, high);
+        if (2 * g >= k_blocks) continue;
+        group_levels(levels, g, odd_pairs && 2 * g + 1 == k_blocks, low, high);
         v[p] = dot_chunk(dot_chunk(v[p], low, load(q + g * kGroup)), high, load(q + g * kGroup + kGroup / 2));
       }
       totals = sum_block_pairs(v);
@@ -118,17 +173,27 @@ float dot4(const BlockWeight& w, const uint8_t* levels, const QuantizedRows& a, 
       __m256i c[kLanes];
       for (int64_t i = 0; i < kLanes; ++i) {
         c[i] = _mm256_setzero_si256();
-        if (b0 + i >= w.k_blocks) continue;
-        for (int64_t g = (b0 + i) * groups; g < (b0 + i + 1) * groups; ++g) {
+        for (int64_t g = (whole + i) * Groups; whole + i < k_blocks && g < (whole + i + 1) * Groups; ++g) {
           group_levels(levels, g, false, low, high);
           c[i] = dot_chunk(dot_chunk(c[i], low, load(q + g * kGroup)), high, load(q + g * kGroup + kGroup / 2));
         }
       }
       totals = sum_blocks(c);
     }
-    acc = add_blocks(acc, totals, w, a, m, n, b0);
+    acc = add_blocks(acc, totals, w, a, m, n, whole);
   }
   return sum_lanes(acc);
+}
+
+using Dot4 = float (*)(const BlockWeight&, const QuantizedRows&, int64_t, int64_t);
+
+Dot4 dot4_for(int block) {
+  switch (block) {
+    case 32: return dot4<0>;
+    case 64: return dot4<1>;
+    case 128: return dot4<2>;
+    default: return dot4<4>;
+  }
 }
 
 float dot8(const BlockWeight& w, const QuantizedRows& a, int64_t m, int64_t n) {
@@ -161,82 +226,138 @@ void unpack_columns(const BlockWeight& w, const QuantizedRows& a, int64_t n0, in
   tile.count = count;
   tile.levels.resize(static_cast<size_t>(count * a.padded_k));
   tile.step_scales.resize(static_cast<size_t>(count * a.steps * 8));
-  tile.scaled_zero_points.assign(static_cast<size_t>(count * a.padded_blocks), 0.0f);
+  tile.scaled_zero_points.assign(static_cast<size_t>(count * a.row_blocks), 0.0f);
   const bool odd_pairs = w.block < kGroup && w.k_blocks % 2;
-  const int64_t groups = a.padded_k / kGroup;
+  const int64_t groups = a.steps * a.groups_per_step;  // the weight's; the rest of padded_k is never read
   for (int64_t c = 0; c < count; ++c) {
     const int64_t n = n0 + c;
     uint8_t* levels = &tile.levels[c * a.padded_k];
     for (int64_t g = 0; g < groups; ++g) {
       __m256i low, high;
-      group_levels(w.column(n), g, odd_pairs && g == groups - 1, low, high);
+      if (w.bits == 4) {
+        group_levels(w.column(n), g, odd_pairs && g == groups - 1, low, high);
+      } else {
+        group_levels8(w.column(n), g, odd_pairs && g == groups - 1, low, high);
+      }
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels + g * kGroup), low);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels + g * kGroup + kGroup / 2), high);
     }
     step_lanes(w, w.scales + n * w.k_blocks, &tile.step_scales[c * a.steps * 8]);
     for (int64_t b = 0; b < w.k_blocks; ++b) {
-      tile.scaled_zero_points[c * a.padded_blocks + b] = w.scales[n * w.k_blocks + b] * w.zero_point(n, b);
+      tile.scaled_zero_points[c * a.row_blocks + b] = w.scales[n * w.k_blocks + b] * w.zero_point(n, b);
     }
   }
 }
 
 // Y for rows m0 .. m0 + R and the tile's columns c0 .. c0 + C: integer dots over each step, scaled per lane into
 // float accumulators; the zero points' term subtracted per block (lanes: 8 blocks); lanes summed at the end.
-template <int R, int C>
+// Vector widths of the GEMM path. A 64-element group in `paired` order is one operand: two 256-bit halves dotted
+// apart (Lanes8), or one 512-bit register (Lanes16: lanes i and i + 8 hold the same blocks' sums, so a step's 8
+// scales serve both halves). Either way lanes are summed to 8 before the zero points' term.
+struct Lanes8 {
+  using Int = __m256i;
+  using Float = __m256;
+  struct Operand {
+    __m256i low, high;
+  };
+  static Int zero() { return _mm256_setzero_si256(); }
+  static Float zero_float() { return _mm256_setzero_ps(); }
+  static Operand operand(const void* p) {
+    return {load(p), load(static_cast<const uint8_t*>(p) + kGroup / 2)};
+  }
+  template <int Bits>
+  static Int dot(Int acc, const Operand& w, const Operand& q) {
+    return Bits == 4 ? dot_chunk(dot_chunk(acc, w.low, q.low), w.high, q.high)
+                     : dot_chunk8(dot_chunk8(acc, w.low, q.low), w.high, q.high);
+  }
+  static Float lanes(const float* eight) { return _mm256_loadu_ps(eight); }
+  static Float scaled(Float acc, Int dots, Float scales) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scales, acc);
+  }
+  static Float mul(Float a, Float b) { return _mm256_mul_ps(a, b); }
+  static __m256 eight(Float acc) { return acc; }
+};
+
+#ifdef QCOMPILE_LANES16
+struct Lanes16 {
+  using Int = __m512i;
+  using Float = __m512;
+  using Operand = __m512i;
+  static Int zero() { return _mm512_setzero_si512(); }
+  static Float zero_float() { return _mm512_setzero_ps(); }
+  static Operand operand(const void* p) { return _mm512_loadu_si512(p); }
+  template <int Bits>
+  static Int dot(Int acc, Operand w, Operand q) { return _mm512_dpbusd_epi32(acc, w, q); }
+  static Float lanes(const float* eight) { return _mm512_broadcast_f32x8(_mm256_loadu_ps(eight)); }
+  static Float scaled(Float acc, Int dots, Float scales) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), scales, acc);
+  }
+  static Float mul(Float a, Float b) { return _mm512_mul_ps(a, b); }
+  static __m256 eight(Float acc) {
+    return _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+  }
+};
+using GemmLanes = Lanes16;
+#else
+using GemmLanes = Lanes8;
+#endif
+
+// Y for rows m0 .. m0 + R and the tile's columns c0 .. c0 + C: integer dots over each step, scaled per lane into
+// float accumulators; the zero points' term subtracted per block (lanes: 8 blocks); lanes summed at the end.
+template <typename V, int Bits, int R, int C>
 void gemm_block(const ColumnTile& tile, const QuantizedRows& a, int64_t m0, int64_t c0, int64_t n0, float* y,
                 int64_t ldy) {
-  const int64_t groups_per_step = a.padded_k / kGroup / a.steps;
-  __m256 acc[R][C];
+  const int64_t groups_per_step = a.groups_per_step, padded_k = a.padded_k;
+  const uint8_t* levels = &tile.levels[c0 * padded_k];
+  const int8_t* rows = a.q.data() + m0 * padded_k;
+  typename V::Float acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[r][c] = V::zero_float();
   for (int64_t s = 0; s < a.steps; ++s) {
-    __m256i dots[R][C];
+    typename V::Int dots[R][C];
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) dots[r][c] = _mm256_setzero_si256();
+      for (int c = 0; c < C; ++c) dots[r][c] = V::zero();
     for (int64_t g = s * groups_per_step; g < (s + 1) * groups_per_step; ++g) {
-      __m256i low[C], high[C];
-      for (int c = 0; c < C; ++c) {
-        low[c] = load(&tile.levels[(c0 + c) * a.padded_k + g * kGroup]);
-        high[c] = load(&tile.levels[(c0 + c) * a.padded_k + g * kGroup + kGroup / 2]);
-      }
+      typename V::Operand w[C];
+      for (int c = 0; c < C; ++c) w[c] = V::operand(levels + c * padded_k + g * kGroup);
       for (int r = 0; r < R; ++r) {
-        const int8_t* q = a.q.data() + (m0 + r) * a.padded_k + g * kGroup;
-        const __m256i q_low = load(q), q_high = load(q + kGroup / 2);
-        for (int c = 0; c < C; ++c) dots[r][c] = dot_chunk(dot_chunk(dots[r][c], low[c], q_low), high[c], q_high);
+        const typename V::Operand q = V::operand(rows + r * padded_k + g * kGroup);
+        for (int c = 0; c < C; ++c) dots[r][c] = V::template dot<Bits>(dots[r][c], w[c], q);
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m256 row_scales = _mm256_loadu_ps(&a.step_scales[((m0 + r) * a.steps + s) * 8]);
+      const typename V::Float row_scales = V::lanes(&a.step_scales[((m0 + r) * a.steps + s) * 8]);
       for (int c = 0; c < C; ++c) {
-        const __m256 scales = _mm256_mul_ps(row_scales, _mm256_loadu_ps(&tile.step_scales[((c0 + c) * a.steps + s) * 8]));
-        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r][c]), scales, acc[r][c]);
+        const typename V::Float scales = V::mul(row_scales, V::lanes(&tile.step_scales[((c0 + c) * a.steps + s) * 8]));
+        acc[r][c] = V::scaled(acc[r][c], dots[r][c], scales);
       }
     }
   }
-  for (int64_t b = 0; b < a.padded_blocks; b += kLanes) {
-    for (int r = 0; r < R; ++r) {
-      const __m256 sums = _mm256_loadu_ps(&a.scaled_sums[(m0 + r) * a.padded_blocks + b]);
-      for (int c = 0; c < C; ++c) {
-        acc[r][c] = _mm256_fnmadd_ps(_mm256_loadu_ps(&tile.scaled_zero_points[(c0 + c) * a.padded_blocks + b]), sums,
-                                     acc[r][c]);
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      __m256 total = V::eight(acc[r][c]);
+      for (int64_t b = 0; b < a.row_blocks; b += kLanes) {
+        total = _mm256_fnmadd_ps(_mm256_loadu_ps(&tile.scaled_zero_points[(c0 + c) * a.row_blocks + b]),
+                                 _mm256_loadu_ps(&a.scaled_sums[(m0 + r) * a.row_blocks + b]), total);
       }
+      y[(m0 + r) * ldy + n0 + c0 + c] = sum_lanes(total);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) y[(m0 + r) * ldy + n0 + c0 + c] = sum_lanes(acc[r][c]);
 }
 
 // Y for every row and the tile's columns, rows and columns R and C at a time, the rest one at a time.
-template <int C>
+template <int Bits, int C>
 void gemm_columns(const ColumnTile& tile, const QuantizedRows& a, int64_t n0, float* y, int64_t ldy) {
   const int64_t full = tile.count / C * C;
   for (int64_t m = 0; m < a.m; m += kGemmRowsTogether) {
     const bool two = m + 1 < a.m;
     for (int64_t c = 0; c < tile.count; c += c < full ? C : 1) {
       if (c < full) {
-        two ? gemm_block<kGemmRowsTogether, C>(tile, a, m, c, n0, y, ldy) : gemm_block<1, C>(tile, a, m, c, n0, y, ldy);
+        two ? gemm_block<GemmLanes, Bits, kGemmRowsTogether, C>(tile, a, m, c, n0, y, ldy)
+            : gemm_block<GemmLanes, Bits, 1, C>(tile, a, m, c, n0, y, ldy);
       } else {
-        two ? gemm_block<kGemmRowsTogether, 1>(tile, a, m, c, n0, y, ldy) : gemm_block<1, 1>(tile, a, m, c, n0, y, ldy);
+        two ? gemm_block<GemmLanes, Bits, kGemmRowsTogether, 1>(tile, a, m, c, n0, y, ldy)
+            : gemm_block<GemmLanes, Bits, 1, 1>(tile, a, m, c, n0, y, ldy);
       }
     }
   }
@@ -245,16 +366,15 @@ void gemm_columns(const ColumnTile& tile, const QuantizedRows& a, int64_t n0, fl
 }  // namespace
 
 void COLUMNS(const BlockWeight& w, const QuantizedRows& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  if (w.bits == 4 && a.m >= kGemmRows) {
+  if (a.m >= kGemmRows) {
     thread_local ColumnTile tile;
     unpack_columns(w, a, n0, n1 - n0, tile);
-    gemm_columns<GEMM_COLUMNS>(tile, a, n0, y, ldy);
+    w.bits == 4 ? gemm_columns<4, GEMM_COLUMNS>(tile, a, n0, y, ldy) : gemm_columns<8, GEMM_COLUMNS>(tile, a, n0, y, ldy);
     return;
   }
+  const Dot4 dot4 = dot4_for(w.block);
   for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t m = 0; m < a.m; ++m) {
-      y[m * ldy + n] = w.bits == 4 ? dot4(w, w.column(n), a, m, n) : dot8(w, a, m, n);
-    }
+    for (int64_t m = 0; m < a.m; ++m) y[m * ldy + n] = w.bits == 4 ? dot4(w, a, m, n) : dot8(w, a, m, n);
   }
 }
 

@@ -4,8 +4,10 @@ import onnx_ir as ir
 import pytest
 
 import qcompile
+from qcompile import kernels
 from qcompile.errors import UsageError
 from qcompile.graph import constant_array
+from qcompile.inspection import describe
 from qcompile.io import save_model
 from qcompile.models import synthetic
 from qcompile.target_check import target_problems
@@ -168,12 +170,40 @@ def test_every_target_takes_what_it_gets(block, target):
     ("portable", {"kernel": "contrib"}, "takes no com.microsoft ops"),
     ("ort-cpu", {"block_size": 48}, "block_size: expected one of 16, 32, 64, 128, 256"),
     ("ort-cpu", {"accuracy_level": 5}, "accuracy_level: expected one of"),
-    ("ort-cpu", {"kernel": "custom"}, "kernel: expected one of auto, contrib, decomposed"),
+    ("ort-cpu", {"kernel": "qnn"}, "kernel: expected one of auto, contrib, custom, decomposed"),
+    ("ort-cuda", {"kernel": "custom"}, "no kernels for ONNX Runtime CUDA"),
+    ("tensorrt", {"kernel": "custom"}, "no kernels for TensorRT"),
     ("ort-cpu", {"head_bits": 2}, "head_bits: expected 4 or 8"),
 ])
 def test_options_the_target_cannot_take_are_usage_errors(block, target, options, message):
     with pytest.raises(UsageError, match=message):
         qcompile.compile(block, recipe="w4a16-rtn", target=target, options=options)
+
+
+@pytest.mark.parametrize("recipe, options", [("w4a16-rtn", {"symmetric": True}), ("w4a16-hqq", {"head_bits": 4})])
+def test_kernel_custom_lowers_to_qcompiles_op_and_names_the_library(block, kernels_library, recipe, options):
+    result = qcompile.compile(block, recipe=recipe, options={"kernel": "custom", **options})
+    ops = describe(result.model)["op_histogram"]
+    assert ops.get("ai.qcompile::BlockQuantMatMul", 0) >= 4 and not any("MatMulNBits" in op for op in ops)
+    assert describe(result.model)["custom_op_library"] == "ai.qcompile: BlockQuantMatMul"
+    feed = random_feed(result.model)
+    expected, custom = run(ir.load(block), feed), run(result.model, feed)
+    # the same blocks on MatMulNBits (activations quantized alike), or for HQQ, whose zero points are integers here
+    # and floats on MatMulNBits, on DequantizeLinear (activations float)
+    other = qcompile.compile(block, recipe=recipe, options={**options, "kernel": "decomposed" if "hqq" in recipe
+                                                                       else "contrib"}).model
+    if recipe == "w4a16-rtn":
+        np.testing.assert_allclose(custom[0], run(other, feed)[0], rtol=0.02, atol=0.02)
+    assert worst_sqnr_db(expected, custom) > worst_sqnr_db(expected, run(other, feed)) - 1
+
+
+def test_kernel_custom_says_how_to_get_what_it_lacks(block, tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match="no NF4 kernel yet"):
+        qcompile.compile(block, recipe="nf4", options={"kernel": "custom"})
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "empty-cache"))
+    kernels.source_digest.cache_clear()
+    with pytest.raises(UsageError, match=r"not built: run `qcompile kernels build`"):
+        qcompile.compile(block, recipe="w4a16-rtn", options={"kernel": "custom"})
 
 
 def test_hqq_takes_asymmetric_blocks_only(block):

@@ -6,6 +6,7 @@ import pytest
 from helpers import NBITS_8, apply, clone, op_types, parse, run
 
 from qcompile.decisions import QUANT_SPEC_KEY
+from qcompile.ops import block_quant_matmul
 from qcompile.passes.analysis.assign_block_specs import AssignBlockSpecsPass, BlockSpecOptions, block_spec
 from qcompile.passes.analysis.fit_block_grids_hqq import FitBlockGridsHQQPass, HQQOptions, hqq_spec
 from qcompile.passes.lowering.lower_matmul_nbits import (LowerMatMulNBitsPass, MatMulNBitsOptions, pack_nibbles,
@@ -114,6 +115,31 @@ def test_matmuls_run_as_matmulnbits_equal_to_the_dequantized_weight(symmetric, k
     np.testing.assert_allclose(y, x @ dequantized, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(y, z)
     assert not apply(model, LowerMatMulNBitsPass())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_custom_lowering_gives_qcompiles_op_the_same_packed_inputs(kernels_library, symmetric):
+    w = _weight(72, 6)
+    model = _model(72, 6, MATMULS, outputs="float[B, S, {n}] y, float[B, S, {n}] z", weights={"w": w})
+    x = RNG.standard_normal((2, 3, 72)).astype(np.float32)
+    nbits = clone(model)
+    for m, custom in ((model, True), (nbits, False)):
+        apply(m, AssignBlockSpecsPass(BlockSpecOptions(block_size=32, symmetric=symmetric)))
+        packed = pack_weight(w, m.graph.initializers["w"].meta[QUANT_SPEC_KEY])
+        assert apply(m, LowerMatMulNBitsPass(MatMulNBitsOptions(accuracy_level=4, custom=custom)))
+    assert op_types(model) == ["BlockQuantMatMul"] * 2 and model.opset_imports["ai.qcompile"] == 1
+    assert model.metadata_props["qcompile.custom_ops"] == "ai.qcompile: BlockQuantMatMul"
+    stored = [v.const_value.numpy() for v in list(model.graph)[0].inputs[1:]]
+    for array, expected in zip(stored, [packed.data, packed.scales, packed.zero_points], strict=False):
+        np.testing.assert_array_equal(array, expected)  # MatMulNBits' packing, one copy for both layers
+    assert len(model.graph.initializers) == len(stored)
+    y, z = run(model, {"x": x})
+    expected = block_quant_matmul.reference(x, packed.data, packed.scales, packed.zero_points, K=72, N=6, bits=4,
+                                            block_size=32)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(y, z)
+    # MatMulNBits at accuracy_level 4 quantizes the activations too, with roundings of its own
+    np.testing.assert_allclose(y, run(nbits, {"x": x})[0], rtol=0.02, atol=0.02)
 
 
 @NBITS_8

@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Kernel benchmark: qcompile's BlockQuantMatMul next to ONNX Runtime's MatMulNBits (accuracy_level 4 and 0), int8
+DynamicQuantizeMatMul and fp32 MatMul, one matmul at a time, in one run.
+
+    .venv/bin/python benchmarks/kernels.py [--quick] [--rounds 7]
+
+Shapes: K = N = 4096 and SmolLM2-135M's (q/o 576x576, k/v 576x192, gate/up 576x1536, down 1536x576, head
+576x49152), M = 1 (one-token decode) and M = 128 (prefill), INT4 blocks of 32 and 128, symmetric, 2 threads.
+Each model holds enough copies of its weight, one node each, that they do not fit the last-level cache together,
+so every node reads its weight from memory; a node's time is the model's divided by the copies. Configurations
+are timed in turns (medians of ``--rounds``; threads do not spin between runs, `qcompile.session.TIMING`). The read-bandwidth floor (the weight's bytes over the memory
+bandwidth measured in the same run by two threads reading 512 MB) is printed beside each. Results:
+``benchmarks/results/kernels-<date>-<machine>.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import int8
+
+THREADS = 2
+STREAM_BYTES = 96 << 20  # weights per model: three times a 32 MB last-level cache
+SHAPES = {"4096x4096": (4096, 4096), "smollm2 q/o 576x576": (576, 576), "smollm2 k/v 576x192": (576, 192),
+          "smollm2 gate/up 576x1536": (576, 1536), "smollm2 down 1536x576": (1536, 576),
+          "smollm2 head 576x49152": (576, 49152)}
+QUICK_SHAPES = ("4096x4096", "smollm2 gate/up 576x1536")
+
+
+def read_bandwidth(seconds: float = 1.0) -> float:
+    """Bytes per second two threads read from a 512 MB array (each half, reduced by bitwise or: the cheapest
+    reduction numpy has), the median of several. A lower bound of the machine's: the reduction costs too."""
+    data = np.ones(64 << 20, np.uint64)
+    halves = np.array_split(data, THREADS)
+    rates = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(rates) < 3:
+        threads = [threading.Thread(target=np.bitwise_or.reduce, args=(half,)) for half in halves]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        rates.append(data.nbytes / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def _weights(kind: str, k: int, n: int, block: int, rng: np.random.Generator) -> tuple[list[np.ndarray], dict, int]:
+    """One copy of the weight as ``kind`` stores it: initializers, node attributes, bytes read per call."""
+    k_blocks = -(-k // block)
+    if kind == "fp32":
+        arrays = [rng.standard_normal((k, n)).astype(np.float32)]
+        return arrays, {}, arrays[0].nbytes
+    if kind == "int8":
+        arrays = [rng.integers(-127, 128, (k, n), dtype=np.int8), rng.uniform(0.01, 0.02, n).astype(np.float32)]
+        return arrays, {}, sum(a.nbytes for a in arrays)
+    arrays = [rng.integers(0, 256, (n, k_blocks, block // 2), dtype=np.uint8),
+              rng.uniform(0.01, 0.02, n * k_blocks).astype(np.float32)]
+    return arrays, {"K": k, "N": n, "bits": 4, "block_size": block}, sum(a.nbytes for a in arrays)
+
+
+def _node(kind: str, i: int, attributes: dict) -> onnx.NodeProto:
+    inputs = ["A", *[f"w{i}_{j}" for j in range(2 if kind != "fp32" else 1)]]
+    if kind == "fp32":
+        return helper.make_node("MatMul", inputs, [f"y{i}"])
+    if kind == "int8":
+        return helper.make_node("DynamicQuantizeMatMul", inputs, [f"y{i}"], domain="com.microsoft")
+    if kind == "custom":
+        return helper.make_node("BlockQuantMatMul", inputs, [f"y{i}"], domain="ai.qcompile", **attributes)
+    level = {"nbits-acc4": 4, "nbits-acc0": 0}[kind]
+    return helper.make_node("MatMulNBits", inputs, [f"y{i}"], domain="com.microsoft", accuracy_level=level,
+                            **attributes)
+
+
+def build(kind: str, k: int, n: int, block: int, folder: Path, rng: np.random.Generator) -> tuple[Path, int, int]:
+    """A model of ``copies`` nodes of ``kind``, each on a weight of its own (random, so that no runtime can share
+    them): (path, copies, bytes per node)."""
+    arrays, attributes, nbytes = _weights(kind, k, n, block, rng)
+    copies = max(2, -(-STREAM_BYTES // nbytes))
+    nodes, initializers = [], []
+    for i in range(copies):
+        nodes.append(_node(kind, i, attributes))
+        initializers += [numpy_helper.from_array(a, f"w{i}_{j}") for j, a in enumerate(arrays)]
+        arrays = _weights(kind, k, n, block, rng)[0]
+    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["m", n])
+                               for i in range(copies)], initializers)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("ai.qcompile", 1)]
+    path = folder / f"{kind}-{k}x{n}-b{block}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=opsets), path, save_as_external_data=True,
+              location=path.name + ".data")
+    return path, copies, nbytes
+
+
+def time_interleaved(sessions: dict, feeds: dict, rounds: int) -> dict[str, float]:
+    """Seconds per call of each session, the median over ``rounds`` turns in which each runs once."""
+    times = {name: [] for name in sessions}
+    for name, sess in sessions.items():  # warm up: first runs allocate
+        sess.run(None, feeds[name])
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, feeds[name])
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--quick", action="store_true", help=f"shapes {', '.join(QUICK_SHAPES)}, block 32 only")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+
+    import qcompile
+    from qcompile import kernels
+    from qcompile.session import TIMING
+
+    library = kernels.build()
+    machine = int8.machine_info()
+    int8.say(f"kernel benchmark: {machine['cpu']}, {machine['cores']} cores, VNNI {', '.join(machine['vnni']) or 'none'}"
+             f", onnxruntime {machine['onnxruntime']}, qcompile kernel path {kernels.cpu_isas()[0]}; library {library}")
+    bandwidth = read_bandwidth()
+    int8.say(f"read bandwidth (2 threads): {bandwidth / 1e9:.1f} GB/s")
+    rng = np.random.default_rng(0)
+    rows = []
+    kinds = ("custom", "nbits-acc4", "nbits-acc0", "int8", "fp32")
+    for shape in QUICK_SHAPES if args.quick else SHAPES:
+        k, n = SHAPES[shape]
+        for block in (32,) if args.quick else (32, 128):
+            with tempfile.TemporaryDirectory() as folder:
+                built = {kind: build(kind, k, n, block, Path(folder), rng) for kind in kinds}
+                sessions = {kind: qcompile.session(path, threads=THREADS, config=TIMING)
+                            for kind, (path, _, _) in built.items()}
+                for m in (1, 128):
+                    a = rng.standard_normal((m, k)).astype(np.float32)
+                    seconds = time_interleaved(sessions, {kind: {"A": a} for kind in kinds}, args.rounds)
+                    row = {"shape": shape, "k": k, "n": n, "block": block, "m": m}
+                    for kind, (_, copies, nbytes) in built.items():
+                        row[kind] = {"ms": seconds[kind] / copies * 1e3, "bytes": nbytes,
+                                     "floor_ms": nbytes / bandwidth * 1e3}
+                    rows.append(row)
+                    int8.say(f"  {shape} b{block} M={m}: " + ", ".join(
+                        f"{kind} {row[kind]['ms']:.3f} ms" for kind in kinds) +
+                        f"; INT4 floor {row['custom']['floor_ms']:.3f} ms")
+                del sessions
+    date = datetime.date.today().isoformat()
+    stem = f"kernels-{date}-{int8.machine_slug(machine)}" + ("-quick" if args.quick else "")
+    doc = {"date": date, "machine": machine, "threads": THREADS, "read_bandwidth_gbps": bandwidth / 1e9,
+           "kernel_path": kernels.cpu_isas()[0], "rows": rows}
+    int8.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (int8.RESULTS_DIR / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    (int8.RESULTS_DIR / f"{stem}.md").write_text(markdown(doc))
+    int8.say(f"results: benchmarks/results/{stem}.md")
+    return 0
+
+
+def markdown(doc: dict) -> str:
+    machine = doc["machine"]
+    lines = [f"# Kernel benchmark, {doc['date']}", "",
+             f"{machine['cpu']}, {machine['cores']} cores, VNNI {', '.join(machine['vnni']) or 'none'}, onnxruntime "
+             f"{machine['onnxruntime']}, {doc['threads']} threads; qcompile's kernel path: {doc['kernel_path']}. "
+             f"Read bandwidth measured in the run: {doc['read_bandwidth_gbps']:.1f} GB/s. Milliseconds per matmul "
+             f"(median), weights read from memory; `floor` = the INT4 weight's bytes (levels and scales) over "
+             f"that bandwidth. Ratios: to qcompile's BlockQuantMatMul (`custom`).", "",
+             "| shape | block | M | custom | floor | MatMulNBits acc 4 | MatMulNBits acc 0 | int8 DynamicQuantizeMatMul "
+             "| fp32 MatMul |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in doc["rows"]:
+        ours = row["custom"]["ms"]
+        cells = [f"{row[kind]['ms']:.3f} ({row[kind]['ms'] / ours:.2f}x)"
+                 for kind in ("nbits-acc4", "nbits-acc0", "int8", "fp32")]
+        lines.append(f"| {row['shape']} | {row['block']} | {row['m']} | {ours:.3f} | "
+                     f"{row['custom']['floor_ms']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""BlockQuantMatMul: the C++ kernels (every instruction-set path this CPU has) against the numpy reference, its
+standard-ONNX equivalent, and clean errors on bad input."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from qcompile import kernels
+from qcompile.ops import block_quant_matmul as op
+
+RNG = np.random.default_rng(11)
+
+
+def _session(model, library, isa: str | None = None, monkeypatch=None):
+    if isa is not None:
+        monkeypatch.setenv(kernels.ISA_ENV, isa)  # the library reads it when a session creates its kernels
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _case(k, n, bits, block_size, symmetric):
+    attributes = dict(K=k, N=n, bits=bits, block_size=block_size)
+    return attributes, op.random_weight(RNG, symmetric=symmetric, **attributes)
+
+
+# (K, N, bits, block, symmetric, batch, rows): odd K and N, short last blocks, an odd count of 32-blocks, one row
+# (the streamed path) and several (the GEMM path, with a leftover row and leftover columns), 8-bit heads
+CASES = [(100, 13, 4, 32, True, 1, 1), (100, 13, 4, 32, False, 2, 3), (576, 37, 4, 128, False, 1, 5),
+         (1000, 19, 4, 64, True, 3, 2), (520, 11, 4, 256, False, 2, 7), (96, 9, 8, 32, True, 1, 1),
+         (300, 21, 8, 64, False, 2, 4), (4096, 8, 4, 32, True, 1, 1), (64, 1, 4, 64, False, 1, 9)]
+
+
+@pytest.mark.parametrize("k, n, bits, block_size, symmetric, batch, rows", CASES)
+def test_every_kernel_path_computes_the_reference(kernels_library, monkeypatch, k, n, bits, block_size, symmetric,
+                                                 batch, rows):
+    attributes, weight = _case(k, n, bits, block_size, symmetric)
+    model = op.make_model(*weight, **attributes)
+    a = RNG.standard_normal((batch, rows, k)).astype(np.float32) * RNG.uniform(0.1, 10, k).astype(np.float32)
+    expected = op.reference(a, *weight, **attributes)
+    outputs = {}
+    for isa in kernels.cpu_isas():
+        outputs[isa] = _session(model, kernels_library, isa, monkeypatch).run(None, {"A": a})[0]
+        assert outputs[isa].shape == (batch, rows, n)
+        np.testing.assert_allclose(outputs[isa], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    if {"avx2", "avx512vnni"} <= outputs.keys() and batch * rows < 3:
+        # one row at a time: the same integers, the same float operations in the same order (the GEMM path adds
+        # its lanes in another order with 512-bit registers)
+        np.testing.assert_array_equal(outputs["avx2"], outputs["avx512vnni"])
+
+
+def test_the_reference_is_the_float_product_up_to_the_activations_rounding():
+    attributes, weight = _case(576, 40, 4, 32, False)
+    a = RNG.standard_normal((4, 576)).astype(np.float32)
+    levels, points = op.unpack_weight(weight[0], weight[2], 40, 18, 4, 32)
+    dequantized = (weight[1].reshape(40, 18, 1) * (levels - points[..., None])).reshape(40, -1)
+    exact = a @ dequantized.T
+    error = np.abs(op.reference(a, *weight, **attributes) - exact).max() / np.abs(exact).max()
+    assert 1e-5 < error < 0.02  # int8 activations per block of 32: about 0.3% of the largest output here
+
+
+def test_the_standard_onnx_equivalent_computes_the_same(kernels_library):
+    attributes, weight = _case(300, 29, 4, 64, False)
+    a = RNG.standard_normal((2, 3, 300)).astype(np.float32)
+    custom = _session(op.make_model(*weight, **attributes), kernels_library).run(None, {"A": a})[0]
+    decomposed = ort.InferenceSession(op.decomposed_model(*weight, **attributes).SerializeToString(),
+                                      providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    np.testing.assert_allclose(decomposed, custom, rtol=0, atol=1e-5 * np.abs(custom).max())
+
+
+def test_zero_and_non_finite_activations(kernels_library):
+    attributes, weight = _case(128, 16, 4, 32, True)
+    session = _session(op.make_model(*weight, **attributes), kernels_library)
+    a = RNG.standard_normal((1, 4, 128)).astype(np.float32)
+    a[0, 0] = 0
+    a[0, 1, 40] = np.nan
+    a[0, 2, 100] = np.inf
+    y = session.run(None, {"A": a})[0]
+    assert not y[0, 0].any()  # zeros give zeros, not 0 / 0
+    assert np.isnan(y[0, 1]).all() and np.isnan(y[0, 2]).all()  # as a float product would be
+    np.testing.assert_allclose(y[0, 3], op.reference(a[:, 3:], *weight, **attributes)[0, 0], rtol=1e-5)
+
+
+def test_bad_shapes_and_types_are_clean_errors(kernels_library):
+    attributes, weight = _case(100, 8, 4, 32, True)
+    model = op.make_model(*weight, **attributes)
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "k"  # the kernel checks K, not the graph
+    session = _session(model, kernels_library)
+    with pytest.raises(Exception, match=r"A has shape \(1, 2, 99\), its last dimension must be K = 100"):
+        session.run(None, {"A": np.ones((1, 2, 99), np.float32)})
+    short = op.make_model(weight[0][:, :2], weight[1], None, **attributes)
+    with pytest.raises(Exception, match="B has 256 elements, expected 512"):
+        _session(short, kernels_library).run(None, {"A": np.ones((1, 1, 100), np.float32)})
+    for name, value in (("bits", 3), ("block_size", 48)):
+        bad = op.make_model(*weight, **{**attributes, name: value})
+        with pytest.raises(Exception, match=f"{name} must be"):
+            _session(bad, kernels_library)
+    float_points = op.make_model(weight[0], weight[1], np.full(8 * 2, 8, np.float32), **attributes)
+    with pytest.raises(Exception, match=r"zero_points.*BlockQuantMatMul.*invalid"):  # ONNX Runtime checks types
+        _session(float_points, kernels_library)
