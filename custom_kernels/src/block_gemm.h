@@ -48,7 +48,22 @@ struct QuantizedRows {
 // Rows of A from which the x86 kernels compute a GEMM: each column's levels unpacked once, in `paired` order.
 constexpr int64_t kGemmRows = 3;
 
-void quantize_rows(const float* a, int64_t m, const BlockWeight& w, QuantizedRows& out);
+// Quantizing A: the buffers sized for m rows (zeros), then each row (rows are independent: threads may share them
+// out) by a `RowQuantizer`, which quantizes the blocks, sets their scales and sums (`set_block`), and ends with
+// `finish_row`. `quantize_block` quantizes one block's `count` elements into levels; false where one is NaN or inf.
+void prepare_rows(int64_t m, const BlockWeight& w, QuantizedRows& out);
+bool quantize_block(const float* x, int64_t count, int32_t* levels, float& scale, int32_t& sum);
+void set_block(int64_t row, int64_t b, bool finite, float scale, int32_t sum, QuantizedRows& out);
+void finish_row(int64_t row, const BlockWeight& w, QuantizedRows& out);
+// x rounded to the nearest integer, ties to even, for |x| < 2^22: the float addition rounds (in the default
+// rounding mode), where nearbyint would call the maths library on CPUs without SSE4.1. (Without -ffast-math the
+// compiler keeps (x + c) - c as it is.)
+inline float round_even(float x) {
+  constexpr float kShift = 12582912.0f;  // 1.5 x 2^23
+  return (x + kShift) - kShift;
+}
+
+using RowQuantizer = void (*)(const float* a, int64_t row, const BlockWeight& w, QuantizedRows& out);
 
 // The GEMM steps: a block of 64 or more elements, or a pair of 32-element blocks (one 64-element group); a
 // step's 8 lanes hold its block's scale, or the pair's first scale in lanes 0..3 and the second in 4..7.
@@ -59,13 +74,22 @@ void step_lanes(const BlockWeight& w, const float* block_scales, float* lanes);
 using ColumnKernel = void (*)(const BlockWeight& w, const QuantizedRows& a, int64_t n0, int64_t n1, float* y,
                               int64_t ldy);
 
+void quantize_row_portable(const float*, int64_t, const BlockWeight&, QuantizedRows&);
 void columns_portable(const BlockWeight&, const QuantizedRows&, int64_t, int64_t, float*, int64_t);
 #ifdef QCOMPILE_X86
+void quantize_row_avx2(const float*, int64_t, const BlockWeight&, QuantizedRows&);
 void columns_avx2(const BlockWeight&, const QuantizedRows&, int64_t, int64_t, float*, int64_t);
+void quantize_row_avx512vnni(const float*, int64_t, const BlockWeight&, QuantizedRows&);
 void columns_avx512vnni(const BlockWeight&, const QuantizedRows&, int64_t, int64_t, float*, int64_t);
 #endif
 
-// The fastest kernel this CPU runs; its name in *name.
-ColumnKernel best_column_kernel(const char** name);
+struct Kernels {
+  const char* name;
+  RowQuantizer quantize_row;
+  ColumnKernel columns;
+};
+
+// The fastest kernels this CPU runs (QCOMPILE_KERNELS_ISA asks for slower ones).
+Kernels best_kernels();
 
 }  // namespace qcompile

@@ -21,53 +21,68 @@ static inline int64_t q_position(bool paired, int64_t k) {
   return k - i + (i % 2 ? kGroup / 2 : 0) + i / 2;
 }
 
-void quantize_rows(const float* a, int64_t m, const BlockWeight& w, QuantizedRows& out) {
-  const int64_t block = w.block;
+void prepare_rows(int64_t m, const BlockWeight& w, QuantizedRows& out) {
   out.m = m;
   out.row_blocks = (w.k_blocks + 7) / 8 * 8;
-  out.padded_k = out.row_blocks * block;
+  out.padded_k = out.row_blocks * w.block;
   out.paired = w.bits == 4 || m >= kGemmRows;
   out.q.assign(static_cast<size_t>(m * out.padded_k), 0);
   out.scale.assign(static_cast<size_t>(m * out.row_blocks), 0.0f);
   out.sum.assign(static_cast<size_t>(m * out.row_blocks), 0);
-  for (int64_t row = 0; row < m; ++row) {
-    const float* x = a + row * w.k;
-    int8_t* q = out.q.data() + row * out.padded_k;
-    for (int64_t b = 0; b < w.k_blocks; ++b) {
-      const int64_t begin = b * block, end = std::min(begin + block, w.k);
-      float amax = 0.0f;
-      bool finite = true;
-      for (int64_t k = begin; k < end; ++k) {
-        amax = std::max(amax, std::fabs(x[k]));
-        finite = finite && std::isfinite(x[k]);
-      }
-      const int64_t at = row * out.row_blocks + b;
-      if (!finite) {  // the block's products are NaN, as a float matmul's would be (or inf - inf)
-        out.scale[at] = NAN;
-        continue;
-      }
-      if (amax == 0.0f) continue;
-      const float inverse = 127.0f / amax;
-      int32_t sum = 0;
-      for (int64_t k = begin; k < end; ++k) {
-        const int32_t level = static_cast<int32_t>(std::clamp(std::nearbyint(x[k] * inverse), -127.0f, 127.0f));
-        q[q_position(out.paired, k)] = static_cast<int8_t>(level);
-        sum += level;
-      }
-      out.scale[at] = amax / 127.0f;
-      out.sum[at] = sum;
-    }
-  }
   if (m < kGemmRows) return;
   out.steps = gemm_steps(w);
-  out.groups_per_step = std::max<int64_t>(block / kGroup, 1);
+  out.groups_per_step = std::max<int64_t>(w.block / kGroup, 1);
   out.step_scales.assign(static_cast<size_t>(m * out.steps * 8), 0.0f);
   out.scaled_sums.assign(static_cast<size_t>(m * out.row_blocks), 0.0f);
-  for (int64_t row = 0; row < m; ++row) {
-    const int64_t at = row * out.row_blocks;
-    step_lanes(w, &out.scale[at], &out.step_scales[row * out.steps * 8]);
-    for (int64_t b = 0; b < w.k_blocks; ++b) out.scaled_sums[at + b] = out.scale[at + b] * out.sum[at + b];
+}
+
+bool quantize_block(const float* x, int64_t count, int32_t* levels, float& scale, int32_t& sum) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < count; ++i) {
+    amax = std::max(amax, std::fabs(x[i]));
+    finite = finite && std::isfinite(x[i]);
   }
+  scale = 0.0f;
+  sum = 0;
+  if (!finite) return false;
+  if (amax == 0.0f) return true;
+  const float inverse = 127.0f / amax;
+  for (int64_t i = 0; i < count; ++i) {
+    levels[i] = static_cast<int32_t>(std::clamp(round_even(x[i] * inverse), -127.0f, 127.0f));
+    sum += levels[i];
+  }
+  scale = amax / 127.0f;
+  return true;
+}
+
+void set_block(int64_t row, int64_t b, bool finite, float scale, int32_t sum, QuantizedRows& out) {
+  const int64_t at = row * out.row_blocks + b;
+  out.scale[at] = finite ? scale : NAN;  // a block holding NaN or inf: its products are NaN, as a float matmul's
+  out.sum[at] = sum;
+}
+
+void finish_row(int64_t row, const BlockWeight& w, QuantizedRows& out) {
+  if (out.m < kGemmRows) return;
+  const int64_t at = row * out.row_blocks;
+  step_lanes(w, &out.scale[at], &out.step_scales[row * out.steps * 8]);
+  for (int64_t b = 0; b < w.k_blocks; ++b) out.scaled_sums[at + b] = out.scale[at + b] * out.sum[at + b];
+}
+
+void quantize_row_portable(const float* a, int64_t row, const BlockWeight& w, QuantizedRows& out) {
+  const float* x = a + row * w.k;
+  int8_t* q = out.q.data() + row * out.padded_k;
+  int32_t levels[kMaxBlock];
+  for (int64_t b = 0; b < w.k_blocks; ++b) {
+    const int64_t begin = b * w.block, count = std::min<int64_t>(w.block, w.k - begin);
+    float scale;
+    int32_t sum;
+    std::fill(levels, levels + count, 0);
+    const bool finite = quantize_block(x + begin, count, levels, scale, sum);
+    for (int64_t i = 0; i < count; ++i) q[q_position(out.paired, begin + i)] = static_cast<int8_t>(levels[i]);
+    set_block(row, b, finite, scale, sum, out);
+  }
+  finish_row(row, w, out);
 }
 
 int64_t gemm_steps(const BlockWeight& w) { return w.block < kGroup ? (w.k_blocks + 1) / 2 : w.k_blocks; }
@@ -105,7 +120,7 @@ void columns_portable(const BlockWeight& w, const QuantizedRows& a, int64_t n0, 
   }
 }
 
-ColumnKernel best_column_kernel(const char** name) {
+Kernels best_kernels() {
   // QCOMPILE_KERNELS_ISA asks for a slower kernel than the best (tests compare them on one machine).
   const char* wanted = std::getenv("QCOMPILE_KERNELS_ISA");
   const std::string choice = wanted ? wanted : "";
@@ -115,16 +130,11 @@ ColumnKernel best_column_kernel(const char** name) {
   const bool vnni = avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
                     __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   if (vnni && (choice.empty() || choice == "avx512vnni")) {
-    *name = "avx512vnni";
-    return columns_avx512vnni;
+    return {"avx512vnni", quantize_row_avx512vnni, columns_avx512vnni};
   }
-  if (avx2 && choice != "portable") {
-    *name = "avx2";
-    return columns_avx2;
-  }
+  if (avx2 && choice != "portable") return {"avx2", quantize_row_avx2, columns_avx2};
 #endif
-  *name = "portable";
-  return columns_portable;
+  return {"portable", quantize_row_portable, columns_portable};
 }
 
 }  // namespace qcompile

@@ -1,5 +1,5 @@
 // The x86 column kernel, included by one translation unit per instruction set, which defines
-//   COLUMNS                         the function's name
+//   COLUMNS, QUANTIZE_ROW           the functions' names
 //   dot_chunk(acc, w, q)            acc (8 x int32) + the products of 32 unsigned 4-bit levels w and 32 int8 q,
 //                                   summed in fours (lane i: bytes 4i .. 4i + 3)
 //   dot_chunk8(acc, w, q)           the same for 8-bit levels (0..255)
@@ -8,6 +8,7 @@
 // Blocks are taken eight at a time, one per lane, so that their scales, zero points and the rows' sums load as
 // vectors.
 #include <algorithm>
+#include <cfloat>
 #include <cstring>
 
 #include <immintrin.h>
@@ -363,7 +364,77 @@ void gemm_columns(const ColumnTile& tile, const QuantizedRows& a, int64_t n0, fl
   }
 }
 
+// `quantize_block` for a whole block (a multiple of 8 elements), 8 at a time, with the same arithmetic.
+bool quantize_whole_block(const float* x, int64_t count, int32_t* levels, float& scale, int32_t& sum) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 largest = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (int64_t i = 0; i < count; i += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + i), magnitude);
+    largest = _mm256_max_ps(largest, v);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, _mm256_set1_ps(FLT_MAX), _CMP_NLE_UQ));  // inf or NaN
+  }
+  scale = 0.0f;
+  sum = 0;
+  if (_mm256_movemask_ps(bad)) return false;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, largest);
+  const float amax = *std::max_element(lanes, lanes + 8);
+  if (amax == 0.0f) return true;
+  const __m256 inverse = _mm256_set1_ps(127.0f / amax), shift = _mm256_set1_ps(12582912.0f);  // round_even's
+  __m256i sums = _mm256_setzero_si256();
+  for (int64_t i = 0; i < count; i += 8) {
+    const __m256 rounded = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inverse), shift), shift);
+    const __m256i level = _mm256_cvttps_epi32(
+        _mm256_min_ps(_mm256_max_ps(rounded, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels + i), level);
+    sums = _mm256_add_epi32(sums, level);
+  }
+  alignas(32) int32_t parts[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(parts), sums);
+  for (int32_t part : parts) sum += part;
+  scale = amax / 127.0f;
+  return true;
+}
+
+// 32 levels (int32, within -127..127) as bytes in order.
+inline __m256i pack32(const int32_t* levels) {
+  const __m256i low = _mm256_packs_epi32(load(levels), load(levels + 8));
+  const __m256i high = _mm256_packs_epi32(load(levels + 16), load(levels + 24));
+  return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(low, high), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 }  // namespace
+
+void QUANTIZE_ROW(const float* a, int64_t row, const BlockWeight& w, QuantizedRows& out) {
+  thread_local std::vector<int32_t> levels;
+  levels.assign(static_cast<size_t>(out.padded_k), 0);
+  const float* x = a + row * w.k;
+  for (int64_t b = 0; b < w.k_blocks; ++b) {
+    const int64_t begin = b * w.block, count = std::min<int64_t>(w.block, w.k - begin);
+    float scale;
+    int32_t sum;
+    const bool finite = count == w.block ? quantize_whole_block(x + begin, count, &levels[begin], scale, sum)
+                                         : quantize_block(x + begin, count, &levels[begin], scale, sum);
+    if (!finite) std::fill_n(&levels[begin], count, 0);
+    set_block(row, b, finite, scale, sum, out);
+  }
+  int8_t* q = out.q.data() + row * out.padded_k;
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t g = 0; g * kGroup < w.k; ++g) {
+    __m256i first = pack32(&levels[g * kGroup]), second = pack32(&levels[g * kGroup + kGroup / 2]);
+    if (out.paired) {  // group_levels8's reordering: even elements, then odd ones
+      first = _mm256_shuffle_epi8(first, split);
+      second = _mm256_shuffle_epi8(second, split);
+      const __m256i even = _mm256_permute4x64_epi64(_mm256_unpacklo_epi64(first, second), 0xD8);
+      second = _mm256_permute4x64_epi64(_mm256_unpackhi_epi64(first, second), 0xD8);
+      first = even;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * kGroup), first);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * kGroup + kGroup / 2), second);
+  }
+  finish_row(row, w, out);
+}
 
 void COLUMNS(const BlockWeight& w, const QuantizedRows& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   if (a.m >= kGemmRows) {

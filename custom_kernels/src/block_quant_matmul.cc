@@ -14,7 +14,7 @@ namespace {
 
 struct Kernel {
   int64_t k = 0, n = 0, bits = 0, block = 0;
-  ColumnKernel columns = nullptr;
+  Kernels kernels{};
 };
 
 OrtStatus* attribute(const OrtKernelInfo* info, const char* name, int64_t& value) {
@@ -38,8 +38,7 @@ OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, 
   if (kernel.block != 32 && kernel.block != 64 && kernel.block != 128 && kernel.block != 256) {
     return fail("BlockQuantMatMul: block_size must be 32, 64, 128 or 256, got " + std::to_string(kernel.block));
   }
-  const char* isa = nullptr;
-  kernel.columns = best_column_kernel(&isa);
+  kernel.kernels = best_kernels();
   *out = new Kernel(kernel);
   return nullptr;
 }
@@ -49,14 +48,20 @@ constexpr int64_t kColumnsPerTask = 16;
 struct Job {
   const Kernel* kernel;
   const BlockWeight* weight;
-  const QuantizedRows* rows;
+  const float* a;
+  QuantizedRows* rows;
   float* y;
 };
+
+void quantize(void* data, size_t row) {
+  const Job& job = *static_cast<const Job*>(data);
+  job.kernel->kernels.quantize_row(job.a, static_cast<int64_t>(row), *job.weight, *job.rows);
+}
 
 void run_columns(void* data, size_t index) {
   const Job& job = *static_cast<const Job*>(data);
   const int64_t n0 = static_cast<int64_t>(index) * kColumnsPerTask;
-  job.kernel->columns(*job.weight, *job.rows, n0, std::min(n0 + kColumnsPerTask, job.weight->n), job.y,
+  job.kernel->kernels.columns(*job.weight, *job.rows, n0, std::min(n0 + kColumnsPerTask, job.weight->n), job.y,
                       job.weight->n);
 }
 
@@ -113,8 +118,9 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   QCOMPILE_RETURN_IF_ERROR(g_api->GetTensorMutableData(output, &y));
 
   thread_local QuantizedRows rows;
-  quantize_rows(x, m, weight, rows);
-  Job job{&kernel, &weight, &rows, static_cast<float*>(y)};
+  prepare_rows(m, weight, rows);
+  Job job{&kernel, &weight, x, &rows, static_cast<float*>(y)};
+  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, quantize, static_cast<size_t>(m), 0, &job));
   const size_t tasks = static_cast<size_t>((kernel.n + kColumnsPerTask - 1) / kColumnsPerTask);
   return g_api->KernelContext_ParallelFor(context, run_columns, tasks, 0, &job);
 }

@@ -68,3 +68,10 @@ def test_the_isas_of_a_cpu():
         ("avx512vnni", "avx2", "portable")
     assert kernels.cpu_isas("flags\t: fpu sse2 avx2 fma") == ("avx2", "portable")
     assert kernels.cpu_isas("") == ("portable",)
+
+
+def test_a_runtime_older_than_the_oldest_supported_is_refused_before_loading(kernels_library, tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "runtime_supported", lambda: False)
+    assert kernels.built_library() is None  # sessions do not register it
+    with pytest.raises(UsageError, match=r"needs ONNX Runtime 1\.20 or newer; this is"):
+        qcompile.session(_model_file(tmp_path))
