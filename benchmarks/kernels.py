@@ -3,6 +3,7 @@
 DynamicQuantizeMatMul and fp32 MatMul, one matmul at a time, in one run.
 
     .venv/bin/python benchmarks/kernels.py [--quick] [--rounds 7]
+    .venv/bin/python benchmarks/kernels.py --markdown RESULTS.json     # rewrite its .md
 
 Shapes: K = N = 4096 and SmolLM2-135M's (q/o 576x576, k/v 576x192, gate/up 576x1536, down 1536x576, head
 576x49152), M = 1 (one-token decode) and M = 128 (prefill), INT4 blocks of 32 and 128, symmetric, 2 threads.
@@ -18,6 +19,7 @@ import argparse
 import datetime
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -168,7 +170,8 @@ def markdown(doc: dict) -> str:
     machine = doc["machine"]
     lines = [f"# Kernel benchmark, {doc['date']}", "",
              f"{machine['cpu']}, {machine['cores']} cores, VNNI {', '.join(machine['vnni']) or 'none'}, onnxruntime "
-             f"{machine['onnxruntime']}, {doc['threads']} threads; qcompile's kernel path: {doc['kernel_path']}. "
+             f"{machine['onnxruntime']}, qcompile commit {machine['commit']}, {doc['threads']} threads; qcompile's "
+             f"kernel path: {doc['kernel_path']}. "
              f"Read bandwidth measured in the run: {doc['read_bandwidth_gbps']:.1f} GB/s. Milliseconds per matmul "
              f"(median), weights read from memory; `floor` = the INT4 weight's bytes (levels and scales) over "
              f"that bandwidth. Ratios: to qcompile's BlockQuantMatMul (`custom`).", "",
@@ -184,4 +187,8 @@ def markdown(doc: dict) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--markdown":  # rewrite a results file's .md from its .json
+        source = Path(sys.argv[2])
+        source.with_suffix(".md").write_text(markdown(json.loads(source.read_text())))
+        raise SystemExit(0)
     raise SystemExit(main())
