@@ -9,8 +9,9 @@ Shapes: K = N = 4096 and SmolLM2-135M's (q/o 576x576, k/v 576x192, gate/up 576x1
 576x49152), M = 1 (one-token decode) and M = 128 (prefill), INT4 blocks of 32 and 128, symmetric, 2 threads.
 Each model holds enough copies of its weight, one node each, that they do not fit the last-level cache together,
 so every node reads its weight from memory; a node's time is the model's divided by the copies. Configurations
-are timed in turns (medians of ``--rounds``; threads do not spin between runs, `qcompile.session.TIMING`). The read-bandwidth floor (the weight's bytes over the memory
-bandwidth measured in the same run by two threads reading 512 MB) is printed beside each. Results:
+are timed in turns (medians of ``--rounds``; threads do not spin between runs, `qcompile.session.TIMING`). The
+read-bandwidth floor (the weight's bytes over the memory bandwidth measured in the same run by two threads
+reading 512 MB) is printed beside each. Results:
 ``benchmarks/results/kernels-<date>-<machine>.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -97,7 +98,7 @@ def build(kind: str, k: int, n: int, block: int, folder: Path, rng: np.random.Ge
     graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])],
                               [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["m", n])
                                for i in range(copies)], initializers)
-    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("ai.qcompile", 1)]
+    opsets = [helper.make_opsetid(domain, 21 if domain == "" else 1) for domain in ("", "com.microsoft", "ai.qcompile")]
     path = folder / f"{kind}-{k}x{n}-b{block}.onnx"
     onnx.save(helper.make_model(graph, opset_imports=opsets), path, save_as_external_data=True,
               location=path.name + ".data")
@@ -129,8 +130,9 @@ def main() -> int:
 
     library = kernels.build()
     machine = int8.machine_info()
-    int8.say(f"kernel benchmark: {machine['cpu']}, {machine['cores']} cores, VNNI {', '.join(machine['vnni']) or 'none'}"
-             f", onnxruntime {machine['onnxruntime']}, qcompile kernel path {kernels.cpu_isas()[0]}; library {library}")
+    int8.say(f"kernel benchmark: {machine['cpu']}, {machine['cores']} cores, VNNI "
+             f"{', '.join(machine['vnni']) or 'none'}, onnxruntime {machine['onnxruntime']}, qcompile kernel path "
+             f"{kernels.cpu_isas()[0]}; library {library}")
     bandwidth = read_bandwidth()
     int8.say(f"read bandwidth (2 threads): {bandwidth / 1e9:.1f} GB/s")
     rng = np.random.default_rng(0)
@@ -175,8 +177,9 @@ def markdown(doc: dict) -> str:
              f"Read bandwidth measured in the run: {doc['read_bandwidth_gbps']:.1f} GB/s. Milliseconds per matmul "
              f"(median), weights read from memory; `floor` = the INT4 weight's bytes (levels and scales) over "
              f"that bandwidth. Ratios: to qcompile's BlockQuantMatMul (`custom`).", "",
-             "| shape | block | M | custom | floor | MatMulNBits acc 4 | MatMulNBits acc 0 | int8 DynamicQuantizeMatMul "
-             "| fp32 MatMul |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| shape | block | M | custom | floor | MatMulNBits acc 4 | MatMulNBits acc 0 "
+             "| int8 DynamicQuantizeMatMul | fp32 MatMul |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in doc["rows"]:
         ours = row["custom"]["ms"]
         cells = [f"{row[kind]['ms']:.3f} ({row[kind]['ms'] / ours:.2f}x)"

@@ -108,7 +108,8 @@ def decomposed_model(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
     constants = {"weight": weight, "shape_blocks": np.array([-1, k_blocks, block_size], np.int64),
                  "shape_rows": np.array([-1, padded], np.int64), "pads": np.array([0, 0, 0, padded - K], np.int64),
                  "rows_k": np.array([-1, K], np.int64), "axes": np.array([-1], np.int64),
-                 "top": np.array(127, np.float32), "zero": np.array(0, np.float32), "bottom": np.array(-127, np.float32)}
+                 "top": np.array(127, np.float32), "zero": np.array(0, np.float32),
+                 "bottom": np.array(-127, np.float32)}
     nodes = [
         helper.make_node("Shape", ["A"], ["a_shape"], end=-1),
         helper.make_node("Reshape", ["A", "rows_k"], ["rows"]),

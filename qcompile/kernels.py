@@ -118,7 +118,8 @@ def _headers() -> Path:
         unpacked.mkdir()
         with tarfile.open(tarballs[0]) as archive:
             for member in archive.getmembers():
-                if member.isfile() and (member.name.startswith(HEADERS_IN_PACKAGE) or member.name == LICENSE_IN_PACKAGE):
+                wanted = member.name.startswith(HEADERS_IN_PACKAGE) or member.name == LICENSE_IN_PACKAGE
+                if member.isfile() and wanted:
                     (unpacked / Path(member.name).name).write_bytes(archive.extractfile(member).read())
         os.replace(unpacked, folder)
     return folder

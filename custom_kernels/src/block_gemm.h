@@ -3,8 +3,9 @@
 //
 // Y[m, n] = sum over blocks b of  sw[n, b] * sa[m, b] * (sum_k qa[m, k] * w[n, k] - zp[n, b] * sum_k qa[m, k])
 // with w the unsigned stored levels (0..15 or 0..255), zp their zero point, qa = rint(a * 127 / max|a|) per
-// block of A's row. The integer sums are exact, and the blocks' terms are added in order by fused
-// multiply-adds, so every instruction set computes the same Y.
+// block of A's row. The integer sums are exact; the blocks' float terms are added in the same order by every
+// instruction set's one-row path (the same Y, bit for bit), in another by the GEMM paths (within float32
+// rounding).
 #pragma once
 
 #include <cstddef>
@@ -84,7 +85,6 @@ void columns_avx512vnni(const BlockWeight&, const QuantizedRows&, int64_t, int64
 #endif
 
 struct Kernels {
-  const char* name;
   RowQuantizer quantize_row;
   ColumnKernel columns;
 };

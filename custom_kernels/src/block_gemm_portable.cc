@@ -107,15 +107,18 @@ void columns_portable(const BlockWeight& w, const QuantizedRows& a, int64_t n0, 
     const uint8_t* column = w.column(n);
     for (int64_t m = 0; m < a.m; ++m) {
       const int8_t* q = a.q.data() + m * a.padded_k;
-      float lanes[8] = {};  // block b adds into lane b % 8, summed as the x86 kernels sum their vector's lanes
+      float lanes[8] = {};  // block b adds into lane b % 8, summed as the x86 one-row path sums its vector's lanes
       for (int64_t b = 0; b < w.k_blocks; ++b) {
         int32_t dot = 0;
-        for (int64_t k = b * block; k < (b + 1) * block; ++k) dot += stored_level(w, column, k) * q[q_position(a.paired, k)];
+        for (int64_t k = b * block; k < (b + 1) * block; ++k) {
+          dot += stored_level(w, column, k) * q[q_position(a.paired, k)];
+        }
         const int64_t at = m * a.row_blocks + b;
         dot -= w.zero_point(n, b) * a.sum[at];
         lanes[b % 8] = std::fma(static_cast<float>(dot), w.scales[n * w.k_blocks + b] * a.scale[at], lanes[b % 8]);
       }
-      y[m * ldy + n] = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+      y[m * ldy + n] =
+          ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
     }
   }
 }
@@ -130,11 +133,11 @@ Kernels best_kernels() {
   const bool vnni = avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
                     __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   if (vnni && (choice.empty() || choice == "avx512vnni")) {
-    return {"avx512vnni", quantize_row_avx512vnni, columns_avx512vnni};
+    return {quantize_row_avx512vnni, columns_avx512vnni};
   }
-  if (avx2 && choice != "portable") return {"avx2", quantize_row_avx2, columns_avx2};
+  if (avx2 && choice != "portable") return {quantize_row_avx2, columns_avx2};
 #endif
-  return {"portable", quantize_row_portable, columns_portable};
+  return {quantize_row_portable, columns_portable};
 }
 
 }  // namespace qcompile

@@ -440,7 +440,11 @@ void COLUMNS(const BlockWeight& w, const QuantizedRows& a, int64_t n0, int64_t n
   if (a.m >= kGemmRows) {
     thread_local ColumnTile tile;
     unpack_columns(w, a, n0, n1 - n0, tile);
-    w.bits == 4 ? gemm_columns<4, GEMM_COLUMNS>(tile, a, n0, y, ldy) : gemm_columns<8, GEMM_COLUMNS>(tile, a, n0, y, ldy);
+    if (w.bits == 4) {
+      gemm_columns<4, GEMM_COLUMNS>(tile, a, n0, y, ldy);
+    } else {
+      gemm_columns<8, GEMM_COLUMNS>(tile, a, n0, y, ldy);
+    }
     return;
   }
   const Dot4 dot4 = dot4_for(w.block);
