@@ -174,9 +174,11 @@ def cpu_isas(cpuinfo: str | None = None) -> tuple[str, ...]:
     return tuple(isa for isa in ISAS if _ISA_FLAGS[isa] <= flags)
 
 
-# (K, N, bits, block_size, symmetric, rows): odd sizes, short last blocks, both kernel paths (1 row, several).
+# BlockQuantMatMul (K, N, bits, block_size, symmetric, rows): odd sizes, short last blocks, both kernel paths
+# (1 row, several); OutlierSplitMatMul (K, N, rows, fixed outlier columns or None: detected at run time).
 CHECK_CASES = ((100, 13, 4, 32, True, 1), (576, 37, 4, 128, False, 5), (300, 21, 8, 64, False, 3),
                (1000, 19, 4, 64, True, 7), (96, 9, 8, 32, True, 1), (520, 11, 4, 256, False, 2))
+OUTLIER_CHECK_CASES = ((100, 13, 1, None), (576, 37, 6, None), (300, 21, 3, (0, 7, 299)))
 
 
 @dataclass(frozen=True)
@@ -196,26 +198,38 @@ def check(seed: int = 0) -> list[CheckResult]:
     instruction-set path this CPU has."""
     import numpy as np
 
-    from qcompile.ops import block_quant_matmul as op
+    from qcompile.ops import block_quant_matmul, outlier_split_matmul
     from qcompile.runtime import onnxruntime
 
     ort = onnxruntime()
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(require_library()))
     rng = np.random.default_rng(seed)
-    results = []
+    cases = []  # (description, model, input, expected output)
     for k, n, bits, block_size, symmetric, rows in CHECK_CASES:
         attributes = dict(K=k, N=n, bits=bits, block_size=block_size)
-        weight = op.random_weight(rng, symmetric=symmetric, **attributes)
-        model = op.make_model(*weight, **attributes).SerializeToString()
+        weight = block_quant_matmul.random_weight(rng, symmetric=symmetric, **attributes)
         a = rng.standard_normal((2, rows, k)).astype(np.float32)
-        expected = op.reference(a, *weight, **attributes)
-        case = f"K={k} N={n} {bits}-bit block {block_size} {'symmetric' if symmetric else 'zero points'}"
+        description = (f"BlockQuantMatMul K={k} N={n} {bits}-bit block {block_size} "
+                       f"{'symmetric' if symmetric else 'zero points'}")
+        cases.append((description, block_quant_matmul.make_model(*weight, **attributes), a,
+                      block_quant_matmul.reference(a, *weight, **attributes)))
+    for k, n, rows, columns in OUTLIER_CHECK_CASES:
+        weight = outlier_split_matmul.random_weight(rng, K=k, N=n)
+        a = rng.standard_normal((2, rows, k)).astype(np.float32)
+        a[..., k // 3] *= 30  # an outlier feature
+        cases.append((f"OutlierSplitMatMul K={k} N={n} {'fixed' if columns else 'detected'} outliers",
+                      outlier_split_matmul.make_model(*weight, columns, K=k, N=n), a,
+                      outlier_split_matmul.reference(a, *weight, columns, K=k, N=n)))
+    results = []
+    for description, model, a, expected in cases:
+        serialized = model.SerializeToString()
         for isa in cpu_isas():
             with _isa(isa):
-                got = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+                session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+                got = session.run(None, {"A": a})[0]
             error = float(np.abs(got - expected).max() / np.abs(expected).max())
-            results.append(CheckResult(case, isa, error, 1e-5))
+            results.append(CheckResult(description, isa, error, 1e-5))
     return results
 
 

@@ -123,6 +123,12 @@ void columns_portable(const BlockWeight& w, const QuantizedRows& a, int64_t n0, 
   }
 }
 
+int32_t byte_dot_portable(const uint8_t* w, const int8_t* q, int64_t count) {
+  int32_t dot = 0;
+  for (int64_t i = 0; i < count; ++i) dot += int32_t{w[i]} * q[i];
+  return dot;
+}
+
 Kernels best_kernels() {
   // QCOMPILE_KERNELS_ISA asks for a slower kernel than the best (tests compare them on one machine).
   const char* wanted = std::getenv("QCOMPILE_KERNELS_ISA");
@@ -133,11 +139,11 @@ Kernels best_kernels() {
   const bool vnni = avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
                     __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   if (vnni && (choice.empty() || choice == "avx512vnni")) {
-    return {quantize_row_avx512vnni, columns_avx512vnni};
+    return {quantize_row_avx512vnni, columns_avx512vnni, byte_dot_avx512vnni};
   }
-  if (avx2 && choice != "portable") return {quantize_row_avx2, columns_avx2};
+  if (avx2 && choice != "portable") return {quantize_row_avx2, columns_avx2, byte_dot_avx2};
 #endif
-  return {quantize_row_portable, columns_portable};
+  return {quantize_row_portable, columns_portable, byte_dot_portable};
 }
 
 }  // namespace qcompile

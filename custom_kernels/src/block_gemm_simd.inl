@@ -1,5 +1,5 @@
 // The x86 column kernel, included by one translation unit per instruction set, which defines
-//   COLUMNS, QUANTIZE_ROW           the functions' names
+//   COLUMNS, QUANTIZE_ROW, BYTE_DOT the functions' names
 //   dot_chunk(acc, w, q)            acc (8 x int32) + the products of 32 unsigned 4-bit levels w and 32 int8 q,
 //                                   summed in fours (lane i: bytes 4i .. 4i + 3)
 //   dot_chunk8(acc, w, q)           the same for 8-bit levels (0..255)
@@ -404,6 +404,16 @@ inline __m256i pack32(const int32_t* levels) {
 }
 
 }  // namespace
+
+int32_t BYTE_DOT(const uint8_t* w, const int8_t* q, int64_t count) {
+  __m256i acc = _mm256_setzero_si256();
+  for (int64_t i = 0; i < count; i += 32) acc = dot_chunk8(acc, load(w + i), load(q + i));
+  alignas(32) int32_t parts[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(parts), acc);
+  int32_t dot = 0;
+  for (int32_t part : parts) dot += part;
+  return dot;
+}
 
 void QUANTIZE_ROW(const float* a, int64_t row, const BlockWeight& w, QuantizedRows& out) {
   thread_local std::vector<int32_t> levels;

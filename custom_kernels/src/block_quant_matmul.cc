@@ -17,26 +17,20 @@ struct Kernel {
   Kernels kernels{};
 };
 
-OrtStatus* attribute(const OrtKernelInfo* info, const char* name, int64_t& value) {
-  if (OrtStatus* status = g_api->KernelInfoGetAttribute_int64(info, name, &value)) {
-    g_api->ReleaseStatus(status);
-    return fail(std::string("BlockQuantMatMul: attribute ") + name + " is missing");
-  }
-  return nullptr;
-}
+constexpr const char* kOp = "BlockQuantMatMul";
 
 OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) {
   Kernel kernel;
-  QCOMPILE_RETURN_IF_ERROR(attribute(info, "K", kernel.k));
-  QCOMPILE_RETURN_IF_ERROR(attribute(info, "N", kernel.n));
-  QCOMPILE_RETURN_IF_ERROR(attribute(info, "bits", kernel.bits));
-  QCOMPILE_RETURN_IF_ERROR(attribute(info, "block_size", kernel.block));
-  if (kernel.k < 1 || kernel.n < 1) return fail("BlockQuantMatMul: K and N must be positive");
+  QCOMPILE_RETURN_IF_ERROR(int_attribute(info, kOp, "K", kernel.k));
+  QCOMPILE_RETURN_IF_ERROR(int_attribute(info, kOp, "N", kernel.n));
+  QCOMPILE_RETURN_IF_ERROR(int_attribute(info, kOp, "bits", kernel.bits));
+  QCOMPILE_RETURN_IF_ERROR(int_attribute(info, kOp, "block_size", kernel.block));
+  if (kernel.k < 1 || kernel.n < 1) return fail(std::string(kOp) + ": K and N must be positive");
   if (kernel.bits != 4 && kernel.bits != 8) {
-    return fail("BlockQuantMatMul: bits must be 4 or 8, got " + std::to_string(kernel.bits));
+    return fail(std::string(kOp) + ": bits must be 4 or 8, got " + std::to_string(kernel.bits));
   }
   if (kernel.block != 32 && kernel.block != 64 && kernel.block != 128 && kernel.block != 256) {
-    return fail("BlockQuantMatMul: block_size must be 32, 64, 128 or 256, got " + std::to_string(kernel.block));
+    return fail(std::string(kOp) + ": block_size must be 32, 64, 128 or 256, got " + std::to_string(kernel.block));
   }
   kernel.kernels = best_kernels();
   *out = new Kernel(kernel);
@@ -65,40 +59,21 @@ void run_columns(void* data, size_t index) {
                       job.weight->n);
 }
 
-OrtStatus* expect(const OrtValue* value, const char* name, ONNXTensorElementDataType type, const char* type_name,
-                  int64_t size, TensorInfo& info) {
-  QCOMPILE_RETURN_IF_ERROR(tensor_info(value, info));
-  if (info.type != type) return fail(std::string("BlockQuantMatMul: ") + name + " must be " + type_name);
-  if (size >= 0 && info.size() != size) {
-    return fail(std::string("BlockQuantMatMul: ") + name + " has " + std::to_string(info.size()) +
-                " elements, expected " + std::to_string(size));
-  }
-  return nullptr;
-}
-
 OrtStatus* compute(void* state, OrtKernelContext* context) {
   const Kernel& kernel = *static_cast<const Kernel*>(state);
   const int64_t k_blocks = (kernel.k + kernel.block - 1) / kernel.block;
-  size_t inputs = 0;
-  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(context, &inputs));
-  const OrtValue* values[4] = {};
-  for (size_t i = 0; i < inputs && i < 4; ++i) {
-    QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &values[i]));
-  }
+  const OrtValue* values[4];
+  QCOMPILE_RETURN_IF_ERROR(node_inputs(context, values, 4));
   TensorInfo a, b, scales, zero_points;
-  QCOMPILE_RETURN_IF_ERROR(expect(values[0], "A", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32", -1, a));
-  if (a.shape.empty() || a.shape.back() != kernel.k) {
-    return fail("BlockQuantMatMul: A has shape " + shape_text(a.shape) + ", its last dimension must be K = " +
-                std::to_string(kernel.k));
-  }
-  QCOMPILE_RETURN_IF_ERROR(expect(values[1], "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "uint8",
+  QCOMPILE_RETURN_IF_ERROR(expect_activations(values[0], kOp, kernel.k, a));
+  QCOMPILE_RETURN_IF_ERROR(expect(values[1], kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "uint8",
                                   kernel.n * k_blocks * kernel.block * kernel.bits / 8, b));
-  QCOMPILE_RETURN_IF_ERROR(expect(values[2], "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32",
+  QCOMPILE_RETURN_IF_ERROR(expect(values[2], kOp, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32",
                                   kernel.n * k_blocks, scales));
   BlockWeight weight{kernel.k, kernel.n, k_blocks, static_cast<int>(kernel.bits), static_cast<int>(kernel.block),
                      nullptr, nullptr, nullptr};
   if (values[3] != nullptr) {
-    QCOMPILE_RETURN_IF_ERROR(expect(values[3], "zero_points", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+    QCOMPILE_RETURN_IF_ERROR(expect(values[3], kOp, "zero_points", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
                                     "uint8 (float zero points have no integer kernel)",
                                     kernel.n * ((k_blocks * kernel.bits + 7) / 8), zero_points));
     QCOMPILE_RETURN_IF_ERROR(tensor_data(values[3], &weight.zero_points));
@@ -107,19 +82,14 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   QCOMPILE_RETURN_IF_ERROR(tensor_data(values[2], &weight.scales));
   const float* x = nullptr;
   QCOMPILE_RETURN_IF_ERROR(tensor_data(values[0], &x));
-
-  std::vector<int64_t> shape = a.shape;
-  shape.back() = kernel.n;
-  OrtValue* output = nullptr;
-  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &output));
+  float* y = nullptr;
+  QCOMPILE_RETURN_IF_ERROR(output_like(context, a, kernel.n, &y));
   const int64_t m = a.size() / kernel.k;
   if (m == 0) return nullptr;
-  void* y = nullptr;
-  QCOMPILE_RETURN_IF_ERROR(g_api->GetTensorMutableData(output, &y));
 
   thread_local QuantizedRows rows;
   prepare_rows(m, weight, rows);
-  Job job{&kernel, &weight, x, &rows, static_cast<float*>(y)};
+  Job job{&kernel, &weight, x, &rows, y};
   QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, quantize, static_cast<size_t>(m), 0, &job));
   const size_t tasks = static_cast<size_t>((kernel.n + kColumnsPerTask - 1) / kColumnsPerTask);
   return g_api->KernelContext_ParallelFor(context, run_columns, tasks, 0, &job);
@@ -129,7 +99,7 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
 
 CustomOp block_quant_matmul_op() {
   CustomOp op;
-  op.name = "BlockQuantMatMul";
+  op.name = kOp;
   op.inputs = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8};
   op.optional_inputs = 1;

@@ -17,5 +17,6 @@ struct CustomOp {
 };
 
 CustomOp block_quant_matmul_op();
+CustomOp outlier_split_matmul_op();
 
 }  // namespace qcompile

@@ -59,4 +59,58 @@ inline std::string shape_text(const std::vector<int64_t>& shape) {
   return text + ")";
 }
 
+// Attribute `name` of node kind `op`, an error if missing.
+inline OrtStatus* int_attribute(const OrtKernelInfo* info, const char* op, const char* name, int64_t& value) {
+  if (OrtStatus* status = g_api->KernelInfoGetAttribute_int64(info, name, &value)) {
+    g_api->ReleaseStatus(status);
+    return fail(std::string(op) + ": attribute " + name + " is missing");
+  }
+  return nullptr;
+}
+
+// The node's inputs (up to `count`; an optional one left out is null).
+inline OrtStatus* node_inputs(OrtKernelContext* context, const OrtValue** values, size_t count) {
+  size_t given = 0;
+  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(context, &given));
+  for (size_t i = 0; i < count; ++i) values[i] = nullptr;
+  for (size_t i = 0; i < given && i < count; ++i) {
+    QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &values[i]));
+  }
+  return nullptr;
+}
+
+// Input `name` of node kind `op`: its type must be `type`, and its element count `size` (any where negative).
+inline OrtStatus* expect(const OrtValue* value, const char* op, const char* name, ONNXTensorElementDataType type,
+                         const char* type_name, int64_t size, TensorInfo& info) {
+  QCOMPILE_RETURN_IF_ERROR(tensor_info(value, info));
+  const std::string what = std::string(op) + ": " + name;
+  if (info.type != type) return fail(what + " must be " + type_name);
+  if (size >= 0 && info.size() != size) {
+    return fail(what + " has " + std::to_string(info.size()) + " elements, expected " + std::to_string(size));
+  }
+  return nullptr;
+}
+
+// Input A of node kind `op`: float32, its last dimension k.
+inline OrtStatus* expect_activations(const OrtValue* value, const char* op, int64_t k, TensorInfo& info) {
+  QCOMPILE_RETURN_IF_ERROR(expect(value, op, "A", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32", -1, info));
+  if (info.shape.empty() || info.shape.back() != k) {
+    return fail(std::string(op) + ": A has shape " + shape_text(info.shape) + ", its last dimension must be K = " +
+                std::to_string(k));
+  }
+  return nullptr;
+}
+
+// The output Y: A's shape with its last dimension N.
+inline OrtStatus* output_like(OrtKernelContext* context, const TensorInfo& a, int64_t n, float** y) {
+  std::vector<int64_t> shape = a.shape;
+  shape.back() = n;
+  OrtValue* output = nullptr;
+  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &output));
+  void* data = nullptr;
+  QCOMPILE_RETURN_IF_ERROR(g_api->GetTensorMutableData(output, &data));
+  *y = static_cast<float*>(data);
+  return nullptr;
+}
+
 }  // namespace qcompile

@@ -1,0 +1,168 @@
+// ai.qcompile.OutlierSplitMatMul (LLM.int8()): Y (..., N) = A (..., K) times an INT8 weight (N, K) stored + 128,
+// the outlier columns of A (given, or detected: max |A[.., k]| > threshold) in float with their dequantized weight
+// rows, the rest quantized to int8 per row and multiplied on integer instructions (ops/outlier_split_matmul.py).
+// Attributes K, N, threshold (default 6.0); inputs A (float), B (uint8), scales (float), outlier_columns (int64,
+// optional).
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "block_gemm.h"
+#include "ops.h"
+#include "ort_api.h"
+
+namespace qcompile {
+
+namespace {
+
+constexpr const char* kOp = "OutlierSplitMatMul";
+constexpr int64_t kChunk = 32;  // bytes `ByteDot` takes at a time
+constexpr int64_t kColumnsPerTask = 16;
+
+struct Kernel {
+  int64_t k = 0, n = 0;
+  float threshold = 6.0f;
+  Kernels kernels{};
+};
+
+OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) {
+  Kernel kernel;
+  QCOMPILE_RETURN_IF_ERROR(int_attribute(info, kOp, "K", kernel.k));
+  QCOMPILE_RETURN_IF_ERROR(int_attribute(info, kOp, "N", kernel.n));
+  if (OrtStatus* status = g_api->KernelInfoGetAttribute_float(info, "threshold", &kernel.threshold)) {
+    g_api->ReleaseStatus(status);  // not given: the default
+  }
+  if (kernel.k < 1 || kernel.n < 1) return fail(std::string(kOp) + ": K and N must be positive");
+  if (!(kernel.threshold > 0.0f)) return fail(std::string(kOp) + ": threshold must be positive");
+  kernel.kernels = best_kernels();
+  *out = new Kernel(kernel);
+  return nullptr;
+}
+
+// A's rows without their outlier columns, quantized per row: levels (m, padded_k), scale and level sum per row.
+struct Rows {
+  int64_t padded_k = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> sum;
+};
+
+struct Job {
+  const Kernel* kernel;
+  const float* a;
+  const uint8_t* b;
+  const float* scales;
+  const std::vector<int64_t>* outliers;
+  Rows* rows;
+  int64_t m;
+  float* y;
+};
+
+void quantize(void* data, size_t index) {
+  const Job& job = *static_cast<const Job*>(data);
+  const int64_t k = job.kernel->k, row = static_cast<int64_t>(index);
+  const float* x = job.a + row * k;
+  std::vector<float> rest(x, x + k);
+  for (int64_t column : *job.outliers) rest[column] = 0.0f;
+  thread_local std::vector<int32_t> levels;
+  levels.assign(static_cast<size_t>(k), 0);
+  float scale;
+  int32_t sum;
+  const bool finite = quantize_block(rest.data(), k, levels.data(), scale, sum);
+  Rows& rows = *job.rows;
+  int8_t* q = rows.q.data() + row * rows.padded_k;
+  for (int64_t i = 0; i < k; ++i) q[i] = static_cast<int8_t>(levels[i]);
+  rows.scale[row] = finite ? scale : NAN;
+  rows.sum[row] = sum;
+}
+
+void run_columns(void* data, size_t index) {
+  const Job& job = *static_cast<const Job*>(data);
+  const int64_t k = job.kernel->k, n_total = job.kernel->n, whole = k / kChunk * kChunk;
+  const Rows& rows = *job.rows;
+  const int64_t n0 = static_cast<int64_t>(index) * kColumnsPerTask, n1 = std::min(n0 + kColumnsPerTask, n_total);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = job.b + n * k;
+    const float scale = job.scales[n];
+    for (int64_t m = 0; m < job.m; ++m) {
+      const int8_t* q = rows.q.data() + m * rows.padded_k;
+      int32_t dot = job.kernel->kernels.byte_dot(w, q, whole);
+      for (int64_t i = whole; i < k; ++i) dot += int32_t{w[i]} * q[i];  // the last bytes of the row
+      float y = static_cast<float>(dot - 128 * rows.sum[m]) * (rows.scale[m] * scale);
+      const float* x = job.a + m * k;
+      for (int64_t column : *job.outliers) y += x[column] * (static_cast<float>(int32_t{w[column]} - 128) * scale);
+      job.y[m * n_total + n] = y;
+    }
+  }
+}
+
+OrtStatus* compute(void* state, OrtKernelContext* context) {
+  const Kernel& kernel = *static_cast<const Kernel*>(state);
+  const OrtValue* values[4];
+  QCOMPILE_RETURN_IF_ERROR(node_inputs(context, values, 4));
+  TensorInfo a, b, scales, columns;
+  QCOMPILE_RETURN_IF_ERROR(expect_activations(values[0], kOp, kernel.k, a));
+  QCOMPILE_RETURN_IF_ERROR(expect(values[1], kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "uint8",
+                                  kernel.n * kernel.k, b));
+  QCOMPILE_RETURN_IF_ERROR(expect(values[2], kOp, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32",
+                                  kernel.n, scales));
+  Job job{&kernel, nullptr, nullptr, nullptr, nullptr, nullptr, 0, nullptr};
+  QCOMPILE_RETURN_IF_ERROR(tensor_data(values[0], &job.a));
+  QCOMPILE_RETURN_IF_ERROR(tensor_data(values[1], &job.b));
+  QCOMPILE_RETURN_IF_ERROR(tensor_data(values[2], &job.scales));
+  QCOMPILE_RETURN_IF_ERROR(output_like(context, a, kernel.n, &job.y));
+  job.m = a.size() / kernel.k;
+  if (job.m == 0) return nullptr;
+
+  std::vector<int64_t> outliers;
+  if (values[3] != nullptr) {  // fixed at calibration
+    QCOMPILE_RETURN_IF_ERROR(expect(values[3], kOp, "outlier_columns", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
+                                    "int64", -1, columns));
+    const int64_t* given = nullptr;
+    QCOMPILE_RETURN_IF_ERROR(tensor_data(values[3], &given));
+    outliers.assign(given, given + columns.size());
+  } else {  // the columns whose largest magnitude over the rows passes the threshold
+    std::vector<float> largest(static_cast<size_t>(kernel.k), 0.0f);
+    for (int64_t m = 0; m < job.m; ++m) {
+      const float* x = job.a + m * kernel.k;
+      for (int64_t i = 0; i < kernel.k; ++i) largest[i] = std::max(largest[i], std::fabs(x[i]));
+    }
+    for (int64_t i = 0; i < kernel.k; ++i) {
+      if (largest[i] > kernel.threshold) outliers.push_back(i);
+    }
+  }
+  std::sort(outliers.begin(), outliers.end());
+  outliers.erase(std::unique(outliers.begin(), outliers.end()), outliers.end());
+  if (!outliers.empty() && (outliers.front() < 0 || outliers.back() >= kernel.k)) {
+    return fail(std::string(kOp) + ": outlier_columns must lie in [0, K = " + std::to_string(kernel.k) + ")");
+  }
+  job.outliers = &outliers;
+
+  thread_local Rows rows;
+  rows.padded_k = (kernel.k + kChunk - 1) / kChunk * kChunk;
+  rows.q.assign(static_cast<size_t>(job.m * rows.padded_k), 0);
+  rows.scale.assign(static_cast<size_t>(job.m), 0.0f);
+  rows.sum.assign(static_cast<size_t>(job.m), 0);
+  job.rows = &rows;
+  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, quantize, static_cast<size_t>(job.m), 0, &job));
+  const size_t tasks = static_cast<size_t>((kernel.n + kColumnsPerTask - 1) / kColumnsPerTask);
+  return g_api->KernelContext_ParallelFor(context, run_columns, tasks, 0, &job);
+}
+
+}  // namespace
+
+CustomOp outlier_split_matmul_op() {
+  CustomOp op;
+  op.name = kOp;
+  op.inputs = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64};
+  op.optional_inputs = 1;
+  op.outputs = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  op.create = create;
+  op.compute = compute;
+  op.destroy = [](void* state) { delete static_cast<Kernel*>(state); };
+  return op;
+}
+
+}  // namespace qcompile
