@@ -239,6 +239,8 @@ def int4_configurations() -> list[Config]:
                            "activation_type": "QFLOAT8E4M3FN", "weight_type": "QFLOAT8E4M3FN"}))
     configs.append(Config("qc-w8a8-smoothquant", "qcompile", "qcompile w8a8-smoothquant",
                           {"recipe": "w8a8-smoothquant", "calib": True, "options": {}}))
+    configs.append(Config("qc-llm-int8", "qcompile", "qcompile llm-int8 (qcompile's OutlierSplitMatMul, threshold 6)",
+                          {"recipe": "llm-int8", "calib": False, "options": {}}))
     return configs
 
 
@@ -1246,7 +1248,8 @@ def main(argv: list[str] | None = None, family: str = "int8") -> int:
     if not chosen and args.configs:
         parser.error(f"--configs {args.configs}: matches none of the configurations (see --list)")
 
-    if any(c.params.get("options", {}).get("kernel") == "custom" for c in chosen):
+    if any(c.params.get("options", {}).get("kernel") == "custom" or c.params.get("recipe") == "llm-int8"
+           for c in chosen):
         from qcompile import kernels
 
         say(f"  custom-op library: {kernels.build()}")

@@ -10,7 +10,7 @@ RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "QLinearConv",
                 "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulBnb4",
-                "BlockQuantMatMul", *RECURRENT_OPS}
+                "BlockQuantMatMul", "OutlierSplitMatMul", *RECURRENT_OPS}
 # Ops storing their weight as MatMulNBits does (`_nbits_precision`).
 NBITS_OPS = ("MatMulNBits", "BlockQuantMatMul")
 DEQUANTIZE_OPS = {"DequantizeLinear"}
@@ -100,10 +100,14 @@ def layer_precisions(model: ir.Model) -> list[dict]:
             activation = "uint8-dynamic"
         if node.op_type == "BlockQuantMatMul":
             activation = "int8-blocks"  # quantized per block at run time
+        if node.op_type == "OutlierSplitMatMul":
+            activation = "int8-rows+fp32-outliers"
         weight_input = QLINEAR_WEIGHT_INPUT.get(node.op_type, 1)
         operand = node.inputs[weight_input] if len(node.inputs) > weight_input else None
         if node.op_type == "MatMulBnb4":
             weight = {0: "fp4", 1: "nf4"}.get(node.attributes.get_int("quant_type", 1), "?")
+        elif node.op_type == "OutlierSplitMatMul":
+            weight = "int8"  # stored + 128
         else:
             weight = _nbits_precision(node) if node.op_type in NBITS_OPS else _operand_precision(operand)
         precision = (f"a:{activation} x a:{weight}" if operand is not None and not _stored(operand)

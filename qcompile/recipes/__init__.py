@@ -24,10 +24,10 @@ FAMILIES = {
     "w4a16-awq": "int4",
     "nf4": "int4",
     "fp8": "fp8",
+    "llm-int8": "llm_int8",
 }
 # Recipes in the interface (INTERFACE.md) that are not built yet.
 PLANNED = {
-    "llm-int8": "LLM.int8(): outlier input channels kept in float, the rest INT8",
     "auto": "per-layer mixed precision chosen by measured sensitivity",
 }
 

@@ -98,7 +98,7 @@ def test_dump_after_writes_the_intermediate_model(cnn_file, tmp_path):
     (["compile", "{missing}", "-o", "{out}"], "no such file"),
     (["compile", "{garbage}", "-o", "{out}"], "not an ONNX model"),
     (["compile", "{cnn}", "-o", "{out}", "--recipe", "nope"], "unknown recipe 'nope'"),
-    (["compile", "{cnn}", "-o", "{out}", "--recipe", "llm-int8"], "planned but not built yet"),
+    (["compile", "{cnn}", "-o", "{out}", "--recipe", "auto"], "planned but not built yet"),
     (["compile", "{cnn}", "-o", "{out}", "--option", "alpha=0.5"], "has no option 'alpha'"),
     (["compile", "{cnn}", "-o", "{out}", "--option", "per_channel=maybe"], "expected true or false"),
     (["compile", "{cnn}", "-o", "{tmp}/no/such/dir/o.onnx"], "does not exist"),
@@ -174,7 +174,7 @@ def test_recipes_name_prints_its_pass_list_and_typed_options(capsys):
              "correct-bias", "quantize-weights", "insert-qdq", "fold-qdq"]
     positions = [shown.index(name) for name in order]
     assert positions == sorted(positions)
-    assert main(["recipes", "llm-int8"]) == 2
+    assert main(["recipes", "auto"]) == 2
     assert "planned but not built yet" in _error_line(capsys)
 
 
