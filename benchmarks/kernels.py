@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Kernel benchmark: qcompile's BlockQuantMatMul next to ONNX Runtime's MatMulNBits (accuracy_level 4 and 0), int8
-DynamicQuantizeMatMul and fp32 MatMul, one matmul at a time, in one run.
+DynamicQuantizeMatMul and fp32 MatMul, and qcompile's OutlierSplitMatMul (LLM.int8()) next to DynamicQuantizeMatMul
+and its own standard-ONNX equivalent, one matmul at a time, in one run.
 
     .venv/bin/python benchmarks/kernels.py [--quick] [--rounds 7]
     .venv/bin/python benchmarks/kernels.py --markdown RESULTS.json     # rewrite its .md
@@ -67,6 +68,9 @@ def _weights(kind: str, k: int, n: int, block: int, rng: np.random.Generator) ->
     if kind == "int8":
         arrays = [rng.integers(-127, 128, (k, n), dtype=np.int8), rng.uniform(0.01, 0.02, n).astype(np.float32)]
         return arrays, {}, sum(a.nbytes for a in arrays)
+    if kind == "outlier-split":
+        arrays = [rng.integers(1, 256, (n, k), dtype=np.uint8), rng.uniform(0.01, 0.02, n).astype(np.float32)]
+        return arrays, {"K": k, "N": n, "threshold": 6.0}, sum(a.nbytes for a in arrays)
     arrays = [rng.integers(0, 256, (n, k_blocks, block // 2), dtype=np.uint8),
               rng.uniform(0.01, 0.02, n * k_blocks).astype(np.float32)]
     return arrays, {"K": k, "N": n, "bits": 4, "block_size": block}, sum(a.nbytes for a in arrays)
@@ -80,6 +84,8 @@ def _node(kind: str, i: int, attributes: dict) -> onnx.NodeProto:
         return helper.make_node("DynamicQuantizeMatMul", inputs, [f"y{i}"], domain="com.microsoft")
     if kind == "custom":
         return helper.make_node("BlockQuantMatMul", inputs, [f"y{i}"], domain="ai.qcompile", **attributes)
+    if kind == "outlier-split":
+        return helper.make_node("OutlierSplitMatMul", inputs, [f"y{i}"], domain="ai.qcompile", **attributes)
     level = {"nbits-acc4": 4, "nbits-acc0": 0}[kind]
     return helper.make_node("MatMulNBits", inputs, [f"y{i}"], domain="com.microsoft", accuracy_level=level,
                             **attributes)
@@ -87,7 +93,15 @@ def _node(kind: str, i: int, attributes: dict) -> onnx.NodeProto:
 
 def build(kind: str, k: int, n: int, block: int, folder: Path, rng: np.random.Generator) -> tuple[Path, int, int]:
     """A model of ``copies`` nodes of ``kind``, each on a weight of its own (random, so that no runtime can share
-    them): (path, copies, bytes per node)."""
+    them): (path, copies, bytes per node). `outlier-decomposed`: OutlierSplitMatMul's standard-ONNX equivalent,
+    one copy (its weight is float: large enough)."""
+    path = folder / f"{kind}-{k}x{n}-b{block}.onnx"
+    if kind == "outlier-decomposed":
+        from qcompile.ops import outlier_split_matmul
+
+        b, scales = outlier_split_matmul.random_weight(rng, K=k, N=n)
+        onnx.save(outlier_split_matmul.decomposed_model(b, scales, K=k, N=n), path)
+        return path, 1, k * n * 4
     arrays, attributes, nbytes = _weights(kind, k, n, block, rng)
     copies = max(2, -(-STREAM_BYTES // nbytes))
     nodes, initializers = [], []
@@ -99,7 +113,6 @@ def build(kind: str, k: int, n: int, block: int, folder: Path, rng: np.random.Ge
                               [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["m", n])
                                for i in range(copies)], initializers)
     opsets = [helper.make_opsetid(domain, 21 if domain == "" else 1) for domain in ("", "com.microsoft", "ai.qcompile")]
-    path = folder / f"{kind}-{k}x{n}-b{block}.onnx"
     onnx.save(helper.make_model(graph, opset_imports=opsets), path, save_as_external_data=True,
               location=path.name + ".data")
     return path, copies, nbytes
@@ -137,17 +150,21 @@ def main() -> int:
     int8.say(f"read bandwidth (2 threads): {bandwidth / 1e9:.1f} GB/s")
     rng = np.random.default_rng(0)
     rows = []
-    kinds = ("custom", "nbits-acc4", "nbits-acc0", "int8", "fp32")
+    int4_kinds = ("custom", "nbits-acc4", "nbits-acc0", "int8", "fp32")
+    outlier_kinds = ("outlier-split", "outlier-decomposed")  # LLM.int8(): no blocks, timed with the first block
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         k, n = SHAPES[shape]
         for block in (32,) if args.quick else (32, 128):
+            kinds = int4_kinds + (outlier_kinds if block == 32 else ())
             with tempfile.TemporaryDirectory() as folder:
                 built = {kind: build(kind, k, n, block, Path(folder), rng) for kind in kinds}
                 sessions = {kind: qcompile.session(path, threads=THREADS, config=TIMING)
                             for kind, (path, _, _) in built.items()}
                 for m in (1, 128):
                     a = rng.standard_normal((m, k)).astype(np.float32)
-                    seconds = time_interleaved(sessions, {kind: {"A": a} for kind in kinds}, args.rounds)
+                    a[:, rng.choice(k, size=max(k // 500, 1), replace=False)] *= 20  # LLM.int8()'s outlier features
+                    feeds = {kind: {"A": a[None] if kind == "outlier-decomposed" else a} for kind in kinds}
+                    seconds = time_interleaved(sessions, feeds, args.rounds)
                     row = {"shape": shape, "k": k, "n": n, "block": block, "m": m}
                     for kind, (_, copies, nbytes) in built.items():
                         row[kind] = {"ms": seconds[kind] / copies * 1e3, "bytes": nbytes,
@@ -186,6 +203,18 @@ def markdown(doc: dict) -> str:
                  for kind in ("nbits-acc4", "nbits-acc0", "int8", "fp32")]
         lines.append(f"| {row['shape']} | {row['block']} | {row['m']} | {ours:.3f} | "
                      f"{row['custom']['floor_ms']:.3f} | " + " | ".join(cells) + " |")
+    outliers = [row for row in doc["rows"] if "outlier-split" in row]
+    if outliers:
+        lines += ["", "LLM.int8(): qcompile's OutlierSplitMatMul (threshold 6; 1 in 500 input features 20x larger, "
+                      "so found as outliers), against int8 DynamicQuantizeMatMul and the op's standard-ONNX "
+                      "equivalent (`decomposed`, float weight, one copy). Ratios: to OutlierSplitMatMul.", "",
+                  "| shape | M | OutlierSplitMatMul | int8 DynamicQuantizeMatMul | decomposed | fp32 MatMul |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for row in outliers:
+            ours = row["outlier-split"]["ms"]
+            cells = [f"{row[kind]['ms']:.3f} ({row[kind]['ms'] / ours:.2f}x)"
+                     for kind in ("int8", "outlier-decomposed", "fp32")]
+            lines.append(f"| {row['shape']} | {row['m']} | {ours:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

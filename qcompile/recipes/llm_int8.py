@@ -1,11 +1,11 @@
 """`llm-int8`: LLM.int8() (Dettmers et al. 2022). Every MatMul / Gemm weight INT8, symmetric, one scale per output
 channel; at run time the input features whose magnitude passes ``threshold`` (the outliers, which in LLMs are a
 few features thousands of times the median's) are multiplied in float, the rest quantized per row to INT8 and
-multiplied on integer instructions: qcompile's `OutlierSplitMatMul` (``kernel=custom``, ort-cpu). Embedding
-tables INT8 rows, as in the other recipes. No calibration data.
+multiplied on integer instructions: qcompile's `OutlierSplitMatMul` (``kernel=custom``, ort-cpu), or the same
+arithmetic in standard ONNX ops (``kernel=decomposed``: portable, TensorRT, and ort-cuda until the library has
+CUDA kernels; far slower). Embedding tables INT8 rows, as in the other recipes. No calibration data.
 
-Not built yet: columns fixed at calibration (the op takes them; no pass chooses them), and the standard-ONNX
-lowering for portable and TensorRT (`qcompile.ops.outlier_split_matmul.decomposed_model` is its reference).
+Not built yet: columns fixed at calibration (the op takes them; no pass chooses them).
 """
 from __future__ import annotations
 
@@ -24,15 +24,16 @@ from qcompile.recipes.base import Recipe, Settings, option
 from qcompile.recipes.canonical import canonicalize
 from qcompile.recipes.embeddings import assign_embedding_specs, embeddings_option, gather_rows, untie
 
-KERNELS = ("auto", "custom")
+KERNELS = ("auto", "custom", "decomposed")
 
 
 @dataclass(frozen=True)
 class LLMInt8Options:
     threshold: float = option(6.0, "input features whose magnitude passes it in a call are multiplied in float "
                                    "(LLM.int8()'s 6.0)")
-    kernel: str = option("auto", "custom (qcompile's OutlierSplitMatMul, ort-cpu, after `qcompile kernels build`); "
-                                 "auto: custom. No standard-ONNX lowering yet")
+    kernel: str = option("auto", "custom (qcompile's OutlierSplitMatMul, ort-cpu, after `qcompile kernels build`), "
+                                 "decomposed (the same in standard ONNX ops: slow), auto (custom where the target "
+                                 "has it)")
     embeddings: bool = embeddings_option()
 
 
@@ -42,16 +43,19 @@ def _llm_int8(settings: Settings) -> list[ir.passes.PassBase]:
         raise UsageError(f"option threshold: expected a positive magnitude, got {options.threshold}")
     if options.kernel not in KERNELS:
         raise UsageError(f"option kernel: expected one of {', '.join(KERNELS)}, got {options.kernel!r}")
-    if kernels.DOMAIN not in settings.target.custom_op_domains:
-        raise UsageError(f"recipe llm-int8 runs on qcompile's custom-op library, which has no kernels for "
-                         f"{settings.target.summary} yet (CPU only: --target ort-cpu)")
-    kernels.require_library()
+    has_kernels = kernels.DOMAIN in settings.target.custom_op_domains
+    decomposed = options.kernel == "decomposed" or (options.kernel == "auto" and not has_kernels)
+    if not decomposed:
+        if not has_kernels:
+            raise UsageError(f"option kernel=custom: qcompile's custom-op library has no kernels for "
+                             f"{settings.target.summary} (CPU only so far); use kernel=decomposed")
+        kernels.require_library()
     return [
         *canonicalize(PER_CHANNEL_OPSET),
         *untie(settings),
         AssignWeightSpecsPass(WeightSpecOptions(exclude=settings.excluded, op_types=("MatMul", "Gemm"))),
         *assign_embedding_specs(settings),
-        LowerOutlierSplitMatMulPass(OutlierSplitOptions(options.threshold)),
+        LowerOutlierSplitMatMulPass(OutlierSplitOptions(options.threshold, decomposed)),
         QuantizeWeightsPass(),  # the embedding tables
         *gather_rows(settings),
         EliminateDeadCodePass(),

@@ -8,6 +8,8 @@ from qcompile.errors import UsageError
 from qcompile.inspection import describe
 from qcompile.io import save_model
 from qcompile.models import synthetic
+from qcompile.target_check import target_problems
+from qcompile.targets import TARGETS
 from qcompile.verify import worst_sqnr_db
 from tests.helpers import parse, random_feed, run
 
@@ -46,10 +48,22 @@ def test_an_outlier_feature_costs_less_than_with_one_scale_per_row(tmp_path, ker
     assert worst_sqnr_db(expected, split) > worst_sqnr_db(expected, plain) + 8  # 43 dB against 33 here
 
 
+@pytest.mark.parametrize("target", ["portable", "tensorrt", "ort-cpu"])
+def test_standard_onnx_ops_compute_the_same(block, kernels_library, target):
+    custom = qcompile.compile(block, recipe="llm-int8").model
+    decomposed = qcompile.compile(block, recipe="llm-int8", target=target, options={"kernel": "decomposed"}).model
+    assert "ai.qcompile" not in decomposed.opset_imports and not describe(decomposed)["custom_op_library"]
+    assert target_problems(decomposed, TARGETS[target]) == []
+    feed = random_feed(custom)
+    feed["x"][..., 5] *= 30
+    for got, expected in zip(run(decomposed, feed), run(custom, feed), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("target, options, message", [
     ("ort-cpu", {"threshold": 0}, "threshold: expected a positive magnitude"),
-    ("ort-cpu", {"kernel": "decomposed"}, "kernel: expected one of auto, custom"),
-    ("tensorrt", {}, "no kernels for TensorRT yet"),
+    ("ort-cpu", {"kernel": "qnn"}, "kernel: expected one of auto, custom, decomposed"),
+    ("tensorrt", {"kernel": "custom"}, "no kernels for TensorRT"),
 ])
 def test_what_it_cannot_do_is_a_usage_error(block, target, options, message):
     with pytest.raises(UsageError, match=message):
