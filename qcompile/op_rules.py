@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from qcompile.decisions import QUANT_SPEC_KEY, IntegerGrid, PerAxis, QuantSpec
+
 # QuantizeLinear / DequantizeLinear exist from opset 10, and take 16-bit integers from opset 21.
 MIN_OPSET_QDQ = 10
 MIN_OPSET_16BIT_QDQ = 21
@@ -109,3 +111,17 @@ def reduction_axis(node: ir.Node) -> int | None:
             and node.attributes.get_float("alpha", 1.0) == 1.0 and node.attributes.get_float("beta", 1.0) == 1.0:
         return 1 if node.attributes.get_int("transB", 0) else 0
     return None
+
+
+def int8_channel_layers(model: ir.Model) -> list[tuple[ir.Node, int]]:
+    """LLM.int8()'s layers: MatMul / Gemm nodes of the main graph whose constant 2-D weight carries a symmetric 8-bit
+    spec with one scale per output channel, each with its weight's `reduction_axis`."""
+    layers = []
+    for node in model.graph:
+        axis = reduction_axis(node)
+        spec = node.inputs[1].meta.get(QUANT_SPEC_KEY) if axis is not None else None
+        if isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerAxis) and spec.granularity.axis != axis \
+                and isinstance(spec.grid, IntegerGrid) and spec.grid.bits == 8 and spec.symmetric \
+                and node.inputs[1].const_value is not None:
+            layers.append((node, axis))
+    return layers

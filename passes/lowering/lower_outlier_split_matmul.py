@@ -3,7 +3,8 @@
 standard ONNX ops (``decomposed``: portable, TensorRT).
 
 For the op the weight is stored as it takes it: its levels + 128 as uint8, one row of K per output channel, and
-the channel scales; the activations' outlier columns are found at run time by ``threshold``. The model's
+the channel scales; the activations' outlier columns are found at run time by ``threshold``, or, where
+`choose-outlier-columns` fixed them on calibration data (`OUTLIER_COLUMNS_KEY` on the layer's input), given. The model's
 metadata names the library it needs. Decomposed, the weight stays INT8 (K, N) in the file, decoded by Cast and
 Mul (ONNX Runtime folds them when the session starts; a DequantizeLinear in front of the MatMul would be fused
 with it at ONNX Runtime's default optimization level into an integer op that quantizes the activations again:
@@ -20,9 +21,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import kernels
-from qcompile.decisions import QUANT_SPEC_KEY, IntegerGrid, PerAxis, QuantSpec
+from qcompile.decisions import OUTLIER_COLUMNS_KEY, QUANT_SPEC_KEY
 from qcompile.graph import register_constant
-from qcompile.op_rules import reduction_axis
+from qcompile.op_rules import int8_channel_layers
 from qcompile.ops import outlier_split_matmul
 from qcompile.passes.lowering.lower_matmul_nbits import replace_layer
 
@@ -31,12 +32,6 @@ from qcompile.passes.lowering.lower_matmul_nbits import replace_layer
 class OutlierSplitOptions:
     threshold: float = outlier_split_matmul.DEFAULT_THRESHOLD
     decomposed: bool = False  # standard ONNX ops instead of qcompile's op
-
-
-def _is_int8_per_channel(spec, axis: int) -> bool:
-    """An 8-bit symmetric spec with one scale per output channel (the axis other than K)."""
-    return isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerAxis) and spec.granularity.axis != axis \
-        and isinstance(spec.grid, IntegerGrid) and spec.grid.bits == 8 and spec.symmetric
 
 
 class LowerOutlierSplitMatMulPass(ir.passes.InPlacePass):
@@ -51,21 +46,24 @@ class LowerOutlierSplitMatMulPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         stored: dict[ir.Value, tuple[list[ir.Value], int, int]] = {}  # weight -> its op inputs, K, N
-        for node in list(graph):
-            axis = reduction_axis(node)
-            weight = node.inputs[1] if axis is not None else None
-            if weight is None or weight.const_value is None or weight.const_value.numpy().ndim != 2 or \
-                    not _is_int8_per_channel(weight.meta.get(QUANT_SPEC_KEY), axis):
-                continue
+        fixed: dict[ir.Value, ir.Value] = {}  # layer input -> its outlier columns, where fixed
+        layers = int8_channel_layers(model)
+        layer_inputs = [node.inputs[0] for node, _ in layers]
+        for node, axis in layers:
+            weight, x = node.inputs[1], node.inputs[0]
             if weight not in stored:
                 stored[weight] = (_dequantized if self.options.decomposed else _initializers)(graph, weight, axis)
             inputs, k, n = stored[weight]
+            columns = x.meta.get(OUTLIER_COLUMNS_KEY)
             if self.options.decomposed:
-                _replace_decomposed(graph, node, inputs[0], k, n, self.options.threshold)
-            else:
-                replace_layer(graph, node, outlier_split_matmul.OP_TYPE, inputs,
-                              {"K": k, "N": n, "threshold": float(self.options.threshold)},
-                              outlier_split_matmul.DOMAIN)
+                _replace_decomposed(graph, node, inputs[0], k, n, self.options.threshold, columns)
+                continue
+            if columns is not None and x not in fixed:
+                fixed[x] = register_constant(graph, f"{x.name}_outlier_columns", columns.astype(np.int64))
+            replace_layer(graph, node, outlier_split_matmul.OP_TYPE, [*inputs, *([fixed[x]] if x in fixed else [])],
+                          {"K": k, "N": n, "threshold": float(self.options.threshold)}, outlier_split_matmul.DOMAIN)
+        for x in layer_inputs:
+            x.meta.pop(OUTLIER_COLUMNS_KEY, None)
         for weight in stored:
             del weight.meta[QUANT_SPEC_KEY]
             if not weight.uses():
@@ -106,8 +104,10 @@ def _dequantized(graph: ir.Graph, weight: ir.Value, axis: int) -> tuple[list[ir.
     return [decode.outputs[0]], k, n
 
 
-def _replace_decomposed(graph: ir.Graph, node: ir.Node, weight: ir.Value, k: int, n: int, threshold: float) -> None:
-    """``node`` (MatMul / Gemm) as `outlier_split_matmul.decomposed_model` computes it, on the float ``weight``."""
+def _replace_decomposed(graph: ir.Graph, node: ir.Node, weight: ir.Value, k: int, n: int, threshold: float,
+                        columns: np.ndarray | None) -> None:
+    """``node`` (MatMul / Gemm) as `outlier_split_matmul.decomposed_model` computes it, on the float ``weight``;
+    ``columns``: the outlier features, fixed, else found by ``threshold``."""
     name = node.name or node.outputs[0].name
     new: list[ir.Node] = []
 
@@ -127,7 +127,12 @@ def _replace_decomposed(graph: ir.Graph, node: ir.Node, weight: ir.Value, k: int
 
     zero, top = const("zero", np.float32(0)), const("top", np.float32(127))
     rows = op("Reshape", node.inputs[0], const("rows_shape", np.array([-1, k], np.int64)))
-    outlier = op("Greater", reduce_max(op("Abs", rows), 0), const("threshold", np.float32(threshold)))
+    if columns is None:
+        outlier = op("Greater", reduce_max(op("Abs", rows), 0), const("threshold", np.float32(threshold)))
+    else:
+        mask = np.zeros((1, k), bool)
+        mask[0, columns] = True
+        outlier = const("outliers", mask)
     rest = op("Where", outlier, zero, rows)
     amax = reduce_max(op("Abs", rest), 1)
     inverse = op("Where", op("Greater", amax, zero), op("Div", top, amax), zero)

@@ -30,6 +30,9 @@ INT8_STORAGE_KEY = "qcompile.int8_storage"
 # value.meta: True: a float weight of float layers to store as float16 (`choose-int8-storage` decides,
 # `store-float16-weights` rewrites).
 FLOAT16_STORAGE_KEY = "qcompile.float16_storage"
+# value.meta: the input features (sorted int64 array) of an LLM.int8() layer input that are multiplied in float,
+# fixed on calibration data (`choose-outlier-columns` decides, `lower-outlier-split-matmul` stores them).
+OUTLIER_COLUMNS_KEY = "qcompile.outlier_columns"
 # model.meta: the notes passes leave for the report (`qcompile.notes`).
 NOTES_KEY = "qcompile.notes"
 

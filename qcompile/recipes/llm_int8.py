@@ -5,7 +5,8 @@ multiplied on integer instructions: qcompile's `OutlierSplitMatMul` (``kernel=cu
 arithmetic in standard ONNX ops (``kernel=decomposed``: portable, TensorRT, and ort-cuda until the library has
 CUDA kernels; far slower). Embedding tables INT8 rows, as in the other recipes. No calibration data.
 
-Not built yet: columns fixed at calibration (the op takes them; no pass chooses them).
+``mode=fixed`` (needs ``--calib``) fixes each layer's outlier features on the calibration data instead of
+finding them in every call (`choose-outlier-columns`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import onnx_ir as ir
 from qcompile import kernels
 from qcompile.errors import UsageError
 from qcompile.passes.analysis.assign_weight_specs import AssignWeightSpecsPass, WeightSpecOptions
+from qcompile.passes.analysis.choose_outlier_columns import ChooseOutlierColumnsPass, OutlierColumnsOptions
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.canonicalize.upgrade_opset import PER_CHANNEL_OPSET
 from qcompile.passes.lowering.lower_outlier_split_matmul import LowerOutlierSplitMatMulPass, OutlierSplitOptions
@@ -25,6 +27,7 @@ from qcompile.recipes.canonical import canonicalize
 from qcompile.recipes.embeddings import assign_embedding_specs, embeddings_option, gather_rows, untie
 
 KERNELS = ("auto", "custom", "decomposed")
+MODES = ("dynamic", "fixed")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class LLMInt8Options:
     kernel: str = option("auto", "custom (qcompile's OutlierSplitMatMul, ort-cpu, after `qcompile kernels build`), "
                                  "decomposed (the same in standard ONNX ops: slow), auto (custom where the target "
                                  "has it)")
+    mode: str = option("dynamic", "dynamic (the outlier features found in every call) or fixed (those of the "
+                                  "calibration data, --calib)")
     embeddings: bool = embeddings_option()
 
 
@@ -41,6 +46,12 @@ def _llm_int8(settings: Settings) -> list[ir.passes.PassBase]:
     options = settings.options
     if not options.threshold > 0:
         raise UsageError(f"option threshold: expected a positive magnitude, got {options.threshold}")
+    if options.mode not in MODES:
+        raise UsageError(f"option mode: expected one of {', '.join(MODES)}, got {options.mode!r}")
+    fixed = []
+    if options.mode == "fixed":
+        data = settings.require_calib("llm-int8 mode=fixed", without_data="llm-int8 mode=dynamic")
+        fixed = [ChooseOutlierColumnsPass(OutlierColumnsOptions(data, options.threshold))]
     if options.kernel not in KERNELS:
         raise UsageError(f"option kernel: expected one of {', '.join(KERNELS)}, got {options.kernel!r}")
     has_kernels = kernels.DOMAIN in settings.target.custom_op_domains
@@ -55,6 +66,7 @@ def _llm_int8(settings: Settings) -> list[ir.passes.PassBase]:
         *untie(settings),
         AssignWeightSpecsPass(WeightSpecOptions(exclude=settings.excluded, op_types=("MatMul", "Gemm"))),
         *assign_embedding_specs(settings),
+        *fixed,
         LowerOutlierSplitMatMulPass(OutlierSplitOptions(options.threshold, decomposed)),
         QuantizeWeightsPass(),  # the embedding tables
         *gather_rows(settings),

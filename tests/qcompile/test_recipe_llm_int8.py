@@ -8,6 +8,7 @@ from qcompile.errors import UsageError
 from qcompile.inspection import describe
 from qcompile.io import save_model
 from qcompile.models import synthetic
+from qcompile.ops import outlier_split_matmul
 from qcompile.target_check import target_problems
 from qcompile.targets import TARGETS
 from qcompile.verify import worst_sqnr_db
@@ -74,3 +75,38 @@ def test_without_the_library_it_says_how_to_build_it(block, tmp_path, monkeypatc
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "empty"))
     with pytest.raises(UsageError, match=r"not built: run `qcompile kernels build`"):
         qcompile.compile(block, recipe="llm-int8")
+
+
+@pytest.mark.parametrize("kernel", ["custom", "decomposed"])
+def test_outlier_features_fixed_on_calibration_data(tmp_path, kernels_library, kernel):
+    rng = np.random.default_rng(4)
+    weight = ", ".join(f"{v:.4f}" for v in rng.standard_normal(64 * 16))
+    path = tmp_path / "linear.onnx"
+    save_model(parse(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 64] x) => (float[N, 16] y) <float[64, 16] w = {{{weight}}}> {{ y = MatMul(x, w) }}"""), path)
+    calib = rng.standard_normal((32, 64)).astype(np.float32)
+    calib[:, [7, 40]] *= 20  # features 7 and 40 pass 6 on the calibration data
+    np.savez(tmp_path / "calib.npz", x=calib)
+    result = qcompile.compile(path, recipe="llm-int8", calib=str(tmp_path / "calib.npz"),
+                              options={"mode": "fixed", "kernel": kernel})
+    assert any("2 in all over 1 layer inputs" in note for note in result.report["notes"])
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    x[:, 7] *= 20
+    x[:, 9] *= 20  # an outlier the calibration data did not have: quantized with the rest
+    expected_split = {7, 40}
+    if kernel == "custom":
+        node = next(n for n in result.model.graph if n.op_type == "OutlierSplitMatMul")
+        assert set(node.inputs[3].const_value.numpy().tolist()) == expected_split
+        reference = outlier_split_matmul.reference(x, node.inputs[1].const_value.numpy(),
+                                                   node.inputs[2].const_value.numpy(), [7, 40], K=64, N=16)
+        np.testing.assert_allclose(run(result.model, {"x": x})[0], reference, rtol=1e-5, atol=1e-4)
+    else:
+        custom = qcompile.compile(path, recipe="llm-int8", calib=str(tmp_path / "calib.npz"),
+                                  options={"mode": "fixed"}).model
+        np.testing.assert_allclose(run(result.model, {"x": x})[0], run(custom, {"x": x})[0], rtol=1e-4, atol=1e-3)
+
+
+def test_fixed_outlier_features_need_calibration_data(block):
+    with pytest.raises(UsageError, match="give --calib DATA .* or use llm-int8 mode=dynamic"):
+        qcompile.compile(block, recipe="llm-int8", options={"mode": "fixed"})
