@@ -239,8 +239,10 @@ def int4_configurations() -> list[Config]:
                            "activation_type": "QFLOAT8E4M3FN", "weight_type": "QFLOAT8E4M3FN"}))
     configs.append(Config("qc-w8a8-smoothquant", "qcompile", "qcompile w8a8-smoothquant",
                           {"recipe": "w8a8-smoothquant", "calib": True, "options": {}}))
-    configs.append(Config("qc-llm-int8", "qcompile", "qcompile llm-int8 (qcompile's OutlierSplitMatMul, threshold 6)",
-                          {"recipe": "llm-int8", "calib": False, "options": {}}))
+    for threshold in (6.0, 2.0):  # LLM.int8()'s default; 2: within 2% of fp32 on a held-out text (README)
+        configs.append(Config(f"qc-llm-int8-t{threshold:g}", "qcompile", f"qcompile llm-int8 (qcompile's "
+                              f"OutlierSplitMatMul), outlier threshold {threshold:g}",
+                              {"recipe": "llm-int8", "calib": False, "options": {"threshold": threshold}}))
     return configs
 
 

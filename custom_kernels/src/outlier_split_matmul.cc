@@ -40,12 +40,14 @@ OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, 
   return nullptr;
 }
 
-// A's rows without their outlier columns, quantized per row: levels (m, padded_k), scale and level sum per row.
+// A's rows without their outlier columns, quantized per row: levels (m, padded_k), scale and level sum per row;
+// and the outlier columns themselves, gathered (m, outliers).
 struct Rows {
   int64_t padded_k = 0;
   std::vector<int8_t> q;
   std::vector<float> scale;
   std::vector<int32_t> sum;
+  std::vector<float> outliers;
 };
 
 struct Job {
@@ -75,23 +77,30 @@ void quantize(void* data, size_t index) {
   for (int64_t i = 0; i < k; ++i) q[i] = static_cast<int8_t>(levels[i]);
   rows.scale[row] = finite ? scale : NAN;
   rows.sum[row] = sum;
+  const std::vector<int64_t>& outliers = *job.outliers;
+  for (size_t c = 0; c < outliers.size(); ++c) rows.outliers[row * outliers.size() + c] = x[outliers[c]];
 }
 
 void run_columns(void* data, size_t index) {
   const Job& job = *static_cast<const Job*>(data);
   const int64_t k = job.kernel->k, n_total = job.kernel->n, whole = k / kChunk * kChunk;
   const Rows& rows = *job.rows;
+  const std::vector<int64_t>& outliers = *job.outliers;
+  const size_t count = outliers.size();
+  thread_local std::vector<float> weights;  // column n's weights of the outlier features, dequantized
+  weights.resize(count);
   const int64_t n0 = static_cast<int64_t>(index) * kColumnsPerTask, n1 = std::min(n0 + kColumnsPerTask, n_total);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = job.b + n * k;
     const float scale = job.scales[n];
+    for (size_t c = 0; c < count; ++c) weights[c] = static_cast<float>(int32_t{w[outliers[c]]} - 128) * scale;
     for (int64_t m = 0; m < job.m; ++m) {
       const int8_t* q = rows.q.data() + m * rows.padded_k;
       int32_t dot = job.kernel->kernels.byte_dot(w, q, whole);
       for (int64_t i = whole; i < k; ++i) dot += int32_t{w[i]} * q[i];  // the last bytes of the row
       float y = static_cast<float>(dot - 128 * rows.sum[m]) * (rows.scale[m] * scale);
-      const float* x = job.a + m * k;
-      for (int64_t column : *job.outliers) y += x[column] * (static_cast<float>(int32_t{w[column]} - 128) * scale);
+      const float* x = rows.outliers.data() + m * count;
+      for (size_t c = 0; c < count; ++c) y += x[c] * weights[c];
       job.y[m * n_total + n] = y;
     }
   }
@@ -144,6 +153,7 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   rows.q.assign(static_cast<size_t>(job.m * rows.padded_k), 0);
   rows.scale.assign(static_cast<size_t>(job.m), 0.0f);
   rows.sum.assign(static_cast<size_t>(job.m), 0);
+  rows.outliers.resize(static_cast<size_t>(job.m) * outliers.size());
   job.rows = &rows;
   QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, quantize, static_cast<size_t>(job.m), 0, &job));
   const size_t tasks = static_cast<size_t>((kernel.n + kColumnsPerTask - 1) / kColumnsPerTask);
