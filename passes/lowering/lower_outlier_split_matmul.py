@@ -28,6 +28,10 @@ from qcompile.ops import outlier_split_matmul
 from qcompile.passes.lowering.lower_matmul_nbits import replace_layer
 
 
+# the model's metadata where it needs qcompile's library
+CUSTOM_OPS = f"{outlier_split_matmul.DOMAIN}: {outlier_split_matmul.OP_TYPE}"
+
+
 @dataclass(frozen=True)
 class OutlierSplitOptions:
     threshold: float = outlier_split_matmul.DEFAULT_THRESHOLD
@@ -35,7 +39,8 @@ class OutlierSplitOptions:
 
 
 class LowerOutlierSplitMatMulPass(ir.passes.InPlacePass):
-    """Replace each MatMul / Gemm on an INT8 per-channel weight by an OutlierSplitMatMul (and a Gemm's bias Add)."""
+    """Replace each MatMul / Gemm on an INT8 per-channel weight by an OutlierSplitMatMul, or its standard-ONNX form
+    (and a Gemm's bias Add)."""
 
     name = "lower-outlier-split-matmul"
 
@@ -70,8 +75,7 @@ class LowerOutlierSplitMatMulPass(ir.passes.InPlacePass):
                 graph.initializers.pop(weight.name)
         if stored and not self.options.decomposed:
             model.opset_imports.setdefault(outlier_split_matmul.DOMAIN, 1)
-            op = outlier_split_matmul
-            model.metadata_props[kernels.METADATA_KEY] = f"{op.DOMAIN}: {op.OP_TYPE}"
+            model.metadata_props[kernels.METADATA_KEY] = CUSTOM_OPS
         return ir.passes.PassResult(model, modified=bool(stored))
 
 
