@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from qcompile.ops import onnx_graphs
+
 DOMAIN = "ai.qcompile"
 OP_TYPE = "BlockQuantMatMul"
 BITS = (4, 8)
 BLOCK_SIZES = (32, 64, 128, 256)
-IR_VERSION = 10  # what every supported ONNX Runtime reads (qcompile.io.MAX_IR_VERSION)
 
 
 def quantize_activations(a: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,17 +81,9 @@ def reference(a: np.ndarray, b: np.ndarray, scales: np.ndarray, zero_points: np.
 def make_model(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, K: int, N: int, bits: int,
                block_size: int, opset: int = 21):
     """A one-node model (ModelProto): input ``A`` (batch, rows, K), output ``Y``, the weight as initializers."""
-    from onnx import TensorProto, helper, numpy_helper
-
     weights = {"B": b, "scales": scales, **({"zero_points": zero_points} if zero_points is not None else {})}
-    node = helper.make_node(OP_TYPE, ["A", *weights], ["Y"], domain=DOMAIN, K=K, N=N, bits=bits,
-                            block_size=block_size)
-    graph = helper.make_graph(
-        [node], "block_quant_matmul", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["batch", "rows", K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "rows", N])],
-        [numpy_helper.from_array(value, name) for name, value in weights.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-                             ir_version=IR_VERSION)
+    return onnx_graphs.one_node_model(OP_TYPE, DOMAIN, weights, dict(K=K, N=N, bits=bits, block_size=block_size),
+                                      K=K, N=N, opset=opset)
 
 
 def decomposed_model(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, K: int, N: int, bits: int,
@@ -98,7 +91,7 @@ def decomposed_model(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
     """The same computation in standard ONNX ops (`make_model`'s inputs and outputs): A quantized per block by
     ReduceMax / Round / Clip and taken back to float, times the weight dequantized to float32 at build time.
     Equal to the operator up to float32 rounding (its integer sums are exact; here they are float products)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     k_blocks = -(-K // block_size)
     padded = k_blocks * block_size
@@ -108,35 +101,17 @@ def decomposed_model(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
     constants = {"weight": weight, "shape_blocks": np.array([-1, k_blocks, block_size], np.int64),
                  "shape_rows": np.array([-1, padded], np.int64), "pads": np.array([0, 0, 0, padded - K], np.int64),
                  "rows_k": np.array([-1, K], np.int64), "axes": np.array([-1], np.int64),
-                 "top": np.array(127, np.float32), "zero": np.array(0, np.float32),
-                 "bottom": np.array(-127, np.float32)}
+                 "n": np.array([N], np.int64), **onnx_graphs.ROUND_TRIP_CONSTANTS}
     nodes = [
-        helper.make_node("Shape", ["A"], ["a_shape"], end=-1),
         helper.make_node("Reshape", ["A", "rows_k"], ["rows"]),
         helper.make_node("Pad", ["rows", "pads"], ["padded"]),
         helper.make_node("Reshape", ["padded", "shape_blocks"], ["blocks"]),
-        helper.make_node("Abs", ["blocks"], ["magnitudes"]),
-        helper.make_node("ReduceMax", ["magnitudes", "axes"], ["amax"], keepdims=1),
-        helper.make_node("Div", ["top", "amax"], ["inverse_or_inf"]),
-        helper.make_node("Greater", ["amax", "zero"], ["nonzero"]),
-        helper.make_node("Where", ["nonzero", "inverse_or_inf", "zero"], ["inverse"]),
-        helper.make_node("Mul", ["blocks", "inverse"], ["scaled"]),
-        helper.make_node("Round", ["scaled"], ["rounded"]),
-        helper.make_node("Clip", ["rounded", "bottom", "top"], ["levels"]),
-        helper.make_node("Div", ["amax", "top"], ["step"]),
-        helper.make_node("Mul", ["levels", "step"], ["quantized"]),
+        *onnx_graphs.int8_round_trip("blocks", "axes", "quantized"),
         helper.make_node("Reshape", ["quantized", "shape_rows"], ["quantized_rows"]),
         helper.make_node("MatMul", ["quantized_rows", "weight"], ["y_rows"]),
-        helper.make_node("Concat", ["a_shape", "n"], ["y_shape"], axis=0),
-        helper.make_node("Reshape", ["y_rows", "y_shape"], ["Y"]),
+        *onnx_graphs.leading_shape_with("n", "y_rows"),
     ]
-    constants["n"] = np.array([N], np.int64)
-    graph = helper.make_graph(
-        nodes, "block_quant_matmul_decomposed",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["batch", "rows", K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "rows", N])],
-        [numpy_helper.from_array(value, name) for name, value in constants.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+    return onnx_graphs.model("block_quant_matmul_decomposed", nodes, constants, K=K, N=N, opset=opset)
 
 
 def random_weight(rng: np.random.Generator, *, K: int, N: int, bits: int, block_size: int, symmetric: bool):

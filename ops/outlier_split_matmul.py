@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from qcompile.ops import onnx_graphs
+
 DOMAIN = "ai.qcompile"
 OP_TYPE = "OutlierSplitMatMul"
 DEFAULT_THRESHOLD = 6.0
-IR_VERSION = 10
 
 
 def outlier_columns(rows: np.ndarray, threshold: float) -> np.ndarray:
@@ -67,15 +68,13 @@ def decomposed_model(b: np.ndarray, scales: np.ndarray, columns: np.ndarray | No
     ReduceMax / Greater (or given, as a constant mask), the rest quantized per row by ReduceMax / Round / Clip and
     taken back to float, both times the weight dequantized to float32 at build time. Equal to the operator up to
     float32 rounding (its integer sums are exact; here they are float products)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     weight = ((b.reshape(N, K).astype(np.float32) - 128) * scales.reshape(N, 1)).T.copy()
     constants = {"weight": weight, "rows_k": np.array([-1, K], np.int64), "axis0": np.array([0], np.int64),
-                 "axis1": np.array([1], np.int64), "n": np.array([N], np.int64), "zero": np.array(0, np.float32),
-                 "top": np.array(127, np.float32), "bottom": np.array(-127, np.float32),
-                 "threshold": np.array(threshold, np.float32)}
-    nodes = [helper.make_node("Shape", ["A"], ["a_shape"], end=-1),
-             helper.make_node("Reshape", ["A", "rows_k"], ["rows"])]
+                 "axis1": np.array([1], np.int64), "n": np.array([N], np.int64),
+                 "threshold": np.array(threshold, np.float32), **onnx_graphs.ROUND_TRIP_CONSTANTS}
+    nodes = [helper.make_node("Reshape", ["A", "rows_k"], ["rows"])]
     if columns is None:
         nodes += [helper.make_node("Abs", ["rows"], ["magnitudes"]),
                   helper.make_node("ReduceMax", ["magnitudes", "axis0"], ["column_max"], keepdims=1),
@@ -87,28 +86,13 @@ def decomposed_model(b: np.ndarray, scales: np.ndarray, columns: np.ndarray | No
     nodes += [
         helper.make_node("Where", ["outlier", "zero", "rows"], ["rest"]),
         helper.make_node("Where", ["outlier", "rows", "zero"], ["outliers"]),
-        helper.make_node("Abs", ["rest"], ["rest_magnitudes"]),
-        helper.make_node("ReduceMax", ["rest_magnitudes", "axis1"], ["amax"], keepdims=1),
-        helper.make_node("Div", ["top", "amax"], ["inverse_or_inf"]),
-        helper.make_node("Greater", ["amax", "zero"], ["nonzero"]),
-        helper.make_node("Where", ["nonzero", "inverse_or_inf", "zero"], ["inverse"]),
-        helper.make_node("Mul", ["rest", "inverse"], ["scaled"]),
-        helper.make_node("Round", ["scaled"], ["rounded"]),
-        helper.make_node("Clip", ["rounded", "bottom", "top"], ["levels"]),
-        helper.make_node("Div", ["amax", "top"], ["step"]),
-        helper.make_node("Mul", ["levels", "step"], ["quantized"]),
+        *onnx_graphs.int8_round_trip("rest", "axis1", "quantized"),
         helper.make_node("MatMul", ["quantized", "weight"], ["y_integer"]),
         helper.make_node("MatMul", ["outliers", "weight"], ["y_outliers"]),
         helper.make_node("Add", ["y_integer", "y_outliers"], ["y_rows"]),
-        helper.make_node("Concat", ["a_shape", "n"], ["y_shape"], axis=0),
-        helper.make_node("Reshape", ["y_rows", "y_shape"], ["Y"]),
+        *onnx_graphs.leading_shape_with("n", "y_rows"),
     ]
-    graph = helper.make_graph(
-        nodes, "outlier_split_matmul_decomposed",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["batch", "rows", K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "rows", N])],
-        [numpy_helper.from_array(value, name) for name, value in constants.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+    return onnx_graphs.model("outlier_split_matmul_decomposed", nodes, constants, K=K, N=N, opset=opset)
 
 
 def random_weight(rng: np.random.Generator, *, K: int, N: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,15 +103,7 @@ def random_weight(rng: np.random.Generator, *, K: int, N: int) -> tuple[np.ndarr
 def make_model(b: np.ndarray, scales: np.ndarray, columns: np.ndarray | None = None, *, K: int, N: int,
                threshold: float = DEFAULT_THRESHOLD, opset: int = 21):
     """A one-node model (ModelProto): input ``A`` (batch, rows, K), output ``Y``, the weight as initializers."""
-    from onnx import TensorProto, helper, numpy_helper
-
     weights = {"B": b, "scales": scales,
                **({"outlier_columns": np.asarray(columns, np.int64)} if columns is not None else {})}
-    node = helper.make_node(OP_TYPE, ["A", *weights], ["Y"], domain=DOMAIN, K=K, N=N, threshold=float(threshold))
-    graph = helper.make_graph(
-        [node], "outlier_split_matmul",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["batch", "rows", K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "rows", N])],
-        [numpy_helper.from_array(value, name) for name, value in weights.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-                             ir_version=IR_VERSION)
+    return onnx_graphs.one_node_model(OP_TYPE, DOMAIN, weights, dict(K=K, N=N, threshold=float(threshold)),
+                                      K=K, N=N, opset=opset)

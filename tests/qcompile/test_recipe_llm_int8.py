@@ -34,13 +34,19 @@ def test_every_matmul_runs_on_the_outlier_split_op(block, kernels_library):
     assert worst_sqnr_db(expected, run(model, feed)) > 30
 
 
-def test_an_outlier_feature_costs_less_than_with_one_scale_per_row(tmp_path, kernels_library):
-    rng = np.random.default_rng(3)
-    weight = ", ".join(f"{v:.4f}" for v in rng.standard_normal(96 * 40))
-    path = tmp_path / "linear.onnx"
+def _linear(folder, rng: np.random.Generator, k: int, n: int):
+    """A saved model of one MatMul on a random (k, n) weight: y = x @ w."""
+    weight = ", ".join(f"{v:.4f}" for v in rng.standard_normal(k * n))
+    path = folder / "linear.onnx"
     save_model(parse(f"""
         <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 96] x) => (float[N, 40] y) <float[96, 40] w = {{{weight}}}> {{ y = MatMul(x, w) }}"""), path)
+        g (float[N, {k}] x) => (float[N, {n}] y) <float[{k}, {n}] w = {{{weight}}}> {{ y = MatMul(x, w) }}"""), path)
+    return path
+
+
+def test_an_outlier_feature_costs_less_than_with_one_scale_per_row(tmp_path, kernels_library):
+    rng = np.random.default_rng(3)
+    path = _linear(tmp_path, rng, 96, 40)
     x = rng.standard_normal((16, 96)).astype(np.float32)
     x[:, 3] *= 300  # one feature far above the others, as in LLMs' residual streams
     expected = run(ir.load(path), {"x": x})
@@ -80,11 +86,7 @@ def test_without_the_library_it_says_how_to_build_it(block, tmp_path, monkeypatc
 @pytest.mark.parametrize("kernel", ["custom", "decomposed"])
 def test_outlier_features_fixed_on_calibration_data(tmp_path, kernels_library, kernel):
     rng = np.random.default_rng(4)
-    weight = ", ".join(f"{v:.4f}" for v in rng.standard_normal(64 * 16))
-    path = tmp_path / "linear.onnx"
-    save_model(parse(f"""
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 64] x) => (float[N, 16] y) <float[64, 16] w = {{{weight}}}> {{ y = MatMul(x, w) }}"""), path)
+    path = _linear(tmp_path, rng, 64, 16)
     calib = rng.standard_normal((32, 64)).astype(np.float32)
     calib[:, [7, 40]] *= 20  # features 7 and 40 pass 6 on the calibration data
     np.savez(tmp_path / "calib.npz", x=calib)

@@ -1,0 +1,62 @@
+"""What the ops' one-node models and standard-ONNX equivalents share: the model around the nodes, and the
+activations' INT8 round trip (max |x| / 127 per slice, rounded to even, clipped, back to float).
+
+Every model has input ``A`` (batch, rows, K) and output ``Y`` (batch, rows, N), at IR version 10 (what every
+supported ONNX Runtime reads, `qcompile.io.MAX_IR_VERSION`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+IR_VERSION = 10
+# Constants `int8_round_trip` reads (a model using it includes them).
+ROUND_TRIP_CONSTANTS = {"top": np.array(127, np.float32), "zero": np.array(0, np.float32),
+                        "bottom": np.array(-127, np.float32)}
+
+
+def model(name: str, nodes: list, constants: dict[str, np.ndarray], *, K: int, N: int, opset: int,
+          domain: str | None = None):
+    """A ModelProto of ``nodes`` on ``A`` -> ``Y``, ``constants`` as initializers, importing ``domain`` if given."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["batch", "rows", K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "rows", N])],
+        [numpy_helper.from_array(value, key) for key, value in constants.items()])
+    opsets = [helper.make_opsetid("", opset), *([helper.make_opsetid(domain, 1)] if domain else [])]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
+
+
+def one_node_model(op_type: str, domain: str, weights: dict[str, np.ndarray], attributes: dict, *, K: int, N: int,
+                   opset: int):
+    """``Y = op_type(A, *weights)``, the weights as initializers."""
+    from onnx import helper
+
+    node = helper.make_node(op_type, ["A", *weights], ["Y"], domain=domain, **attributes)
+    return model(op_type, [node], weights, K=K, N=N, opset=opset, domain=domain)
+
+
+def int8_round_trip(x: str, axes: str, output: str) -> list:
+    """Nodes taking ``x`` to ``output``: each slice along the axes ``axes`` (an int64 initializer) quantized to
+    INT8 by its max |x| and taken back to float (a slice of zeros stays zeros)."""
+    from onnx import helper
+
+    return [helper.make_node("Abs", [x], [f"{x}_magnitudes"]),
+            helper.make_node("ReduceMax", [f"{x}_magnitudes", axes], [f"{x}_amax"], keepdims=1),
+            helper.make_node("Div", ["top", f"{x}_amax"], [f"{x}_inverse_or_inf"]),
+            helper.make_node("Greater", [f"{x}_amax", "zero"], [f"{x}_nonzero"]),
+            helper.make_node("Where", [f"{x}_nonzero", f"{x}_inverse_or_inf", "zero"], [f"{x}_inverse"]),
+            helper.make_node("Mul", [x, f"{x}_inverse"], [f"{x}_scaled"]),
+            helper.make_node("Round", [f"{x}_scaled"], [f"{x}_rounded"]),
+            helper.make_node("Clip", [f"{x}_rounded", "bottom", "top"], [f"{x}_levels"]),
+            helper.make_node("Div", [f"{x}_amax", "top"], [f"{x}_step"]),
+            helper.make_node("Mul", [f"{x}_levels", f"{x}_step"], [output])]
+
+
+def leading_shape_with(n: str, y_rows: str) -> list:
+    """Nodes reshaping ``y_rows`` (rows, N) to ``Y``: A's leading dimensions and the int64 initializer ``n``."""
+    from onnx import helper
+
+    return [helper.make_node("Shape", ["A"], ["a_shape"], end=-1),
+            helper.make_node("Concat", ["a_shape", n], ["y_shape"], axis=0),
+            helper.make_node("Reshape", [y_rows, "y_shape"], ["Y"])]
