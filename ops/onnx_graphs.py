@@ -27,13 +27,17 @@ def model(name: str, nodes: list, constants: dict[str, np.ndarray], *, K: int, N
     return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
 
 
-def one_node_model(op_type: str, domain: str, weights: dict[str, np.ndarray], attributes: dict, *, K: int, N: int,
-                   opset: int):
-    """``Y = op_type(A, *weights)``, the weights as initializers."""
+def one_node_model(op_type: str, domain: str, weights: dict[str, np.ndarray | None], attributes: dict, *, K: int,
+                   N: int, opset: int):
+    """``Y = op_type(A, *weights)``, the weights as initializers; one that is None is an optional input left out."""
     from onnx import helper
 
-    node = helper.make_node(op_type, ["A", *weights], ["Y"], domain=domain, **attributes)
-    return model(op_type, [node], weights, K=K, N=N, opset=opset, domain=domain)
+    names = [name if value is not None else "" for name, value in weights.items()]
+    while names and not names[-1]:
+        names.pop()
+    node = helper.make_node(op_type, ["A", *names], ["Y"], domain=domain, **attributes)
+    given = {name: value for name, value in weights.items() if value is not None}
+    return model(op_type, [node], given, K=K, N=N, opset=opset, domain=domain)
 
 
 def int8_round_trip(x: str, axes: str, output: str) -> list:

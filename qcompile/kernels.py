@@ -175,9 +175,11 @@ def cpu_isas(cpuinfo: str | None = None) -> tuple[str, ...]:
 
 
 # BlockQuantMatMul (K, N, bits, block_size, symmetric, rows): odd sizes, short last blocks, both kernel paths
-# (1 row, several); OutlierSplitMatMul (K, N, rows, fixed outlier columns or None: detected at run time).
+# (1 row, several); with a code book and 8-bit scales (NF4's form: K, N, block_size, scale_block, rows);
+# OutlierSplitMatMul (K, N, rows, fixed outlier columns or None: detected at run time).
 CHECK_CASES = ((100, 13, 4, 32, True, 1), (576, 37, 4, 128, False, 5), (300, 21, 8, 64, False, 3),
                (1000, 19, 4, 64, True, 7), (96, 9, 8, 32, True, 1), (520, 11, 4, 256, False, 2))
+CODE_BOOK_CHECK_CASES = ((576, 37, 64, 256, 1), (200, 40, 32, 5, 4))
 OUTLIER_CHECK_CASES = ((100, 13, 1, None), (576, 37, 6, None), (300, 21, 3, (0, 7, 299)))
 
 
@@ -213,6 +215,14 @@ def check(seed: int = 0) -> list[CheckResult]:
         description = (f"BlockQuantMatMul K={k} N={n} {bits}-bit block {block_size} "
                        f"{'symmetric' if symmetric else 'zero points'}")
         cases.append((description, block_quant_matmul.make_model(*weight, **attributes), a,
+                      block_quant_matmul.reference(a, *weight, **attributes)))
+    for k, n, block_size, scale_block, rows in CODE_BOOK_CHECK_CASES:
+        attributes = dict(K=k, N=n, bits=4, block_size=block_size)
+        weight = block_quant_matmul.random_weight(rng, symmetric=True, code_book=True, scale_block=scale_block,
+                                                  **attributes)
+        a = rng.standard_normal((2, rows, k)).astype(np.float32)
+        cases.append((f"BlockQuantMatMul K={k} N={n} code book, block {block_size}, 8-bit scales per {scale_block}",
+                      block_quant_matmul.make_model(*weight, **attributes), a,
                       block_quant_matmul.reference(a, *weight, **attributes)))
     for k, n, rows, columns in OUTLIER_CHECK_CASES:
         weight = outlier_split_matmul.random_weight(rng, K=k, N=n)

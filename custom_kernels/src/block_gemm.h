@@ -2,8 +2,8 @@
 // (ops/block_quant_matmul.py holds its numpy reference, which defines every rounding).
 //
 // Y[m, n] = sum over blocks b of  sw[n, b] * sa[m, b] * (sum_k qa[m, k] * w[n, k] - zp[n, b] * sum_k qa[m, k])
-// with w the unsigned stored levels (0..15 or 0..255), zp their zero point, qa = rint(a * 127 / max|a|) per
-// block of A's row. The integer sums are exact; the blocks' float terms are added in the same order by every
+// with w the unsigned stored levels (0..15 or 0..255; with a code book, code_book[stored 4-bit index] + 128), zp
+// their zero point (128 with a code book), qa = rint(a * 127 / max|a|) per block of A's row. The integer sums are exact; the blocks' float terms are added in the same order by every
 // instruction set's one-row path (the same Y, bit for bit), in another by the GEMM paths (within float32
 // rounding).
 #pragma once
@@ -18,16 +18,21 @@ constexpr int64_t kGroup = 64;     // K elements whose 4-bit levels one 32-byte 
 constexpr int64_t kMaxBlock = 256;
 
 // The weight as MatMulNBits stores it: B (N, k_blocks, block * bits / 8), scales (N * k_blocks), zero points
-// (N * ceil(k_blocks * bits / 8), packed like B) or none (8, or 128 at 8 bits).
+// (N * ceil(k_blocks * bits / 8), packed like B) or none (8, or 128 at 8 bits). With a code book (4 bits only)
+// the stored 4-bit values index 16 levels 0..255 around the zero point 128.
 struct BlockWeight {
   int64_t k, n, k_blocks;
   int bits, block;
   const uint8_t* data;
   const float* scales;
   const uint8_t* zero_points;
+  const uint8_t* code_book = nullptr;  // 16 levels, or none
 
   const uint8_t* column(int64_t n_) const { return data + n_ * k_blocks * (block * bits / 8); }
   int32_t zero_point(int64_t n_, int64_t b) const;
+  // Levels up to 255 (8 bits, or a code book's): the 8-bit dot products, which AVX2 computes in two halves.
+  bool wide_levels() const { return bits == 8 || code_book != nullptr; }
+  int32_t default_zero_point() const { return wide_levels() ? 128 : 8; }
 };
 
 // A's rows quantized: q (m, padded_k) int8 and per block its scale and level sum (m, row_blocks), each row

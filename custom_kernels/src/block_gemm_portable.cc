@@ -9,7 +9,7 @@
 namespace qcompile {
 
 int32_t BlockWeight::zero_point(int64_t n_, int64_t b) const {
-  if (zero_points == nullptr) return bits == 4 ? 8 : 128;
+  if (zero_points == nullptr) return default_zero_point();
   const uint8_t* zp = zero_points + n_ * ((k_blocks * bits + 7) / 8);
   return bits == 4 ? (zp[b / 2] >> (4 * (b % 2))) & 0x0F : zp[b];
 }
@@ -98,7 +98,9 @@ void step_lanes(const BlockWeight& w, const float* block_scales, float* lanes) {
 
 // Level k of a column's stored bytes.
 static inline int32_t stored_level(const BlockWeight& w, const uint8_t* column, int64_t k) {
-  return w.bits == 4 ? (column[k / 2] >> (4 * (k % 2))) & 0x0F : column[k];
+  if (w.bits == 8) return column[k];
+  const int32_t nibble = (column[k / 2] >> (4 * (k % 2))) & 0x0F;
+  return w.code_book ? w.code_book[nibble] : nibble;
 }
 
 void columns_portable(const BlockWeight& w, const QuantizedRows& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {

@@ -40,8 +40,11 @@ inline __m256i sum_block_pairs(const __m256i v[kLanes / 2]) {
 }
 
 // The 64 levels of 4-bit group g of a column from its 32 packed bytes (16 where the group is the short last one):
-// the low nibbles (the group's even elements), the high ones (its odd elements).
-inline void group_levels(const uint8_t* levels, int64_t g, bool short_group, __m256i& low, __m256i& high) {
+// the low nibbles (the group's even elements), the high ones (its odd elements); where Book, looked up in `book`
+// (the code book's 16 levels in each 128-bit half).
+template <bool Book = false>
+inline void group_levels(const uint8_t* levels, int64_t g, bool short_group, __m256i& low, __m256i& high,
+                         __m256i book = __m256i{}) {
   const __m256i packed = short_group
       ? _mm256_inserti128_si256(_mm256_setzero_si256(),
                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(levels + g * kGroup / 2)), 0)
@@ -49,11 +52,27 @@ inline void group_levels(const uint8_t* levels, int64_t g, bool short_group, __m
   const __m256i mask = _mm256_set1_epi8(0x0F);
   low = _mm256_and_si256(packed, mask);
   high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+  if constexpr (Book) {
+    low = _mm256_shuffle_epi8(book, low);
+    high = _mm256_shuffle_epi8(book, high);
+  }
+}
+
+// The weight's code book in both 128-bit halves (a register of zeros without one).
+inline __m256i code_book_lanes(const BlockWeight& w) {
+  if (w.code_book == nullptr) return _mm256_setzero_si256();
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.code_book)));
+}
+
+// dot_chunk, or dot_chunk8 for levels up to 255.
+template <bool Wide>
+inline __m256i dot_levels(__m256i acc, __m256i w, __m256i q) {
+  return Wide ? dot_chunk8(acc, w, q) : dot_chunk(acc, w, q);
 }
 
 // Column n's zero points of blocks b0 .. b0 + 7.
 inline __m256i zero_points8(const BlockWeight& w, int64_t n, int64_t b0) {
-  if (w.zero_points == nullptr) return _mm256_set1_epi32(w.bits == 4 ? 8 : 128);
+  if (w.zero_points == nullptr) return _mm256_set1_epi32(w.default_zero_point());
   if (w.bits == 8) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero_points + n * w.k_blocks + b0)));
   }
@@ -108,35 +127,36 @@ inline float sum_lanes(__m256 acc) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
+// The products of group g's 64 levels (4-bit, or a code book's where Book) and activations, added to acc.
+template <bool Book>
+inline __m256i dot_group(__m256i acc, const uint8_t* packed, int64_t g, bool short_group, const int8_t* q,
+                         __m256i book) {
+  __m256i low, high;
+  group_levels<Book>(packed, g, short_group, low, high, book);
+  return dot_levels<Book>(dot_levels<Book>(acc, low, load(q + g * kGroup)), high, load(q + g * kGroup + kGroup / 2));
+}
+
 // The integer totals of 8 whole 4-bit blocks from their packed bytes and activations; Groups: 64-element groups
 // per block (0: blocks of 32, two per group). Unrolled: the streamed path's inner loop.
-template <int Groups>
-inline __m256i block_totals(const uint8_t* packed, const int8_t* q) {
-  __m256i low, high;
+template <int Groups, bool Book>
+inline __m256i block_totals(const uint8_t* packed, const int8_t* q, __m256i book) {
   if constexpr (Groups == 0) {
     __m256i v[kLanes / 2];
-    for (int p = 0; p < kLanes / 2; ++p) {
-      group_levels(packed, p, false, low, high);
-      v[p] = dot_chunk(dot_chunk(_mm256_setzero_si256(), low, load(q + p * kGroup)), high,
-                       load(q + p * kGroup + kGroup / 2));
-    }
+    for (int p = 0; p < kLanes / 2; ++p) v[p] = dot_group<Book>(_mm256_setzero_si256(), packed, p, false, q, book);
     return sum_block_pairs(v);
   } else {
     __m256i c[kLanes];
     for (int i = 0; i < kLanes; ++i) {
       c[i] = _mm256_setzero_si256();
-      for (int g = i * Groups; g < (i + 1) * Groups; ++g) {
-        group_levels(packed, g, false, low, high);
-        c[i] = dot_chunk(dot_chunk(c[i], low, load(q + g * kGroup)), high, load(q + g * kGroup + kGroup / 2));
-      }
+      for (int g = i * Groups; g < (i + 1) * Groups; ++g) c[i] = dot_group<Book>(c[i], packed, g, false, q, book);
     }
     return sum_blocks(c);
   }
 }
 
-// Y[m, n] for 4-bit levels, unpacked from the column's stored bytes as they are read: whole steps of 8 blocks
-// by `block_totals`, the rest (a short last group, fewer than 8 blocks) generically.
-template <int Groups>
+// Y[m, n] for 4-bit levels (a code book's where Book), unpacked from the column's stored bytes as they are read:
+// whole steps of 8 blocks by `block_totals`, the rest (a short last group, fewer than 8 blocks) generically.
+template <int Groups, bool Book>
 float dot4(const BlockWeight& w, const QuantizedRows& a, int64_t m, int64_t n) {
   const uint8_t* levels = w.column(n);
   const int8_t* q = a.q.data() + m * a.padded_k;
@@ -151,23 +171,23 @@ float dot4(const BlockWeight& w, const QuantizedRows& a, int64_t m, int64_t n) {
   const float* column_scales = w.scales + n * k_blocks;
   const float* row_scales = &a.scale[m * a.row_blocks];
   const int32_t* row_sums = &a.sum[m * a.row_blocks];
+  const __m256i book = code_book_lanes(w);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b0 = 0; b0 < whole; b0 += kLanes) {
-    const __m256i totals = block_totals<Groups>(levels + b0 * block / 2, q + b0 * block);
+    const __m256i totals = block_totals<Groups, Book>(levels + b0 * block / 2, q + b0 * block, book);
     acc = add_scaled(acc, totals, zero_points8(w, n, b0), load(row_sums + b0),
                      _mm256_mul_ps(_mm256_loadu_ps(column_scales + b0), _mm256_loadu_ps(row_scales + b0)));
   }
   if (whole < k_blocks) {
     const bool odd_pairs = block < kGroup && k_blocks % 2;
-    __m256i low, high, totals;
+    __m256i totals;
     if (Groups == 0) {
       __m256i v[kLanes / 2];
       for (int64_t p = 0; p < kLanes / 2; ++p) {
         const int64_t g = whole / 2 + p;
         v[p] = _mm256_setzero_si256();
         if (2 * g >= k_blocks) continue;
-        group_levels(levels, g, odd_pairs && 2 * g + 1 == k_blocks, low, high);
-        v[p] = dot_chunk(dot_chunk(v[p], low, load(q + g * kGroup)), high, load(q + g * kGroup + kGroup / 2));
+        v[p] = dot_group<Book>(v[p], levels, g, odd_pairs && 2 * g + 1 == k_blocks, q, book);
       }
       totals = sum_block_pairs(v);
     } else {
@@ -175,8 +195,7 @@ float dot4(const BlockWeight& w, const QuantizedRows& a, int64_t m, int64_t n) {
       for (int64_t i = 0; i < kLanes; ++i) {
         c[i] = _mm256_setzero_si256();
         for (int64_t g = (whole + i) * Groups; whole + i < k_blocks && g < (whole + i + 1) * Groups; ++g) {
-          group_levels(levels, g, false, low, high);
-          c[i] = dot_chunk(dot_chunk(c[i], low, load(q + g * kGroup)), high, load(q + g * kGroup + kGroup / 2));
+          c[i] = dot_group<Book>(c[i], levels, g, false, q, book);
         }
       }
       totals = sum_blocks(c);
@@ -188,12 +207,13 @@ float dot4(const BlockWeight& w, const QuantizedRows& a, int64_t m, int64_t n) {
 
 using Dot4 = float (*)(const BlockWeight&, const QuantizedRows&, int64_t, int64_t);
 
+template <bool Book>
 Dot4 dot4_for(int block) {
   switch (block) {
-    case 32: return dot4<0>;
-    case 64: return dot4<1>;
-    case 128: return dot4<2>;
-    default: return dot4<4>;
+    case 32: return dot4<0, Book>;
+    case 64: return dot4<1, Book>;
+    case 128: return dot4<2, Book>;
+    default: return dot4<4, Book>;
   }
 }
 
@@ -230,12 +250,15 @@ void unpack_columns(const BlockWeight& w, const QuantizedRows& a, int64_t n0, in
   tile.scaled_zero_points.assign(static_cast<size_t>(count * a.row_blocks), 0.0f);
   const bool odd_pairs = w.block < kGroup && w.k_blocks % 2;
   const int64_t groups = a.steps * a.groups_per_step;  // the weight's; the rest of padded_k is never read
+  const __m256i book = code_book_lanes(w);
   for (int64_t c = 0; c < count; ++c) {
     const int64_t n = n0 + c;
     uint8_t* levels = &tile.levels[c * a.padded_k];
     for (int64_t g = 0; g < groups; ++g) {
       __m256i low, high;
-      if (w.bits == 4) {
+      if (w.code_book) {
+        group_levels<true>(w.column(n), g, odd_pairs && g == groups - 1, low, high, book);
+      } else if (w.bits == 4) {
         group_levels(w.column(n), g, odd_pairs && g == groups - 1, low, high);
       } else {
         group_levels8(w.column(n), g, odd_pairs && g == groups - 1, low, high);
@@ -450,14 +473,14 @@ void COLUMNS(const BlockWeight& w, const QuantizedRows& a, int64_t n0, int64_t n
   if (a.m >= kGemmRows) {
     thread_local ColumnTile tile;
     unpack_columns(w, a, n0, n1 - n0, tile);
-    if (w.bits == 4) {
+    if (!w.wide_levels()) {
       gemm_columns<4, GEMM_COLUMNS>(tile, a, n0, y, ldy);
     } else {
       gemm_columns<8, GEMM_COLUMNS>(tile, a, n0, y, ldy);
     }
     return;
   }
-  const Dot4 dot4 = dot4_for(w.block);
+  const Dot4 dot4 = w.code_book ? dot4_for<true>(w.block) : dot4_for<false>(w.block);
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < a.m; ++m) y[m * ldy + n] = w.bits == 4 ? dot4(w, a, m, n) : dot8(w, a, m, n);
   }

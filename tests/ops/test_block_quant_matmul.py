@@ -1,6 +1,7 @@
 """BlockQuantMatMul: the C++ kernels (every instruction-set path this CPU has) against the numpy reference, its
 standard-ONNX equivalent, and clean errors on bad input."""
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -46,6 +47,46 @@ def test_every_kernel_path_computes_the_reference(kernels_library, monkeypatch, 
         # one row at a time: the same integers, the same float operations in the same order (the GEMM path adds
         # its lanes in another order with 512-bit registers)
         np.testing.assert_array_equal(outputs["avx2"], outputs["avx512vnni"])
+
+
+# (K, N, block, code book, scale_block, batch, rows): a code book (NF4's form) and 8-bit scales, together and
+# apart, with a scale_block that splits the kernels' 16-column tasks, on the one-row and the GEMM path
+WEIGHT_FORMS = [(256, 37, 64, True, None, 1, 1), (200, 40, 32, True, 5, 1, 1), (576, 37, 64, True, 256, 2, 3),
+                (130, 21, 32, False, 7, 1, 4), (4096, 17, 128, True, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("k, n, block_size, code_book, scale_block, batch, rows", WEIGHT_FORMS)
+def test_code_books_and_eight_bit_scales_compute_the_reference(kernels_library, monkeypatch, k, n, block_size,
+                                                               code_book, scale_block, batch, rows):
+    attributes = dict(K=k, N=n, bits=4, block_size=block_size)
+    weight = op.random_weight(RNG, symmetric=code_book, code_book=code_book, scale_block=scale_block, **attributes)
+    model = op.make_model(*weight, **attributes)
+    a = RNG.standard_normal((batch, rows, k)).astype(np.float32)
+    expected = op.reference(a, *weight, **attributes)
+    for isa in kernels.cpu_isas():
+        y = _session(model, kernels_library, isa, monkeypatch).run(None, {"A": a})[0]
+        np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    decomposed = ort.InferenceSession(op.decomposed_model(*weight, **attributes).SerializeToString(),
+                                      providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    np.testing.assert_allclose(decomposed, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_code_book_indexes_its_levels():
+    attributes = dict(K=64, N=3, bits=4, block_size=64)
+    b, scales, _, book = op.random_weight(RNG, symmetric=True, code_book=True, **attributes)
+    levels, points = op.unpack_weight(b, None, 3, 1, 4, 64, book)
+    first = int(b.reshape(3, 32)[1, 0]) & 0x0F  # column 1's first index, in the low nibble
+    assert levels[1, 0, 0] - points[1, 0] == book[first]
+    a = np.zeros((1, 64), np.float32)
+    a[0, 0] = 1.0  # picks that one weight: scale x code_book[index]
+    y = op.reference(a, b, scales, None, book, **attributes)
+    assert y[0, 1] == pytest.approx(scales[1] * book[first], rel=1e-6)
+
+
+def test_eight_bit_scales_decode_per_group_of_columns():
+    scales = op.EightBitScales(np.array([10, 20, 30, 40, 50, 60], np.uint8), np.array([0.5, 0.25, 1.0], np.float32),
+                               np.array([2, 4, 0], np.uint8), block=2)  # N = 6, one block along K
+    np.testing.assert_array_equal(scales.decode(6, 1), [4.0, 9.0, 6.5, 9.0, 50.0, 60.0])
 
 
 def test_the_reference_is_the_float_product_up_to_the_activations_rounding():
@@ -97,3 +138,28 @@ def test_bad_shapes_and_types_are_clean_errors(kernels_library):
     float_points = op.make_model(weight[0], weight[1], np.full(8 * 2, 8, np.float32), **attributes)
     with pytest.raises(Exception, match=r"zero_points.*BlockQuantMatMul.*invalid"):  # ONNX Runtime checks types
         _session(float_points, kernels_library)
+
+
+def test_bad_code_books_and_scales_are_clean_errors(kernels_library):
+    attributes = dict(K=64, N=8, bits=4, block_size=32)
+    b, scales, _, book = op.random_weight(RNG, symmetric=True, code_book=True, scale_block=4, **attributes)
+    floats = np.ones(16, np.float32)
+    a = {"A": np.ones((1, 1, 64), np.float32)}
+    cases = [(op.make_model(b, floats, None, book[:8], **attributes), "code_book has 8 elements, expected 16"),
+             (op.make_model(b, floats, np.full(8, 0x88, np.uint8), book, **attributes), "takes no zero_points"),
+             (op.make_model(b, scales, None, book, **attributes), None)]
+    both = op.make_model(b, scales, None, book, **attributes)
+    both.graph.initializer.append(onnx.numpy_helper.from_array(floats, "floats"))
+    both.graph.node[0].input[2] = "floats"  # float scales as well as 8-bit ones
+    cases.append((both, "either scales or scale_levels"))
+    no_block = op.make_model(b, scales, None, book, **attributes)
+    del no_block.graph.node[0].attribute[-1]
+    assert no_block.graph.node[0].attribute[-1].name != "scale_block"
+    cases.append((no_block, "attribute scale_block"))
+    for model, message in cases:
+        session = _session(model, kernels_library)
+        if message is None:
+            session.run(None, a)  # the well-formed one runs
+            continue
+        with pytest.raises(Exception, match=message):
+            session.run(None, a)
