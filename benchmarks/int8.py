@@ -190,9 +190,9 @@ def int4_configurations() -> list[Config]:
     `MatMulNBitsQuantizer` (its DEFAULT round to nearest; HQQ and K_QUANT, which are asymmetric only; GPTQ, run
     symmetric only to bound the run's length: it was seen to take over 15 minutes) at block sizes 32 and 128, symmetric
     and asymmetric, each at MatMulNBits accuracy_level 4 (activations quantized to int8 per block: the fast
-    path) unless its id ends in -acc0; qcompile's `nf4` (absmax in 8 bits or float) and ONNX Runtime's
-    `MatMulBnb4Quantizer` (NF4, float absmax) at blocks of 64 and 128; `fp8` and `w8a8-smoothquant`, and ONNX
-    Runtime's static FP8."""
+    path) unless its id ends in -acc0; qcompile's `nf4` (absmax in 8 bits or float, on MatMulBnb4; in 8 bits on
+    BlockQuantMatMul, -custom) and ONNX Runtime's `MatMulBnb4Quantizer` (NF4, float absmax) at blocks of 64 and
+    128; `fp8` and `w8a8-smoothquant`, and ONNX Runtime's static FP8."""
     configs = []
     for block in (32, 128):
         for symmetric in (True, False):
@@ -227,6 +227,9 @@ def int4_configurations() -> list[Config]:
                                   f"qcompile nf4 block {block}, absmax {'in 8 bits' if double_quant else 'float'}",
                                   {"recipe": "nf4", "calib": False,
                                    "options": {"block_size": block, "double_quant": double_quant}}))
+        configs.append(Config(f"qc-nf4-b{block}-custom", "qcompile", f"qcompile nf4 block {block}, absmax in 8 bits, "
+                              f"kernel=custom (qcompile's BlockQuantMatMul: int8 code book, int8 activations)",
+                              {"recipe": "nf4", "calib": False, "options": {"block_size": block, "kernel": "custom"}}))
         configs.append(Config(f"ort-bnb4-nf4-b{block}", "ort", f"ORT MatMulBnb4Quantizer NF4 block {block}",
                               {"mode": "bnb4", "block_size": block}))
     # FP8 and SmoothQuant INT8 (activations quantized too), against ORT's static FP8 (its quant_pre_process first)

@@ -82,7 +82,9 @@ def _float_by_nature(node: ir.Node, model: ir.Model) -> str | None:
 
 def _nbits_precision(node: ir.Node) -> str:
     """MatMulNBits' weight is packed bytes: its levels are ``bits`` wide, signed where no zero points are given
-    (the default zero point is the middle level)."""
+    (the default zero point is the middle level); a BlockQuantMatMul's on a code book is named after it."""
+    if (book := node.metadata_props.get(CODE_BOOK_KEY)) is not None:
+        return book
     zero_points = len(node.inputs) > 3 and node.inputs[3] is not None
     return f"{'u' if zero_points else ''}int{node.attributes.get_int('bits', 4)}"
 

@@ -3,9 +3,9 @@
 //
 // Y[m, n] = sum over blocks b of  sw[n, b] * sa[m, b] * (sum_k qa[m, k] * w[n, k] - zp[n, b] * sum_k qa[m, k])
 // with w the unsigned stored levels (0..15 or 0..255; with a code book, code_book[stored 4-bit index] + 128), zp
-// their zero point (128 with a code book), qa = rint(a * 127 / max|a|) per block of A's row. The integer sums are exact; the blocks' float terms are added in the same order by every
-// instruction set's one-row path (the same Y, bit for bit), in another by the GEMM paths (within float32
-// rounding).
+// their zero point (128 with a code book), qa = rint(a * 127 / max|a|) per block of A's row. The integer sums
+// are exact; the blocks' float terms are added in the same order by every instruction set's one-row path (the
+// same Y, bit for bit), in another by the GEMM paths (within float32 rounding).
 #pragma once
 
 #include <cstddef>

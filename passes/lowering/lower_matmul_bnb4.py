@@ -15,8 +15,9 @@ import onnx_ir as ir
 from qcompile.decisions import QUANT_SPEC_KEY, CodebookGrid, PerBlock, QuantSpec
 from qcompile.graph import register_constant
 from qcompile.notes import add_note
-from qcompile.op_rules import BLOCK_DEQUANTIZE_OPSET, reduction_axis
-from qcompile.passes.lowering.lower_matmul_nbits import CONTRIB_DOMAIN, replace_layer
+from qcompile.op_rules import BLOCK_DEQUANTIZE_OPSET
+from qcompile.passes.lowering.lower_matmul_nbits import (CONTRIB_DOMAIN, ensure_lowered, layers_with_spec,
+                                                         release_weights, replace_layer)
 
 NF4_QUANT_TYPE = 1  # MatMulBnb4's quant_type: 0 FP4, 1 NF4
 
@@ -67,9 +68,7 @@ class LowerMatMulBnb4Pass(ir.passes.InPlacePass):
     name = "lower-matmul-bnb4"
 
     def ensures(self, model: ir.Model) -> None:
-        left = [v.name for v in model.graph.initializers.values() if is_code_book_block(v.meta.get(QUANT_SPEC_KEY))]
-        if left:
-            raise ir.passes.PostconditionError(f"NF4 specs not lowered: {', '.join(left[:5])}")
+        ensure_lowered(model, is_code_book_block, "NF4 specs")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -77,10 +76,7 @@ class LowerMatMulBnb4Pass(ir.passes.InPlacePass):
         lowered: dict[ir.Value, list[ir.Value]] = {}  # weight -> MatMulBnb4's B and absmax
         attributes: dict[ir.Value, dict] = {}
         stored, as_float, undecoded = 0, 0, 0
-        for node in list(graph):
-            weight = node.inputs[1] if reduction_axis(node) is not None else None
-            if weight is None or not is_code_book_block(weight.meta.get(QUANT_SPEC_KEY)):
-                continue
+        for node, weight in layers_with_spec(graph, is_code_book_block):
             if weight not in lowered:
                 spec: QuantSpec = weight.meta[QUANT_SPEC_KEY]
                 axis = spec.granularity.axis
@@ -98,10 +94,7 @@ class LowerMatMulBnb4Pass(ir.passes.InPlacePass):
                 stored, as_float = stored + (eight_bit if double_quantized else floats), as_float + floats
                 undecoded += spec.granularity.scale_spec is not None and not double_quantized
             replace_layer(graph, node, "MatMulBnb4", lowered[weight], attributes[weight])
-        for weight in lowered:
-            del weight.meta[QUANT_SPEC_KEY]
-            if not weight.uses():
-                graph.initializers.pop(weight.name)
+        release_weights(graph, lowered)
         if lowered:
             model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
             add_note(model, f"{len(lowered)} NF4 weight(s) in MatMulBnb4: block scales {stored / 1e6:.2f} MB as "

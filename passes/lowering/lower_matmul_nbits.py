@@ -93,6 +93,31 @@ def pack_weight(weight: np.ndarray, spec: QuantSpec) -> PackedWeight:
     return PackedWeight(data, scales.astype(np.float32).reshape(-1), packed_zero_points, k, n, block_size, bits)
 
 
+def layers_with_spec(graph: ir.Graph, accepts) -> list[tuple[ir.Node, ir.Value]]:
+    """The MatMul / Gemm nodes whose weight carries a spec that ``accepts``, each with that weight."""
+    layers = []
+    for node in graph:
+        weight = node.inputs[1] if reduction_axis(node) is not None else None
+        if weight is not None and accepts(weight.meta.get(QUANT_SPEC_KEY)):
+            layers.append((node, weight))
+    return layers
+
+
+def ensure_lowered(model: ir.Model, accepts, what: str) -> None:
+    """A postcondition: no weight left with a spec that ``accepts``."""
+    left = [v.name for v in model.graph.initializers.values() if accepts(v.meta.get(QUANT_SPEC_KEY))]
+    if left:
+        raise ir.passes.PostconditionError(f"{what} not lowered: {', '.join(left[:5])}")
+
+
+def release_weights(graph: ir.Graph, weights) -> None:
+    """The lowered ``weights``' specs dropped, and those no node reads any more removed."""
+    for weight in weights:
+        del weight.meta[QUANT_SPEC_KEY]
+        if not weight.uses():
+            graph.initializers.pop(weight.name)
+
+
 def _is_nbits_block(spec) -> bool:
     return isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerBlock) and \
         isinstance(spec.grid, IntegerGrid) and spec.grid.bits in BITS
@@ -109,26 +134,18 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
         self.options = options
 
     def ensures(self, model: ir.Model) -> None:
-        left = [v.name for v in model.graph.initializers.values() if _is_nbits_block(v.meta.get(QUANT_SPEC_KEY))]
-        if left:
-            raise ir.passes.PostconditionError(f"block specs not lowered: {', '.join(left[:5])}")
+        ensure_lowered(model, _is_nbits_block, "block specs")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         packed: dict[ir.Value, tuple[PackedWeight, list[ir.Value]]] = {}  # weight -> its MatMulNBits inputs
         lowered = 0
-        for node in list(graph):
-            weight = node.inputs[1] if reduction_axis(node) is not None else None
-            if weight is None or not _is_nbits_block(weight.meta.get(QUANT_SPEC_KEY)):
-                continue
+        for node, weight in layers_with_spec(graph, _is_nbits_block):
             if weight not in packed:
                 packed[weight] = _initializers(graph, weight)
             self._replace(graph, node, *packed[weight])
             lowered += 1
-        for weight in packed:
-            del weight.meta[QUANT_SPEC_KEY]
-            if not weight.uses():
-                graph.initializers.pop(weight.name)
+        release_weights(graph, packed)
         if lowered:
             model.opset_imports.setdefault(self._domain, 1)
         if lowered and self.options.custom:
@@ -158,9 +175,9 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
 
 
 def replace_layer(graph: ir.Graph, node: ir.Node, op_type: str, weight_inputs: list[ir.Value], attributes: dict,
-                  domain: str = CONTRIB_DOMAIN) -> None:
+                  domain: str = CONTRIB_DOMAIN) -> ir.Node:
     """Replace the MatMul / Gemm ``node`` by ``op_type`` (of ``domain``) on its activation and ``weight_inputs``, and
-    a Gemm's bias by an Add after it."""
+    a Gemm's bias by an Add after it; the ``op_type`` node."""
     matmul = ir.node(op_type, [node.inputs[0], *weight_inputs], attributes, domain=domain, name=node.name)
     new_nodes = [matmul]
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
@@ -169,6 +186,7 @@ def replace_layer(graph: ir.Graph, node: ir.Node, op_type: str, weight_inputs: l
     output = node.outputs[0]
     new_nodes[-1].outputs[0].type, new_nodes[-1].outputs[0].shape = output.type, output.shape
     ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [output], [new_nodes[-1].outputs[0]])
+    return matmul
 
 
 def _initializers(graph: ir.Graph, weight: ir.Value) -> tuple[PackedWeight, list[ir.Value]]:

@@ -25,7 +25,7 @@ from qcompile.decisions import OUTLIER_COLUMNS_KEY, QUANT_SPEC_KEY
 from qcompile.graph import register_constant
 from qcompile.op_rules import int8_channel_layers
 from qcompile.ops import outlier_split_matmul
-from qcompile.passes.lowering.lower_matmul_nbits import replace_layer
+from qcompile.passes.lowering.lower_matmul_nbits import release_weights, replace_layer
 
 
 # the model's metadata where it needs qcompile's library
@@ -69,10 +69,7 @@ class LowerOutlierSplitMatMulPass(ir.passes.InPlacePass):
                           {"K": k, "N": n, "threshold": float(self.options.threshold)}, outlier_split_matmul.DOMAIN)
         for x in layer_inputs:
             x.meta.pop(OUTLIER_COLUMNS_KEY, None)
-        for weight in stored:
-            del weight.meta[QUANT_SPEC_KEY]
-            if not weight.uses():
-                graph.initializers.pop(weight.name)
+        release_weights(graph, stored)
         if stored and not self.options.decomposed:
             model.opset_imports.setdefault(outlier_split_matmul.DOMAIN, 1)
             model.metadata_props[kernels.METADATA_KEY] = CUSTOM_OPS

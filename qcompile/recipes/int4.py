@@ -7,8 +7,8 @@ per row, as in the INT8 recipes (`embeddings=false` keeps them float), or with `
 blocks along the row for ONNX Runtime's GatherBlockQuantized. They are lowered to ONNX Runtime's
 `MatMulNBits` (``kernel=contrib``, ort-cpu and ort-cuda), to qcompile's own `BlockQuantMatMul` (``kernel=custom``,
 ort-cpu, `qcompile.kernels`), or to opset 21's DequantizeLinear with ``block_size`` in front of the MatMul
-(``kernel=decomposed``: portable, TensorRT). `nf4` puts the 4-bit
-layers on QLoRA's code book instead, lowered to `MatMulBnb4` or decoded by standard ops.
+(``kernel=decomposed``: portable, TensorRT). `nf4` puts the 4-bit layers on QLoRA's code book instead, lowered
+to `MatMulBnb4`, to `BlockQuantMatMul` with the code book (``kernel=custom``), or decoded by standard ops.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from qcompile import kernels
 from qcompile.errors import UsageError
+from qcompile.ops import block_quant_matmul
 from qcompile.passes.analysis.assign_block_specs import (BLOCK_DEQUANTIZE_OPSET, BLOCK_SIZES, AssignBlockSpecsPass,
                                                          BlockSpecOptions)
 from qcompile.passes.analysis.choose_awq_scales import AWQOptions, ChooseAWQScalesPass
@@ -26,6 +27,7 @@ from qcompile.passes.analysis.round_blocks_gptq import GPTQOptions, RoundBlocksG
 from qcompile.passes.canonicalize.eliminate_dead_code import EliminateDeadCodePass
 from qcompile.passes.canonicalize.upgrade_opset import PER_CHANNEL_OPSET
 from qcompile.passes.lowering.dequantize_code_book_weights import DequantizeCodeBookWeightsPass
+from qcompile.passes.lowering.lower_code_book_matmul import LowerCodeBookMatMulPass
 from qcompile.passes.lowering.lower_gather_block_quantized import LowerGatherBlockQuantizedPass
 from qcompile.passes.lowering.lower_matmul_bnb4 import LowerMatMulBnb4Pass
 from qcompile.passes.lowering.lower_matmul_nbits import LowerMatMulNBitsPass, MatMulNBitsOptions
@@ -84,9 +86,11 @@ class NF4Options:
     double_quant: bool = option(True, f"absmax values stored in 8 bits, blocks of {NF4_SCALE_BLOCK} along N "
                                       f"(QLoRA's double quantization), or as floats (false)")
     accuracy_level: int = option(4, "MatMulNBits' accuracy_level, for the layers kept at 8 bits (head_bits)")
-    kernel: str = option("auto", "how the NF4 matmuls are lowered: contrib (ONNX Runtime's MatMulBnb4), decomposed "
-                                 "(the indexes decoded by Gather from the code book: standard ONNX, opset 21), auto "
-                                 "(contrib where the target takes contrib ops)")
+    kernel: str = option("auto", "how the NF4 matmuls are lowered: contrib (ONNX Runtime's MatMulBnb4), custom "
+                                 "(qcompile's BlockQuantMatMul: the code book as int8 levels, activations int8 per "
+                                 "block, 8-bit scales read as stored; ort-cpu, after `qcompile kernels build`), "
+                                 "decomposed (the indexes decoded by Gather from the code book: standard ONNX, opset "
+                                 "21), auto (contrib where the target takes contrib ops)")
     head_bits: int = option(8, "bits of the layers that write a model output (an LM head): 8 (integer blocks, "
                                "MatMulNBits from ONNX Runtime 1.22) or 4 (NF4)")
     embeddings: bool = embeddings_option()
@@ -109,7 +113,7 @@ def _embedding_block(settings: Settings, decomposed: bool) -> int | None:
     return settings.options.block_size
 
 
-def _kernel(settings: Settings, nf4: bool = False) -> str:
+def _kernel(settings: Settings) -> str:
     kernel = settings.options.kernel
     if kernel not in KERNELS:
         raise UsageError(f"option kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
@@ -119,9 +123,6 @@ def _kernel(settings: Settings, nf4: bool = False) -> str:
         raise UsageError(f"option kernel=contrib: {settings.target.summary} takes no com.microsoft ops; "
                          f"use kernel=decomposed")
     if kernel == "custom":
-        if nf4:
-            raise UsageError("option kernel=custom: qcompile's library has no NF4 kernel yet; use kernel=contrib "
-                             "(MatMulBnb4) or kernel=decomposed")
         if kernels.DOMAIN not in settings.target.custom_op_domains:
             raise UsageError(f"option kernel=custom: qcompile's custom-op library has no kernels for "
                              f"{settings.target.summary} (CPU only so far); use kernel=contrib or kernel=decomposed")
@@ -129,12 +130,15 @@ def _kernel(settings: Settings, nf4: bool = False) -> str:
     return kernel
 
 
-def _block_options(settings: Settings, decomposed: bool, nf4: bool = False) -> BlockSpecOptions:
+def _block_options(settings: Settings, kernel: str, nf4: bool = False) -> BlockSpecOptions:
     options = settings.options
     symmetric = nf4 or options.symmetric
     if options.block_size not in BLOCK_SIZES:
         raise UsageError(f"option block_size: expected one of {', '.join(map(str, BLOCK_SIZES))}, "
                          f"got {options.block_size}")
+    if kernel == "custom" and options.block_size not in block_quant_matmul.BLOCK_SIZES:
+        raise UsageError(f"option block_size={options.block_size}: qcompile's BlockQuantMatMul (kernel=custom) takes "
+                         f"blocks of {', '.join(map(str, block_quant_matmul.BLOCK_SIZES))}")
     if settings.target.symmetric_int8_only and not symmetric:
         raise UsageError(f"option symmetric=false: {settings.target.summary} takes 4-bit weights with zero point 0 "
                          f"only; use symmetric=true")
@@ -142,7 +146,7 @@ def _block_options(settings: Settings, decomposed: bool, nf4: bool = False) -> B
         raise UsageError(f"option head_bits: expected 4 or 8, got {options.head_bits}")
     double_quant = nf4 and options.double_quant
     return BlockSpecOptions(block_size=options.block_size, symmetric=symmetric, exclude=settings.excluded,
-                            block_dequantize=decomposed, head_bits=options.head_bits, nf4=nf4,
+                            block_dequantize=kernel == "decomposed", head_bits=options.head_bits, nf4=nf4,
                             scale_block=NF4_SCALE_BLOCK if double_quant else None)
 
 
@@ -150,18 +154,20 @@ def _w4a16(settings: Settings, scale: list[ir.passes.PassBase] = (), fit: list[i
            nf4: bool = False) -> list[ir.passes.PassBase]:
     """The INT4 pipeline; ``scale`` rescales weights before their blocks are decided, ``fit`` refines those; ``nf4``:
     the 4-bit layers on the NF4 code book."""
-    kernel = _kernel(settings, nf4)
+    kernel = _kernel(settings)
     decomposed = kernel == "decomposed"
     if settings.options.accuracy_level not in ACCURACY_LEVELS:
         raise UsageError(f"option accuracy_level: expected one of {', '.join(map(str, ACCURACY_LEVELS))}, "
                          f"got {settings.options.accuracy_level}")
-    blocks = _block_options(settings, decomposed, nf4)
+    blocks = _block_options(settings, kernel, nf4)
     embedding_block = _embedding_block(settings, decomposed)
     if decomposed:
         lowering = [DequantizeCodeBookWeightsPass()] if nf4 else []
     else:
+        # custom: blocks BlockQuantMatMul does not take (NF4's shrunk to divide K) to MatMulBnb4
+        code_book = [*([LowerCodeBookMatMulPass()] if kernel == "custom" else []), LowerMatMulBnb4Pass()]
         lowering = [*([LowerGatherBlockQuantizedPass()] if embedding_block else []),
-                    *([LowerMatMulBnb4Pass()] if nf4 else []),
+                    *(code_book if nf4 else []),
                     LowerMatMulNBitsPass(MatMulNBitsOptions(settings.options.accuracy_level, kernel == "custom"))]
     # block-wise DequantizeLinear: the decomposed lowering's, and that of NF4's 8-bit scales
     block_dequantize = decomposed or blocks.scale_block is not None

@@ -198,8 +198,6 @@ def test_kernel_custom_lowers_to_qcompiles_op_and_names_the_library(block, kerne
 
 
 def test_kernel_custom_says_how_to_get_what_it_lacks(block, tmp_path, monkeypatch):
-    with pytest.raises(UsageError, match="no NF4 kernel yet"):
-        qcompile.compile(block, recipe="nf4", options={"kernel": "custom"})
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "empty-cache"))
     kernels.source_digest.cache_clear()
     with pytest.raises(UsageError, match=r"not built: run `qcompile kernels build`"):
@@ -364,6 +362,26 @@ def test_nf4_runs_as_matmulbnb4_and_decoded_by_standard_ops_exactly_as_numpy_dec
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_with_kernel_custom_reads_8_bit_scales_and_computes_nf4_up_to_int8_rounding(block, kernels_library,
+                                                                                         double_quant):
+    options = {"double_quant": double_quant, "block_size": 32}
+    result = qcompile.compile(block, recipe="nf4", options={**options, "kernel": "custom"})
+    nodes = {n.name: n for n in result.model.graph if n.op_type == "BlockQuantMatMul"}
+    assert sorted(nodes) == sorted(LINEARS) and not any(n.op_type == "MatMulBnb4" for n in result.model.graph)
+    assert {layer["precision"] for layer in result.report["layers"] if layer["name"] in LINEARS} == {
+        "w:nf4 a:int8-blocks"}
+    assert describe(result.model)["custom_op_library"] == "ai.qcompile: BlockQuantMatMul"
+    q_proj = nodes["q_proj"]
+    assert (q_proj.inputs[2] is None) == double_quant  # the 8-bit scales go in as stored, not decoded to floats
+    assert q_proj.inputs[4].dtype == ir.DataType.INT8  # the code book
+    feed = random_feed(result.model, batch=2, seq=6)
+    expected = run(_nf4_reference(block, 32, double_quant), feed)  # NF4's weights, float activations
+    custom = run(result.model, feed)
+    np.testing.assert_allclose(custom[0], expected[0], rtol=0.05, atol=0.05 * np.abs(expected[0]).max())
+    assert worst_sqnr_db(expected, custom) > 25  # int8 activations per block, the code book's rounding
+
+
 def test_nf4_codes_are_packed_high_nibble_first_along_the_flattened_n_by_k_weight(block):
     from qcompile.passes.analysis.assign_block_specs import nf4_spec
 
@@ -410,6 +428,23 @@ def test_a_k_not_a_multiple_of_the_block_takes_a_smaller_nf4_block_and_pads_inte
     integer = qcompile.compile(path, recipe="w4a16-rtn", options={"block_size": 64})  # a short last block
     assert [n.op_type for n in integer.model.graph] == ["MatMulNBits", "Relu"]
     assert any("the last block of each column is short" in note for note in integer.report["notes"])
+
+
+def test_nf4_blocks_below_what_kernel_custom_takes_go_to_matmulbnb4(tmp_path, kernels_library):
+    path = tmp_path / "narrow.onnx"
+    save_model(parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, 48] x) => (float[B, 8] y) <float[48, 64] w = {%s}, float[64, 8] v = {%s}> {
+        h = MatMul(x, w)
+        y = MatMul(h, v)
+    }
+    """ % (", ".join(["0.5"] * 48 * 64), ", ".join(["0.25"] * 64 * 8))), path)
+    result = qcompile.compile(path, recipe="nf4", options={"block_size": 32, "kernel": "custom", "head_bits": 4})
+    layers = [n.op_type for n in result.model.graph if n.op_type in ("MatMulBnb4", "BlockQuantMatMul")]
+    assert layers == ["MatMulBnb4", "BlockQuantMatMul"]  # K = 48: blocks of 16
+    assert np.isfinite(run(result.model, random_feed(result.model))[0]).all()
+    with pytest.raises(UsageError, match="block_size=16: qcompile's BlockQuantMatMul .* takes blocks of 32, 64"):
+        qcompile.compile(path, recipe="w4a16-rtn", options={"block_size": 16, "kernel": "custom"})
 
 
 @NBITS_8
