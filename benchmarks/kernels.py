@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Kernel benchmark: qcompile's BlockQuantMatMul next to ONNX Runtime's MatMulNBits (accuracy_level 4 and 0), int8
-DynamicQuantizeMatMul and fp32 MatMul, and qcompile's OutlierSplitMatMul (LLM.int8()) next to DynamicQuantizeMatMul
-and its own standard-ONNX equivalent, one matmul at a time, in one run.
+DynamicQuantizeMatMul and fp32 MatMul; BlockQuantMatMul on NF4 (code book, 8-bit absmax in groups of 256 columns)
+next to ONNX Runtime's MatMulBnb4 (float absmax); qcompile's OutlierSplitMatMul (LLM.int8()) next to
+DynamicQuantizeMatMul and its own standard-ONNX equivalent; one matmul at a time, in one run.
 
     .venv/bin/python benchmarks/kernels.py [--quick] [--rounds 7]
     .venv/bin/python benchmarks/kernels.py --markdown RESULTS.json     # rewrite its .md
@@ -39,6 +40,7 @@ SHAPES = {"4096x4096": (4096, 4096), "smollm2 q/o 576x576": (576, 576), "smollm2
           "smollm2 gate/up 576x1536": (576, 1536), "smollm2 down 1536x576": (1536, 576),
           "smollm2 head 576x49152": (576, 49152)}
 QUICK_SHAPES = ("4096x4096", "smollm2 gate/up 576x1536")
+NF4_SCALE_BLOCK = 256  # QLoRA's (and the nf4 recipe's) absmax values per 8-bit scale
 
 
 def read_bandwidth(seconds: float = 1.0) -> float:
@@ -71,6 +73,18 @@ def _weights(kind: str, k: int, n: int, block: int, rng: np.random.Generator) ->
     if kind == "outlier-split":
         arrays = [rng.integers(1, 256, (n, k), dtype=np.uint8), rng.uniform(0.01, 0.02, n).astype(np.float32)]
         return arrays, {"K": k, "N": n, "threshold": 6.0}, sum(a.nbytes for a in arrays)
+    if kind == "bnb4":  # MatMulBnb4: the (N, K) weight's codes flattened, a float absmax per block
+        arrays = [rng.integers(0, 256, n * k // 2, dtype=np.uint8),
+                  rng.uniform(0.5, 2.0, n * k_blocks).astype(np.float32)]
+        return arrays, {"K": k, "N": n, "block_size": block, "quant_type": 1}, sum(a.nbytes for a in arrays)
+    if kind == "custom-nf4":  # codes, the code book, absmax levels with a scale and zero point per 256 columns
+        from qcompile.ops import block_quant_matmul
+
+        b, scales, _, book = block_quant_matmul.random_weight(rng, K=k, N=n, bits=4, block_size=block, symmetric=True,
+                                                              code_book=True, scale_block=NF4_SCALE_BLOCK)
+        arrays = [b, book, scales.levels, scales.scales, scales.zero_points]
+        attributes = {"K": k, "N": n, "bits": 4, "block_size": block, "scale_block": NF4_SCALE_BLOCK}
+        return arrays, attributes, sum(a.nbytes for a in arrays)
     arrays = [rng.integers(0, 256, (n, k_blocks, block // 2), dtype=np.uint8),
               rng.uniform(0.01, 0.02, n * k_blocks).astype(np.float32)]
     return arrays, {"K": k, "N": n, "bits": 4, "block_size": block}, sum(a.nbytes for a in arrays)
@@ -78,6 +92,11 @@ def _weights(kind: str, k: int, n: int, block: int, rng: np.random.Generator) ->
 
 def _node(kind: str, i: int, attributes: dict) -> onnx.NodeProto:
     inputs = ["A", *[f"w{i}_{j}" for j in range(2 if kind != "fp32" else 1)]]
+    if kind == "custom-nf4":  # no float scales, no zero points
+        return helper.make_node("BlockQuantMatMul", ["A", f"w{i}_0", "", "", *[f"w{i}_{j}" for j in range(1, 5)]],
+                                [f"y{i}"], domain="ai.qcompile", **attributes)
+    if kind == "bnb4":
+        return helper.make_node("MatMulBnb4", inputs, [f"y{i}"], domain="com.microsoft", **attributes)
     if kind == "fp32":
         return helper.make_node("MatMul", inputs, [f"y{i}"])
     if kind == "int8":
@@ -150,7 +169,7 @@ def main() -> int:
     int8.say(f"read bandwidth (2 threads): {bandwidth / 1e9:.1f} GB/s")
     rng = np.random.default_rng(0)
     rows = []
-    int4_kinds = ("custom", "nbits-acc4", "nbits-acc0", "int8", "fp32")
+    int4_kinds = ("custom", "nbits-acc4", "nbits-acc0", "int8", "fp32", "custom-nf4", "bnb4")
     outlier_kinds = ("outlier-split", "outlier-decomposed")  # LLM.int8(): no blocks, timed with the first block
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         k, n = SHAPES[shape]
@@ -203,6 +222,19 @@ def markdown(doc: dict) -> str:
                  for kind in ("nbits-acc4", "nbits-acc0", "int8", "fp32")]
         lines.append(f"| {row['shape']} | {row['block']} | {row['m']} | {ours:.3f} | "
                      f"{row['custom']['floor_ms']:.3f} | " + " | ".join(cells) + " |")
+    nf4 = [row for row in doc["rows"] if "custom-nf4" in row]
+    if nf4:
+        lines += ["", "NF4: qcompile's BlockQuantMatMul with the code book (int8 levels) and 8-bit absmax (a scale and "
+                      "zero point per 256 columns, decoded as each column is read), activations int8 per block, "
+                      "against ONNX Runtime's MatMulBnb4 (float absmax, float activations). `floor`: the NF4 "
+                      "weight's bytes over the bandwidth. Ratios: to BlockQuantMatMul.", "",
+                  "| shape | block | M | BlockQuantMatMul NF4 | floor | MatMulBnb4 | fp32 MatMul |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for row in nf4:
+            ours = row["custom-nf4"]["ms"]
+            cells = [f"{row[kind]['ms']:.3f} ({row[kind]['ms'] / ours:.2f}x)" for kind in ("bnb4", "fp32")]
+            lines.append(f"| {row['shape']} | {row['block']} | {row['m']} | {ours:.3f} | "
+                         f"{row['custom-nf4']['floor_ms']:.3f} | " + " | ".join(cells) + " |")
     outliers = [row for row in doc["rows"] if "outlier-split" in row]
     if outliers:
         lines += ["", "LLM.int8(): qcompile's OutlierSplitMatMul (threshold 6; 1 in 500 input features 20x larger, "

@@ -89,19 +89,22 @@ void quantize_row_avx512vnni(const float*, int64_t, const BlockWeight&, Quantize
 void columns_avx512vnni(const BlockWeight&, const QuantizedRows&, int64_t, int64_t, float*, int64_t);
 #endif
 
-// sum_i w[i] * q[i] over `count` bytes (a multiple of 32): unsigned 8-bit levels times int8 (OutlierSplitMatMul).
-using ByteDot = int32_t (*)(const uint8_t* w, const int8_t* q, int64_t count);
+// dots[r * ld + c] = sum_i w[c * ldw + i] * q[r * ldq + i] over `count` bytes (a multiple of 32) for `rows` rows
+// of q and `columns` of w: unsigned 8-bit levels times int8, every row with every column (OutlierSplitMatMul).
+using ByteDots = void (*)(const uint8_t* w, int64_t ldw, int64_t columns, const int8_t* q, int64_t ldq, int64_t rows,
+                          int64_t count, int32_t* dots, int64_t ld);
 
-int32_t byte_dot_portable(const uint8_t*, const int8_t*, int64_t);
+void byte_dots_portable(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t);
 #ifdef QCOMPILE_X86
-int32_t byte_dot_avx2(const uint8_t*, const int8_t*, int64_t);
-int32_t byte_dot_avx512vnni(const uint8_t*, const int8_t*, int64_t);
+void byte_dots_avx2(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t);
+void byte_dots_avx512vnni(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, int64_t, int64_t, int32_t*,
+                          int64_t);
 #endif
 
 struct Kernels {
   RowQuantizer quantize_row;
   ColumnKernel columns;
-  ByteDot byte_dot;
+  ByteDots byte_dots;
 };
 
 // The fastest kernels this CPU runs (QCOMPILE_KERNELS_ISA asks for slower ones).

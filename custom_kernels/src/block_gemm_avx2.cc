@@ -19,6 +19,7 @@ static inline __m256i dot_chunk8(__m256i acc, __m256i w, __m256i q) {
 
 #define COLUMNS columns_avx2
 #define QUANTIZE_ROW quantize_row_avx2
-#define BYTE_DOT byte_dot_avx2
+#define BYTE_DOTS byte_dots_avx2
+#define BYTE_DOT_ROWS 2
 #define GEMM_COLUMNS 2
 #include "block_gemm_simd.inl"

@@ -125,10 +125,15 @@ void columns_portable(const BlockWeight& w, const QuantizedRows& a, int64_t n0, 
   }
 }
 
-int32_t byte_dot_portable(const uint8_t* w, const int8_t* q, int64_t count) {
-  int32_t dot = 0;
-  for (int64_t i = 0; i < count; ++i) dot += int32_t{w[i]} * q[i];
-  return dot;
+void byte_dots_portable(const uint8_t* w, int64_t ldw, int64_t columns, const int8_t* q, int64_t ldq, int64_t rows,
+                        int64_t count, int32_t* dots, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < columns; ++c) {
+      int32_t dot = 0;
+      for (int64_t i = 0; i < count; ++i) dot += int32_t{w[c * ldw + i]} * q[r * ldq + i];
+      dots[r * ld + c] = dot;
+    }
+  }
 }
 
 Kernels best_kernels() {
@@ -141,11 +146,11 @@ Kernels best_kernels() {
   const bool vnni = avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
                     __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   if (vnni && (choice.empty() || choice == "avx512vnni")) {
-    return {quantize_row_avx512vnni, columns_avx512vnni, byte_dot_avx512vnni};
+    return {quantize_row_avx512vnni, columns_avx512vnni, byte_dots_avx512vnni};
   }
-  if (avx2 && choice != "portable") return {quantize_row_avx2, columns_avx2, byte_dot_avx2};
+  if (avx2 && choice != "portable") return {quantize_row_avx2, columns_avx2, byte_dots_avx2};
 #endif
-  return {quantize_row_portable, columns_portable, byte_dot_portable};
+  return {quantize_row_portable, columns_portable, byte_dots_portable};
 }
 
 }  // namespace qcompile

@@ -1,9 +1,10 @@
 // The x86 column kernel, included by one translation unit per instruction set, which defines
-//   COLUMNS, QUANTIZE_ROW, BYTE_DOT the functions' names
+//   COLUMNS, QUANTIZE_ROW, BYTE_DOTS the functions' names
 //   dot_chunk(acc, w, q)            acc (8 x int32) + the products of 32 unsigned 4-bit levels w and 32 int8 q,
 //                                   summed in fours (lane i: bytes 4i .. 4i + 3)
 //   dot_chunk8(acc, w, q)           the same for 8-bit levels (0..255)
 //   GEMM_COLUMNS                    columns the GEMM path computes together (as registers allow)
+//   BYTE_DOT_ROWS                   rows BYTE_DOTS computes together with 4 columns (as registers allow)
 //   QCOMPILE_LANES16                (if defined) the GEMM path's 512-bit registers
 // Blocks are taken eight at a time, one per lane, so that their scales, zero points and the rows' sums load as
 // vectors.
@@ -426,16 +427,57 @@ inline __m256i pack32(const int32_t* levels) {
   return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(low, high), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
+constexpr int kByteDotColumns = 4;
+
+// BYTE_DOTS for R rows and C columns, each pair's sum in a register of its own.
+template <int R, int C>
+void byte_dots_tile(const uint8_t* w, int64_t ldw, const int8_t* q, int64_t ldq, int64_t count, int32_t* dots,
+                    int64_t ld) {
+  __m256i acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
+  for (int64_t i = 0; i < count; i += 32) {
+    __m256i columns[C];
+    for (int c = 0; c < C; ++c) columns[c] = load(w + c * ldw + i);
+    for (int r = 0; r < R; ++r) {
+      const __m256i row = load(q + r * ldq + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = dot_chunk8(acc[r][c], columns[c], row);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(acc[r][c]), _mm256_extracti128_si256(acc[r][c], 1));
+      const __m128i pair = _mm_add_epi32(half, _mm_unpackhi_epi64(half, half));
+      dots[r * ld + c] = _mm_cvtsi128_si32(_mm_add_epi32(pair, _mm_shuffle_epi32(pair, 1)));
+    }
+  }
+}
+
+// R rows with every column: kByteDotColumns at a time, then one at a time.
+template <int R>
+void byte_dots_rows(const uint8_t* w, int64_t ldw, int64_t columns, const int8_t* q, int64_t ldq, int64_t count,
+                    int32_t* dots, int64_t ld) {
+  const int64_t full = columns / kByteDotColumns * kByteDotColumns;
+  for (int64_t c = 0; c < full; c += kByteDotColumns) {
+    byte_dots_tile<R, kByteDotColumns>(w + c * ldw, ldw, q, ldq, count, dots + c, ld);
+  }
+  for (int64_t c = full; c < columns; ++c) byte_dots_tile<R, 1>(w + c * ldw, ldw, q, ldq, count, dots + c, ld);
+}
+
 }  // namespace
 
-int32_t BYTE_DOT(const uint8_t* w, const int8_t* q, int64_t count) {
-  __m256i acc = _mm256_setzero_si256();
-  for (int64_t i = 0; i < count; i += 32) acc = dot_chunk8(acc, load(w + i), load(q + i));
-  alignas(32) int32_t parts[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(parts), acc);
-  int32_t dot = 0;
-  for (int32_t part : parts) dot += part;
-  return dot;
+void BYTE_DOTS(const uint8_t* w, int64_t ldw, int64_t columns, const int8_t* q, int64_t ldq, int64_t rows,
+               int64_t count, int32_t* dots, int64_t ld) {
+  for (int64_t r = 0; r < rows; r += BYTE_DOT_ROWS) {
+    const int8_t* q_rows = q + r * ldq;
+    int32_t* out = dots + r * ld;
+    switch (std::min<int64_t>(BYTE_DOT_ROWS, rows - r)) {
+      case 4: byte_dots_rows<4>(w, ldw, columns, q_rows, ldq, count, out, ld); break;
+      case 3: byte_dots_rows<3>(w, ldw, columns, q_rows, ldq, count, out, ld); break;
+      case 2: byte_dots_rows<2>(w, ldw, columns, q_rows, ldq, count, out, ld); break;
+      default: byte_dots_rows<1>(w, ldw, columns, q_rows, ldq, count, out, ld);
+    }
+  }
 }
 
 void QUANTIZE_ROW(const float* a, int64_t row, const BlockWeight& w, QuantizedRows& out) {

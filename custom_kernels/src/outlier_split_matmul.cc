@@ -17,7 +17,7 @@ namespace qcompile {
 namespace {
 
 constexpr const char* kOp = "OutlierSplitMatMul";
-constexpr int64_t kChunk = 32;  // bytes `ByteDot` takes at a time
+constexpr int64_t kChunk = 32;  // bytes `ByteDots` takes at a time
 constexpr int64_t kColumnsPerTask = 16;
 
 struct Kernel {
@@ -90,13 +90,17 @@ void run_columns(void* data, size_t index) {
   thread_local std::vector<float> weights;  // column n's weights of the outlier features, dequantized
   weights.resize(count);
   const int64_t n0 = static_cast<int64_t>(index) * kColumnsPerTask, n1 = std::min(n0 + kColumnsPerTask, n_total);
+  thread_local std::vector<int32_t> dots;  // (m, n1 - n0): the integer sums over the row's whole chunks
+  dots.resize(static_cast<size_t>(job.m * (n1 - n0)));
+  job.kernel->kernels.byte_dots(job.b + n0 * k, k, n1 - n0, rows.q.data(), rows.padded_k, job.m, whole, dots.data(),
+                                n1 - n0);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = job.b + n * k;
     const float scale = job.scales[n];
     for (size_t c = 0; c < count; ++c) weights[c] = static_cast<float>(int32_t{w[outliers[c]]} - 128) * scale;
     for (int64_t m = 0; m < job.m; ++m) {
       const int8_t* q = rows.q.data() + m * rows.padded_k;
-      int32_t dot = job.kernel->kernels.byte_dot(w, q, whole);
+      int32_t dot = dots[m * (n1 - n0) + (n - n0)];
       for (int64_t i = whole; i < k; ++i) dot += int32_t{w[i]} * q[i];  // the last bytes of the row
       float y = static_cast<float>(dot - 128 * rows.sum[m]) * (rows.scale[m] * scale);
       const float* x = rows.outliers.data() + m * count;
