@@ -1,11 +1,12 @@
 """``ai.qcompile.BlockQuantMatMul``: activations times a block-quantized weight, on integer dot products.
 
 Its first inputs and attributes are MatMulNBits' (``com.microsoft``), so the lowering that packs for one packs
-for the other: ``A`` (..., K) float32; ``B`` uint8 (N, k_blocks, block_size * bits / 8), the levels of each
-output column along K, two 4-bit levels per byte (the first in the low nibble) or one 8-bit level; ``scales``
-float32 (N * k_blocks); ``zero_points`` uint8, optional, packed like B (N * ceil(k_blocks * bits / 8) bytes),
-else 8 (4 bits) or 128 (8 bits). Attributes ``K``, ``N``, ``bits`` (4, 8), ``block_size`` (32, 64, 128, 256).
-Output ``Y`` (..., N) float32. Two more ways to store the weight (NF4 with QLoRA's double quantization uses both):
+for the other: ``A`` (..., K) float32 or float16; ``B`` uint8 (N, k_blocks, block_size * bits / 8), the levels
+of each output column along K, two 4-bit levels per byte (the first in the low nibble) or one 8-bit level;
+``scales`` float32 (N * k_blocks); ``zero_points`` uint8, optional, packed like B (N * ceil(k_blocks * bits / 8)
+bytes), else 8 (4 bits) or 128 (8 bits). Attributes ``K``, ``N``, ``bits`` (4, 8), ``block_size`` (32, 64, 128,
+256). Output ``Y`` (..., N), A's type (float16 A is computed as float32, Y rounded to float16 at the end). Two
+more ways to store the weight (NF4 with QLoRA's double quantization uses both):
 
 - ``code_book`` int8 (16), optional, 4 bits only, no zero points: the stored 4-bit values index it, so the
   weight is ``scale * code_book[index]`` (the kernels take ``code_book + 128`` as unsigned levels, zero point 128).
@@ -106,6 +107,9 @@ def unpack_weight(b: np.ndarray, zero_points: np.ndarray | None, n: int, k_block
 def reference(a: np.ndarray, b: np.ndarray, scales: np.ndarray | EightBitScales, zero_points: np.ndarray | None,
               code_book: np.ndarray | None = None, *, K: int, N: int, bits: int, block_size: int) -> np.ndarray:
     """The operator in numpy (see the module's docstring)."""
+    if a.dtype == np.float16:
+        return reference(a.astype(np.float32), b, scales, zero_points, code_book, K=K, N=N, bits=bits,
+                         block_size=block_size).astype(np.float16)
     k_blocks = -(-K // block_size)
     rows = a.reshape(-1, K).astype(np.float32)
     qa, sa = quantize_activations(rows, block_size)
@@ -130,12 +134,14 @@ def weight_inputs(b: np.ndarray, scales: np.ndarray | EightBitScales, zero_point
 
 
 def make_model(b: np.ndarray, scales: np.ndarray | EightBitScales, zero_points: np.ndarray | None,
-               code_book: np.ndarray | None = None, *, K: int, N: int, bits: int, block_size: int, opset: int = 21):
-    """A one-node model (ModelProto): input ``A`` (batch, rows, K), output ``Y``, the weight as initializers."""
+               code_book: np.ndarray | None = None, *, K: int, N: int, bits: int, block_size: int, opset: int = 21,
+               dtype=np.float32):
+    """A one-node model (ModelProto): input ``A`` (batch, rows, K) of ``dtype``, output ``Y``, the weight as
+    initializers."""
     inputs, attributes = weight_inputs(b, scales, zero_points, code_book)
     return onnx_graphs.one_node_model(OP_TYPE, DOMAIN, inputs,
                                       dict(K=K, N=N, bits=bits, block_size=block_size, **attributes),
-                                      K=K, N=N, opset=opset)
+                                      K=K, N=N, opset=opset, dtype=dtype)
 
 
 def decomposed_model(b: np.ndarray, scales: np.ndarray | EightBitScales, zero_points: np.ndarray | None,

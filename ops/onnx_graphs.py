@@ -1,8 +1,8 @@
 """What the ops' one-node models and standard-ONNX equivalents share: the model around the nodes, and the
 activations' INT8 round trip (max |x| / 127 per slice, rounded to even, clipped, back to float).
 
-Every model has input ``A`` (batch, rows, K) and output ``Y`` (batch, rows, N), at IR version 10 (what every
-supported ONNX Runtime reads, `qcompile.io.MAX_IR_VERSION`).
+Every model has input ``A`` (batch, rows, K) and output ``Y`` (batch, rows, N), float32 or float16 (``dtype``), at
+IR version 10 (what every supported ONNX Runtime reads, `qcompile.io.MAX_IR_VERSION`).
 """
 from __future__ import annotations
 
@@ -15,20 +15,21 @@ ROUND_TRIP_CONSTANTS = {"top": np.array(127, np.float32), "zero": np.array(0, np
 
 
 def model(name: str, nodes: list, constants: dict[str, np.ndarray], *, K: int, N: int, opset: int,
-          domain: str | None = None):
+          domain: str | None = None, dtype=np.float32):
     """A ModelProto of ``nodes`` on ``A`` -> ``Y``, ``constants`` as initializers, importing ``domain`` if given."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
+    elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(
-        nodes, name, [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["batch", "rows", K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "rows", N])],
+        nodes, name, [helper.make_tensor_value_info("A", elem_type, ["batch", "rows", K])],
+        [helper.make_tensor_value_info("Y", elem_type, ["batch", "rows", N])],
         [numpy_helper.from_array(value, key) for key, value in constants.items()])
     opsets = [helper.make_opsetid("", opset), *([helper.make_opsetid(domain, 1)] if domain else [])]
     return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
 
 
 def one_node_model(op_type: str, domain: str, weights: dict[str, np.ndarray | None], attributes: dict, *, K: int,
-                   N: int, opset: int):
+                   N: int, opset: int, dtype=np.float32):
     """``Y = op_type(A, *weights)``, the weights as initializers; one that is None is an optional input left out."""
     from onnx import helper
 
@@ -37,7 +38,7 @@ def one_node_model(op_type: str, domain: str, weights: dict[str, np.ndarray | No
         names.pop()
     node = helper.make_node(op_type, ["A", *names], ["Y"], domain=domain, **attributes)
     given = {name: value for name, value in weights.items() if value is not None}
-    return model(op_type, [node], given, K=K, N=N, opset=opset, domain=domain)
+    return model(op_type, [node], given, K=K, N=N, opset=opset, domain=domain, dtype=dtype)
 
 
 def int8_round_trip(x: str, axes: str, output: str) -> list:

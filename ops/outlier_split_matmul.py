@@ -1,10 +1,10 @@
 """``ai.qcompile.OutlierSplitMatMul``: LLM.int8() (Dettmers et al. 2022), activations times an INT8 weight with the
 activations' outlier columns kept in float.
 
-Inputs: ``A`` (..., K) float32; ``B`` uint8 (N, K), each output channel's INT8 levels stored + 128 (zero point
-128, as MatMulNBits stores 8 bits); ``scales`` float32 (N,): the weight is ``(B - 128) * scales[:, None]``;
-``outlier_columns`` int64 (C,), optional. Attributes ``K``, ``N``, ``threshold`` (float, default 6.0). Output
-``Y`` (..., N) float32.
+Inputs: ``A`` (..., K) float32 or float16; ``B`` uint8 (N, K), each output channel's INT8 levels stored + 128
+(zero point 128, as MatMulNBits stores 8 bits); ``scales`` float32 (N,): the weight is ``(B - 128) *
+scales[:, None]``; ``outlier_columns`` int64 (C,), optional. Attributes ``K``, ``N``, ``threshold`` (float,
+default 6.0). Output ``Y`` (..., N), A's type (float16 A is computed as float32, Y rounded to float16 at the end).
 
 The outlier columns are the given ones (fixed, chosen at calibration), or else every input feature k whose
 largest |A[.., k]| over the call's rows exceeds ``threshold`` (detected at run time, as bitsandbytes does).
@@ -49,6 +49,8 @@ def quantize_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def reference(a: np.ndarray, b: np.ndarray, scales: np.ndarray, columns: np.ndarray | None = None, *, K: int, N: int,
               threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """The operator in numpy (see the module's docstring)."""
+    if a.dtype == np.float16:
+        return reference(a.astype(np.float32), b, scales, columns, K=K, N=N, threshold=threshold).astype(np.float16)
     rows = a.reshape(-1, K).astype(np.float32)
     outliers = outlier_columns(rows, threshold) if columns is None else np.asarray(columns, np.int64)
     levels = b.reshape(N, K).astype(np.int64) - 128
@@ -101,9 +103,10 @@ def random_weight(rng: np.random.Generator, *, K: int, N: int) -> tuple[np.ndarr
 
 
 def make_model(b: np.ndarray, scales: np.ndarray, columns: np.ndarray | None = None, *, K: int, N: int,
-               threshold: float = DEFAULT_THRESHOLD, opset: int = 21):
-    """A one-node model (ModelProto): input ``A`` (batch, rows, K), output ``Y``, the weight as initializers."""
+               threshold: float = DEFAULT_THRESHOLD, opset: int = 21, dtype=np.float32):
+    """A one-node model (ModelProto): input ``A`` (batch, rows, K) of ``dtype``, output ``Y``, the weight as
+    initializers."""
     weights = {"B": b, "scales": scales,
                **({"outlier_columns": np.asarray(columns, np.int64)} if columns is not None else {})}
     return onnx_graphs.one_node_model(OP_TYPE, DOMAIN, weights, dict(K=K, N=N, threshold=float(threshold)),
-                                      K=K, N=N, opset=opset)
+                                      K=K, N=N, opset=opset, dtype=dtype)

@@ -101,10 +101,35 @@ void byte_dots_avx512vnni(const uint8_t*, int64_t, int64_t, const int8_t*, int64
                           int64_t);
 #endif
 
+// `count` values (a multiple of 32) quantized with one scale, as `quantize_block`, into int8 q; false, q left as it
+// is, where one is NaN or inf (OutlierSplitMatMul's rows).
+using RowLevels = bool (*)(const float* x, int64_t count, int8_t* q, float& scale, int32_t& sum);
+
+bool quantize_levels_portable(const float*, int64_t, int8_t*, float&, int32_t&);
+#ifdef QCOMPILE_X86
+bool quantize_levels_avx2(const float*, int64_t, int8_t*, float&, int32_t&);
+bool quantize_levels_avx512vnni(const float*, int64_t, int8_t*, float&, int32_t&);
+#endif
+
+// float16 activations: `count` values to float32 (exact), and float32 to float16 (to nearest, ties to even; past
+// 65504 to infinity, as numpy's astype).
+using HalvesToFloats = void (*)(const uint16_t* halves, float* floats, int64_t count);
+using FloatsToHalves = void (*)(const float* floats, uint16_t* halves, int64_t count);
+
+void halves_to_floats_portable(const uint16_t*, float*, int64_t);
+void floats_to_halves_portable(const float*, uint16_t*, int64_t);
+#ifdef QCOMPILE_X86
+void halves_to_floats_f16c(const uint16_t*, float*, int64_t);  // every CPU with AVX2 has F16C
+void floats_to_halves_f16c(const float*, uint16_t*, int64_t);
+#endif
+
 struct Kernels {
   RowQuantizer quantize_row;
   ColumnKernel columns;
   ByteDots byte_dots;
+  RowLevels quantize_levels;
+  HalvesToFloats to_floats;
+  FloatsToHalves to_halves;
 };
 
 // The fastest kernels this CPU runs (QCOMPILE_KERNELS_ISA asks for slower ones).

@@ -19,7 +19,10 @@ static inline __m256i dot_chunk8(__m256i acc, __m256i w, __m256i q) {
 
 #define COLUMNS columns_avx2
 #define QUANTIZE_ROW quantize_row_avx2
+#define QUANTIZE_LEVELS quantize_levels_avx2
 #define BYTE_DOTS byte_dots_avx2
 #define BYTE_DOT_ROWS 2
+#define HALVES_TO_FLOATS halves_to_floats_f16c  // defined here only (the VNNI unit uses the same)
+#define FLOATS_TO_HALVES floats_to_halves_f16c
 #define GEMM_COLUMNS 2
 #include "block_gemm_simd.inl"

@@ -9,6 +9,7 @@ static inline __m256i dot_chunk8(__m256i acc, __m256i w, __m256i q) { return _mm
 
 #define COLUMNS columns_avx512vnni
 #define QUANTIZE_ROW quantize_row_avx512vnni
+#define QUANTIZE_LEVELS quantize_levels_avx512vnni
 #define BYTE_DOTS byte_dots_avx512vnni
 #define BYTE_DOT_ROWS 4
 #define QCOMPILE_LANES16 1

@@ -2,7 +2,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include "block_gemm.h"
 
@@ -136,6 +138,49 @@ void byte_dots_portable(const uint8_t* w, int64_t ldw, int64_t columns, const in
   }
 }
 
+bool quantize_levels_portable(const float* x, int64_t count, int8_t* q, float& scale, int32_t& sum) {
+  thread_local std::vector<int32_t> levels;
+  levels.assign(static_cast<size_t>(count), 0);
+  if (!quantize_block(x, count, levels.data(), scale, sum)) return false;
+  for (int64_t i = 0; i < count; ++i) q[i] = static_cast<int8_t>(levels[i]);
+  return true;
+}
+
+void halves_to_floats_portable(const uint16_t* halves, float* floats, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t h = halves[i], sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    if (exponent == 0) {  // zero or subnormal: mantissa x 2^-24
+      const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+      floats[i] = sign ? -magnitude : magnitude;
+      continue;
+    }
+    const uint32_t bits = sign | (exponent == 0x1F ? 0x7F800000u | (mantissa << 13)  // infinity, NaN
+                                                   : ((exponent + 112) << 23) | (mantissa << 13));
+    std::memcpy(&floats[i], &bits, sizeof bits);
+  }
+}
+
+void floats_to_halves_portable(const float* floats, uint16_t* halves, int64_t count) {
+  constexpr uint32_t kInfinity = 0x7F800000u, kHalfOverflow = 0x477FF000u;  // 65520: rounds to infinity
+  constexpr uint32_t kSmallestNormal = 0x38800000u;                           // 2^-14
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &floats[i], sizeof bits);
+    const uint32_t sign = (bits >> 16) & 0x8000u, magnitude = bits & 0x7FFFFFFFu;
+    uint32_t h;
+    if (magnitude > kInfinity) {
+      h = 0x7E00u | ((magnitude >> 13) & 0x3FF);  // NaN, quiet
+    } else if (magnitude >= kHalfOverflow) {
+      h = 0x7C00u;
+    } else if (magnitude >= kSmallestNormal) {  // the mantissa rounded at bit 13, ties to even, carrying on
+      h = (magnitude + 0xFFFu + ((magnitude >> 13) & 1u) - 0x38000000u) >> 13;
+    } else {  // subnormal: x / 2^-24 rounded (exact product; 1024 is the smallest normal's encoding)
+      h = static_cast<uint32_t>(round_even(std::fabs(floats[i]) * 16777216.0f));
+    }
+    halves[i] = static_cast<uint16_t>(sign | h);
+  }
+}
+
 Kernels best_kernels() {
   // QCOMPILE_KERNELS_ISA asks for a slower kernel than the best (tests compare them on one machine).
   const char* wanted = std::getenv("QCOMPILE_KERNELS_ISA");
@@ -146,11 +191,16 @@ Kernels best_kernels() {
   const bool vnni = avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
                     __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   if (vnni && (choice.empty() || choice == "avx512vnni")) {
-    return {quantize_row_avx512vnni, columns_avx512vnni, byte_dots_avx512vnni};
+    return {quantize_row_avx512vnni, columns_avx512vnni, byte_dots_avx512vnni, quantize_levels_avx512vnni,
+            halves_to_floats_f16c, floats_to_halves_f16c};
   }
-  if (avx2 && choice != "portable") return {quantize_row_avx2, columns_avx2, byte_dots_avx2};
+  if (avx2 && choice != "portable") {
+    return {quantize_row_avx2,     columns_avx2,          byte_dots_avx2, quantize_levels_avx2,
+            halves_to_floats_f16c, floats_to_halves_f16c};
+  }
 #endif
-  return {quantize_row_portable, columns_portable, byte_dots_portable};
+  return {quantize_row_portable,     columns_portable,         byte_dots_portable, quantize_levels_portable,
+          halves_to_floats_portable, floats_to_halves_portable};
 }
 
 }  // namespace qcompile

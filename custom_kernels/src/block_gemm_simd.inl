@@ -1,5 +1,5 @@
 // The x86 column kernel, included by one translation unit per instruction set, which defines
-//   COLUMNS, QUANTIZE_ROW, BYTE_DOTS the functions' names
+//   COLUMNS, QUANTIZE_ROW, QUANTIZE_LEVELS, BYTE_DOTS the functions' names
 //   dot_chunk(acc, w, q)            acc (8 x int32) + the products of 32 unsigned 4-bit levels w and 32 int8 q,
 //                                   summed in fours (lane i: bytes 4i .. 4i + 3)
 //   dot_chunk8(acc, w, q)           the same for 8-bit levels (0..255)
@@ -468,6 +468,10 @@ void byte_dots_rows(const uint8_t* w, int64_t ldw, int64_t columns, const int8_t
 
 void BYTE_DOTS(const uint8_t* w, int64_t ldw, int64_t columns, const int8_t* q, int64_t ldq, int64_t rows,
                int64_t count, int32_t* dots, int64_t ld) {
+  if (rows == 1) {  // one column at a time: the weight read as one stream, which the prefetchers follow
+    for (int64_t c = 0; c < columns; ++c) byte_dots_tile<1, 1>(w + c * ldw, ldw, q, ldq, count, dots + c, ld);
+    return;
+  }
   for (int64_t r = 0; r < rows; r += BYTE_DOT_ROWS) {
     const int8_t* q_rows = q + r * ldq;
     int32_t* out = dots + r * ld;
@@ -478,6 +482,37 @@ void BYTE_DOTS(const uint8_t* w, int64_t ldw, int64_t columns, const int8_t* q, 
       default: byte_dots_rows<1>(w, ldw, columns, q_rows, ldq, count, out, ld);
     }
   }
+}
+
+#ifdef HALVES_TO_FLOATS
+void HALVES_TO_FLOATS(const uint16_t* halves, float* floats, int64_t count) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    _mm256_storeu_ps(floats + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(halves + i))));
+  }
+  halves_to_floats_portable(halves + i, floats + i, count - i);
+}
+
+void FLOATS_TO_HALVES(const float* floats, uint16_t* halves, int64_t count) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(halves + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(floats + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  floats_to_halves_portable(floats + i, halves + i, count - i);
+}
+#endif
+
+bool QUANTIZE_LEVELS(const float* x, int64_t count, int8_t* q, float& scale, int32_t& sum) {
+  thread_local std::vector<int32_t> levels;
+  levels.resize(static_cast<size_t>(count));
+  if (!quantize_whole_block(x, count, levels.data(), scale, sum)) return false;
+  if (scale == 0.0f) {  // all zeros: no levels written
+    std::memset(q, 0, static_cast<size_t>(count));
+    return true;
+  }
+  for (int64_t i = 0; i < count; i += 32) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), pack32(&levels[i]));
+  return true;
 }
 
 void QUANTIZE_ROW(const float* a, int64_t row, const BlockWeight& w, QuantizedRows& out) {

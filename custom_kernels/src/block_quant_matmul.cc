@@ -1,13 +1,14 @@
 // ai.qcompile.BlockQuantMatMul: Y (..., N) = A (..., K) times a block-quantized weight stored as MatMulNBits
 // stores it, with A quantized to int8 per block (block_gemm.h). Attributes K, N, bits (4 or 8), block_size
-// (32, 64, 128 or 256), scale_block (with 8-bit scales); inputs A (float), B (uint8), then optional: scales
-// (float), zero_points (uint8), code_book (int8, 16 levels the 4-bit values index), and in place of scales
-// 8-bit ones: scale_levels (uint8), scale_scales (float), scale_zero_points (uint8), one of each last two per
-// scale_block columns and block (ops/block_quant_matmul.py).
+// (32, 64, 128 or 256), scale_block (with 8-bit scales); inputs A (float32 or float16, as Y), B (uint8), then
+// optional: scales (float), zero_points (uint8), code_book (int8, 16 levels the 4-bit values index), and in place
+// of scales 8-bit ones: scale_levels (uint8), scale_scales (float), scale_zero_points (uint8), one of each last
+// two per scale_block columns and block (ops/block_quant_matmul.py).
 #include <algorithm>
 #include <string>
 #include <vector>
 
+#include "activations.h"
 #include "block_gemm.h"
 #include "ops.h"
 #include "ort_api.h"
@@ -174,32 +175,32 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
     weight.code_book = code_book;
   }
   QCOMPILE_RETURN_IF_ERROR(tensor_data(values[1], &weight.data));
-  const float* x = nullptr;
-  QCOMPILE_RETURN_IF_ERROR(tensor_data(values[0], &x));
-  float* y = nullptr;
-  QCOMPILE_RETURN_IF_ERROR(output_like(context, a, kernel.n, &y));
+  thread_local FloatActivations io;
+  QCOMPILE_RETURN_IF_ERROR(io.bind(context, values[0], a, kernel.n, kernel.kernels));
   const int64_t m = a.size() / kernel.k;
   if (m == 0) return nullptr;
 
   thread_local QuantizedRows rows;
   prepare_rows(m, weight, rows);
-  Job job{&kernel, &weight, eight_bit_scales ? &scale_levels : nullptr, x, &rows, y};
+  Job job{&kernel, &weight, eight_bit_scales ? &scale_levels : nullptr, io.a(), &rows, io.y()};
   QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, quantize, static_cast<size_t>(m), 0, &job));
   const size_t tasks = static_cast<size_t>((kernel.n + kColumnsPerTask - 1) / kColumnsPerTask);
-  return g_api->KernelContext_ParallelFor(context, run_columns, tasks, 0, &job);
+  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, run_columns, tasks, 0, &job));
+  io.finish();
+  return nullptr;
 }
 
 }  // namespace
 
-CustomOp block_quant_matmul_op() {
+CustomOp block_quant_matmul_op(ONNXTensorElementDataType activations) {
   CustomOp op;
   op.name = kOp;
-  op.inputs = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+  op.inputs = {activations, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,  ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8};
   op.optional_inputs = kInputs - 2;
-  op.outputs = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  op.outputs = {activations};
   op.create = create;
   op.compute = compute;
   op.destroy = [](void* state) { delete static_cast<Kernel*>(state); };

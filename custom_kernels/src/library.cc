@@ -110,8 +110,12 @@ extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOption
   g_api = api;
   OrtCustomOpDomain* domain = nullptr;  // kept for the process's life, like the ops
   QCOMPILE_RETURN_IF_ERROR(api->CreateCustomOpDomain(kDomain, &domain));
-  static RegisteredOp* const ops[] = {registered(block_quant_matmul_op(), version),
-                                      registered(outlier_split_matmul_op(), version)};
+  constexpr ONNXTensorElementDataType kFloat = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  constexpr ONNXTensorElementDataType kHalf = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  static RegisteredOp* const ops[] = {registered(block_quant_matmul_op(kFloat), version),
+                                      registered(block_quant_matmul_op(kHalf), version),
+                                      registered(outlier_split_matmul_op(kFloat), version),
+                                      registered(outlier_split_matmul_op(kHalf), version)};
   for (RegisteredOp* op : ops) QCOMPILE_RETURN_IF_ERROR(api->CustomOpDomain_Add(domain, op));
   return api->AddCustomOpDomain(options, domain);
 }

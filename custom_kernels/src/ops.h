@@ -16,7 +16,8 @@ struct CustomOp {
   void (*destroy)(void*) = nullptr;
 };
 
-CustomOp block_quant_matmul_op();
-CustomOp outlier_split_matmul_op();
+// `activations`: the type of A and Y (float32 or float16: one registration each, under the op's one name).
+CustomOp block_quant_matmul_op(ONNXTensorElementDataType activations);
+CustomOp outlier_split_matmul_op(ONNXTensorElementDataType activations);
 
 }  // namespace qcompile

@@ -91,9 +91,12 @@ inline OrtStatus* expect(const OrtValue* value, const char* op, const char* name
   return nullptr;
 }
 
-// Input A of node kind `op`: float32, its last dimension k.
+// Input A of node kind `op`: float32 or float16, its last dimension k.
 inline OrtStatus* expect_activations(const OrtValue* value, const char* op, int64_t k, TensorInfo& info) {
-  QCOMPILE_RETURN_IF_ERROR(expect(value, op, "A", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32", -1, info));
+  QCOMPILE_RETURN_IF_ERROR(tensor_info(value, info));
+  if (info.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && info.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+    return fail(std::string(op) + ": A must be float32 or float16");
+  }
   if (info.shape.empty() || info.shape.back() != k) {
     return fail(std::string(op) + ": A has shape " + shape_text(info.shape) + ", its last dimension must be K = " +
                 std::to_string(k));
@@ -101,16 +104,13 @@ inline OrtStatus* expect_activations(const OrtValue* value, const char* op, int6
   return nullptr;
 }
 
-// The output Y: A's shape with its last dimension N.
-inline OrtStatus* output_like(OrtKernelContext* context, const TensorInfo& a, int64_t n, float** y) {
+// The output Y: A's shape with its last dimension N (and A's element type).
+inline OrtStatus* output_like(OrtKernelContext* context, const TensorInfo& a, int64_t n, void** y) {
   std::vector<int64_t> shape = a.shape;
   shape.back() = n;
   OrtValue* output = nullptr;
   QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &output));
-  void* data = nullptr;
-  QCOMPILE_RETURN_IF_ERROR(g_api->GetTensorMutableData(output, &data));
-  *y = static_cast<float*>(data);
-  return nullptr;
+  return g_api->GetTensorMutableData(output, y);
 }
 
 }  // namespace qcompile

@@ -1,13 +1,14 @@
 // ai.qcompile.OutlierSplitMatMul (LLM.int8()): Y (..., N) = A (..., K) times an INT8 weight (N, K) stored + 128,
 // the outlier columns of A (given, or detected: max |A[.., k]| > threshold) in float with their dequantized weight
 // rows, the rest quantized to int8 per row and multiplied on integer instructions (ops/outlier_split_matmul.py).
-// Attributes K, N, threshold (default 6.0); inputs A (float), B (uint8), scales (float), outlier_columns (int64,
-// optional).
+// Attributes K, N, threshold (default 6.0); inputs A (float32 or float16, as Y), B (uint8), scales (float),
+// outlier_columns (int64, optional).
 #include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
 
+#include "activations.h"
 #include "block_gemm.h"
 #include "ops.h"
 #include "ort_api.h"
@@ -65,16 +66,15 @@ void quantize(void* data, size_t index) {
   const Job& job = *static_cast<const Job*>(data);
   const int64_t k = job.kernel->k, row = static_cast<int64_t>(index);
   const float* x = job.a + row * k;
-  std::vector<float> rest(x, x + k);
+  Rows& rows = *job.rows;
+  thread_local std::vector<float> rest;  // the row without its outliers, zero-padded (zeros change no level)
+  rest.assign(static_cast<size_t>(rows.padded_k), 0.0f);
+  std::copy(x, x + k, rest.begin());
   for (int64_t column : *job.outliers) rest[column] = 0.0f;
-  thread_local std::vector<int32_t> levels;
-  levels.assign(static_cast<size_t>(k), 0);
   float scale;
   int32_t sum;
-  const bool finite = quantize_block(rest.data(), k, levels.data(), scale, sum);
-  Rows& rows = *job.rows;
-  int8_t* q = rows.q.data() + row * rows.padded_k;
-  for (int64_t i = 0; i < k; ++i) q[i] = static_cast<int8_t>(levels[i]);
+  const bool finite = job.kernel->kernels.quantize_levels(rest.data(), rows.padded_k,
+                                                          rows.q.data() + row * rows.padded_k, scale, sum);
   rows.scale[row] = finite ? scale : NAN;
   rows.sum[row] = sum;
   const std::vector<int64_t>& outliers = *job.outliers;
@@ -87,25 +87,44 @@ void run_columns(void* data, size_t index) {
   const Rows& rows = *job.rows;
   const std::vector<int64_t>& outliers = *job.outliers;
   const size_t count = outliers.size();
-  thread_local std::vector<float> weights;  // column n's weights of the outlier features, dequantized
-  weights.resize(count);
   const int64_t n0 = static_cast<int64_t>(index) * kColumnsPerTask, n1 = std::min(n0 + kColumnsPerTask, n_total);
-  thread_local std::vector<int32_t> dots;  // (m, n1 - n0): the integer sums over the row's whole chunks
-  dots.resize(static_cast<size_t>(job.m * (n1 - n0)));
-  job.kernel->kernels.byte_dots(job.b + n0 * k, k, n1 - n0, rows.q.data(), rows.padded_k, job.m, whole, dots.data(),
-                                n1 - n0);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = job.b + n * k;
-    const float scale = job.scales[n];
-    for (size_t c = 0; c < count; ++c) weights[c] = static_cast<float>(int32_t{w[outliers[c]]} - 128) * scale;
+  const int64_t columns = n1 - n0;
+  thread_local std::vector<float> weights;  // (count, columns): the outlier features' weights, dequantized
+  weights.resize(count * static_cast<size_t>(columns));
+  for (int64_t j = 0; j < columns; ++j) {
+    const uint8_t* w = job.b + (n0 + j) * k;
+    for (size_t c = 0; c < count; ++c) {
+      weights[c * columns + j] = static_cast<float>(int32_t{w[outliers[c]]} - 128) * job.scales[n0 + j];
+    }
+  }
+  thread_local std::vector<int32_t> dots;  // (m, columns): the integer sums over the row's whole chunks
+  dots.resize(static_cast<size_t>(job.m * columns));
+  job.kernel->kernels.byte_dots(job.b + n0 * k, k, columns, rows.q.data(), rows.padded_k, job.m, whole, dots.data(),
+                                columns);
+  if (whole < k) {  // the last bytes of each row
     for (int64_t m = 0; m < job.m; ++m) {
       const int8_t* q = rows.q.data() + m * rows.padded_k;
-      int32_t dot = dots[m * (n1 - n0) + (n - n0)];
-      for (int64_t i = whole; i < k; ++i) dot += int32_t{w[i]} * q[i];  // the last bytes of the row
-      float y = static_cast<float>(dot - 128 * rows.sum[m]) * (rows.scale[m] * scale);
-      const float* x = rows.outliers.data() + m * count;
-      for (size_t c = 0; c < count; ++c) y += x[c] * weights[c];
-      job.y[m * n_total + n] = y;
+      for (int64_t j = 0; j < columns; ++j) {
+        const uint8_t* w = job.b + (n0 + j) * k;
+        for (int64_t i = whole; i < k; ++i) dots[m * columns + j] += int32_t{w[i]} * q[i];
+      }
+    }
+  }
+  // Loops over the task's columns alone, on plain pointers: the compiler vectorizes them.
+  const float* outlier_weights = weights.data();
+  const float* column_scales = job.scales + n0;
+  for (int64_t m = 0; m < job.m; ++m) {
+    const int32_t* row_dots = dots.data() + m * columns;
+    const int32_t zero_point_term = 128 * rows.sum[m];
+    const float row_scale = rows.scale[m];
+    float* y = job.y + m * n_total + n0;
+    for (int64_t j = 0; j < columns; ++j) {
+      y[j] = static_cast<float>(row_dots[j] - zero_point_term) * (row_scale * column_scales[j]);
+    }
+    for (size_t c = 0; c < count; ++c) {  // the outliers in float, added in the reference's order
+      const float x = rows.outliers[m * count + c];
+      const float* weight = outlier_weights + c * columns;
+      for (int64_t j = 0; j < columns; ++j) y[j] += x * weight[j];
     }
   }
 }
@@ -120,12 +139,11 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
                                   kernel.n * kernel.k, b));
   QCOMPILE_RETURN_IF_ERROR(expect(values[2], kOp, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32",
                                   kernel.n, scales));
-  Job job{&kernel, nullptr, nullptr, nullptr, nullptr, nullptr, 0, nullptr};
-  QCOMPILE_RETURN_IF_ERROR(tensor_data(values[0], &job.a));
+  thread_local FloatActivations io;
+  QCOMPILE_RETURN_IF_ERROR(io.bind(context, values[0], a, kernel.n, kernel.kernels));
+  Job job{&kernel, io.a(), nullptr, nullptr, nullptr, nullptr, a.size() / kernel.k, io.y()};
   QCOMPILE_RETURN_IF_ERROR(tensor_data(values[1], &job.b));
   QCOMPILE_RETURN_IF_ERROR(tensor_data(values[2], &job.scales));
-  QCOMPILE_RETURN_IF_ERROR(output_like(context, a, kernel.n, &job.y));
-  job.m = a.size() / kernel.k;
   if (job.m == 0) return nullptr;
 
   std::vector<int64_t> outliers;
@@ -161,18 +179,20 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   job.rows = &rows;
   QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, quantize, static_cast<size_t>(job.m), 0, &job));
   const size_t tasks = static_cast<size_t>((kernel.n + kColumnsPerTask - 1) / kColumnsPerTask);
-  return g_api->KernelContext_ParallelFor(context, run_columns, tasks, 0, &job);
+  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, run_columns, tasks, 0, &job));
+  io.finish();
+  return nullptr;
 }
 
 }  // namespace
 
-CustomOp outlier_split_matmul_op() {
+CustomOp outlier_split_matmul_op(ONNXTensorElementDataType activations) {
   CustomOp op;
   op.name = kOp;
-  op.inputs = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+  op.inputs = {activations, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64};
   op.optional_inputs = 1;
-  op.outputs = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  op.outputs = {activations};
   op.create = create;
   op.compute = compute;
   op.destroy = [](void* state) { delete static_cast<Kernel*>(state); };

@@ -71,6 +71,36 @@ def test_code_books_and_eight_bit_scales_compute_the_reference(kernels_library, 
     np.testing.assert_allclose(decomposed, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("rows", [1, 10])
+def test_activations_at_exact_ties_round_as_the_reference(kernels_library, monkeypatch, rows):
+    """Activations with few mantissa bits (float16 values) often give x * 127 / max|x| exactly half-way: the kernels
+    must round that float32 product, not a fused multiply-add's exact one."""
+    attributes, weight = _case(256, 37, 4, 32, True)
+    a = RNG.standard_normal((1, rows, 256)).astype(np.float16).astype(np.float32)
+    expected = op.reference(a, *weight, **attributes)
+    for isa in kernels.cpu_isas():
+        y = _session(op.make_model(*weight, **attributes), kernels_library, isa, monkeypatch).run(None, {"A": a})[0]
+        np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("rows, code_book", [(1, False), (5, True)])
+def test_float16_activations_give_the_float32_output_rounded_once(kernels_library, monkeypatch, rows, code_book):
+    attributes = dict(K=200, N=37, bits=4, block_size=32)
+    weight = op.random_weight(RNG, symmetric=True, code_book=code_book, scale_block=8 if code_book else None,
+                              **attributes)
+    a = RNG.standard_normal((2, rows, 200)).astype(np.float16)
+    expected = op.reference(a, *weight, **attributes)
+    assert expected.dtype == np.float16
+    float16, float32 = op.make_model(*weight, **attributes, dtype=np.float16), op.make_model(*weight, **attributes)
+    for isa in kernels.cpu_isas():
+        got = _session(float16, kernels_library, isa, monkeypatch).run(None, {"A": a})[0]
+        rounded = _session(float32, kernels_library, isa, monkeypatch).run(None, {"A": a.astype(np.float32)})[0]
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, rounded.astype(np.float16))
+        np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=2 ** -10,
+                                   atol=1e-5 * np.abs(expected.astype(np.float32)).max())
+
+
 def test_a_code_book_indexes_its_levels():
     attributes = dict(K=64, N=3, bits=4, block_size=64)
     b, scales, _, book = op.random_weight(RNG, symmetric=True, code_book=True, **attributes)

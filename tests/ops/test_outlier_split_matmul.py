@@ -44,6 +44,41 @@ def test_every_kernel_path_computes_the_reference(kernels_library, monkeypatch, 
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("rows, columns", [(1, None), (6, None), (3, [2, 50])])
+def test_float16_activations_give_the_float32_output_rounded_once(kernels_library, monkeypatch, rows, columns):
+    b, scales = op.random_weight(RNG, K=200, N=37)
+    a = _activations(2, rows, 200).astype(np.float16)
+    float32 = op.make_model(b, scales, columns, K=200, N=37)
+    float16 = op.make_model(b, scales, columns, K=200, N=37, dtype=np.float16)
+    assert op.reference(a, b, scales, columns, K=200, N=37).dtype == np.float16
+    for isa in kernels.cpu_isas():
+        monkeypatch.setenv(kernels.ISA_ENV, isa)
+        got = _session(float16, kernels_library).run(None, {"A": a})[0]
+        rounded = _session(float32, kernels_library).run(None, {"A": a.astype(np.float32)})[0].astype(np.float16)
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, rounded)
+
+
+def test_float16_conversions_round_as_numpy_does(kernels_library, monkeypatch):
+    """Every column an outlier and the weight diagonal, so Y = A * scales exactly in float32: the conversions alone,
+    over every finite float16 magnitude and products that become subnormal, tie, or pass 65504."""
+    k = 2048
+    b = np.full((k, k), 128, np.uint8)
+    np.fill_diagonal(b, 129)
+    scales = np.exp2(RNG.uniform(-12, 4, k)).astype(np.float32)
+    scales[:4] = [1.0, 0.5, 2.0 ** -10, 4096.0]  # exact values, halves (ties), deep subnormals, overflow
+    bits = RNG.integers(0, 0x7C00, (3, k), dtype=np.uint16) | (RNG.integers(0, 2, (3, k), dtype=np.uint16) << 15)
+    a = bits.view(np.float16)[None]
+    model = op.make_model(b, scales, np.arange(k), K=k, N=k, dtype=np.float16)
+    with np.errstate(over="ignore"):  # past 65504: infinity, as the kernels give
+        expected = (a.astype(np.float32) * scales).astype(np.float16)
+    assert np.isinf(expected).any() and (np.abs(expected) < np.float16(2 ** -14)).any()
+    for isa in kernels.cpu_isas():
+        monkeypatch.setenv(kernels.ISA_ENV, isa)
+        got = _session(model, kernels_library).run(None, {"A": a})[0]
+        np.testing.assert_array_equal(got.view(np.uint16), expected.view(np.uint16))
+
+
 def test_outlier_columns_in_float_make_the_product_more_accurate():
     b, scales = op.random_weight(RNG, K=512, N=64)
     a = _activations(1, 8, 512)[0]
