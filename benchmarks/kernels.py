@@ -5,6 +5,7 @@ next to ONNX Runtime's MatMulBnb4 (float absmax); qcompile's OutlierSplitMatMul 
 DynamicQuantizeMatMul and its own standard-ONNX equivalent; one matmul at a time, in one run.
 
     .venv/bin/python benchmarks/kernels.py [--quick] [--rounds 7]
+    .venv/bin/python benchmarks/kernels.py --instructions [--quick]    # instruction counts instead of times
     .venv/bin/python benchmarks/kernels.py --markdown RESULTS.json     # rewrite its .md
 
 Shapes: K = N = 4096 and SmolLM2-135M's (q/o 576x576, k/v 576x192, gate/up 576x1536, down 1536x576, head
@@ -15,6 +16,9 @@ are timed in turns (medians of ``--rounds``; threads do not spin between runs, `
 read-bandwidth floor (the weight's bytes over the memory bandwidth measured in the same run by two threads
 reading 512 MB) is printed beside each. Results:
 ``benchmarks/results/kernels-<date>-<machine>.json`` and ``.md``.
+
+Wall times on shared machines are noisy; ``--instructions`` counts instructions per call instead (valgrind's
+callgrind, one thread, block 32, one weight copy: `count_instructions`), into ``kernels-...-instructions.*``.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import argparse
 import datetime
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,6 +46,10 @@ SHAPES = {"4096x4096": (4096, 4096), "smollm2 q/o 576x576": (576, 576), "smollm2
           "smollm2 head 576x49152": (576, 49152)}
 QUICK_SHAPES = ("4096x4096", "smollm2 gate/up 576x1536")
 NF4_SCALE_BLOCK = 256  # QLoRA's (and the nf4 recipe's) absmax values per 8-bit scale
+COUNTED_KINDS = ("custom", "nbits-acc4", "int8", "fp32", "custom-nf4", "bnb4", "outlier-split")
+# What callgrind counts: one call of this C function (built by `count_instructions`) through ctypes, i.e. libffi's
+# ffi_call, with the Python body it calls back (valgrind names no symbol of so small a library; ffi_call it does).
+MEASURE_SOURCE = "void qcompile_measure(void (*body)(void)) { body(); }\n"
 
 
 def read_bandwidth(seconds: float = 1.0) -> float:
@@ -110,10 +119,11 @@ def _node(kind: str, i: int, attributes: dict) -> onnx.NodeProto:
                             **attributes)
 
 
-def build(kind: str, k: int, n: int, block: int, folder: Path, rng: np.random.Generator) -> tuple[Path, int, int]:
+def build(kind: str, k: int, n: int, block: int, folder: Path, rng: np.random.Generator,
+          stream: bool = True) -> tuple[Path, int, int]:
     """A model of ``copies`` nodes of ``kind``, each on a weight of its own (random, so that no runtime can share
-    them): (path, copies, bytes per node). `outlier-decomposed`: OutlierSplitMatMul's standard-ONNX equivalent,
-    one copy (its weight is float: large enough)."""
+    them; one node unless ``stream``): (path, copies, bytes per node). `outlier-decomposed`: OutlierSplitMatMul's
+    standard-ONNX equivalent, one copy (its weight is float: large enough)."""
     path = folder / f"{kind}-{k}x{n}-b{block}.onnx"
     if kind == "outlier-decomposed":
         from qcompile.ops import outlier_split_matmul
@@ -122,7 +132,7 @@ def build(kind: str, k: int, n: int, block: int, folder: Path, rng: np.random.Ge
         onnx.save(outlier_split_matmul.decomposed_model(b, scales, K=k, N=n), path)
         return path, 1, k * n * 4
     arrays, attributes, nbytes = _weights(kind, k, n, block, rng)
-    copies = max(2, -(-STREAM_BYTES // nbytes))
+    copies = max(2, -(-STREAM_BYTES // nbytes)) if stream else 1
     nodes, initializers = [], []
     for i in range(copies):
         nodes.append(_node(kind, i, attributes))
@@ -150,11 +160,101 @@ def time_interleaved(sessions: dict, feeds: dict, rounds: int) -> dict[str, floa
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _features(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
+    """Activations (m, k), 1 in 500 input features 20x larger (LLM.int8()'s outliers)."""
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    a[:, rng.choice(k, size=max(k // 500, 1), replace=False)] *= 20
+    return a
+
+
+def count_instructions(library: Path, shapes, rng: np.random.Generator) -> list[dict]:
+    """Instructions per call of each of `COUNTED_KINDS` at M = 1 and 128 (blocks of 32), counted by valgrind's
+    callgrind in a child process running one thread: each measured call runs inside `MEASURE_SOURCE`'s function,
+    called through ctypes (the child's only foreign calls: callgrind counts what runs inside ffi_call, and dumps
+    each call apart); an Identity model's count (the Python call's own cost) is subtracted. Valgrind shows the programs it runs no AVX-512, so ONNX Runtime's kernels and ours take their AVX2
+    paths: these are an AVX2 machine's counts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(folder / "measure.so"), "-x", "c", "-"],
+                       input=MEASURE_SOURCE, text=True, check=True)
+        identity = folder / "identity.onnx"
+        onnx.save(helper.make_model(helper.make_graph(
+            [helper.make_node("Identity", ["A"], ["Y"])], "identity",
+            [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", "k"])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", "k"])])), identity)
+        plan = [{"kind": "baseline", "shape": "", "k": 8, "m": 1, "path": str(identity)}]
+        for shape in shapes:
+            k, n = SHAPES[shape]
+            for kind in COUNTED_KINDS:
+                path = build(kind, k, n, 32, folder, rng, stream=False)[0]
+                plan += [{"kind": kind, "shape": shape, "k": k, "m": m, "path": str(path)} for m in (1, 128)]
+        (folder / "plan.json").write_text(json.dumps(plan))
+        out = folder / "callgrind.out"
+        child = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--collect-atstart=no",
+                                "--toggle-collect=ffi_call", "--dump-after=ffi_call", sys.executable,
+                                __file__, "--count-child", str(folder), str(library)], capture_output=True, text=True)
+        if child.returncode != 0:
+            raise SystemExit(f"callgrind's child failed:\n{child.stderr[-3000:]}")
+        dumps = sorted(folder.glob("callgrind.out.*"), key=lambda path: int(path.suffix[1:]))
+        if len(dumps) != len(plan):
+            raise SystemExit(f"callgrind dumped {len(dumps)} calls, expected {len(plan)} (one per measured call)")
+        totals = [_callgrind_total(dump) for dump in dumps]
+    return [{key: item[key] for key in ("kind", "shape", "m")} | {"instructions": total - totals[0]}
+            for item, total in zip(plan[1:], totals[1:])]
+
+
+def _callgrind_total(dump: Path) -> int:
+    return next(int(line.split()[1]) for line in dump.read_text().splitlines() if line.startswith("totals:"))
+
+
+def count_child(folder: Path, library: Path) -> int:
+    """`count_instructions`' child (run under callgrind): each planned model run once to warm up, then once inside
+    the measuring function."""
+    import ctypes
+
+    import onnxruntime as ort
+
+    measure = ctypes.CDLL(str(folder / "measure.so")).qcompile_measure
+    body_type = ctypes.CFUNCTYPE(None)
+    rng = np.random.default_rng(0)
+    for item in json.loads((folder / "plan.json").read_text()):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.register_custom_ops_library(str(library))
+        session = ort.InferenceSession(item["path"], options, providers=["CPUExecutionProvider"])
+        feed = {"A": _features(rng, item["m"], item["k"])}
+        session.run(None, feed)  # first runs allocate
+        measure(body_type(lambda: session.run(None, feed)))
+    return 0
+
+
+def instructions_main(quick: bool) -> int:
+    from qcompile import kernels
+
+    library = kernels.build()
+    machine = int8.machine_info()
+    shapes = ("smollm2 gate/up 576x1536",) if quick else QUICK_SHAPES
+    int8.say(f"instruction counts (callgrind, AVX2 paths, 1 thread): {', '.join(shapes)}; several minutes")
+    rows = count_instructions(library, shapes, np.random.default_rng(0))
+    date = datetime.date.today().isoformat()
+    stem = f"kernels-{date}-{int8.machine_slug(machine)}-instructions" + ("-quick" if quick else "")
+    doc = {"date": date, "machine": machine, "instructions": rows}
+    int8.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (int8.RESULTS_DIR / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    (int8.RESULTS_DIR / f"{stem}.md").write_text(markdown(doc))
+    int8.say(f"results: benchmarks/results/{stem}.md")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--quick", action="store_true", help=f"shapes {', '.join(QUICK_SHAPES)}, block 32 only")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per call (valgrind's callgrind) instead of timing")
     args = parser.parse_args()
+    if args.instructions:
+        return instructions_main(args.quick)
 
     import qcompile
     from qcompile import kernels
@@ -180,8 +280,7 @@ def main() -> int:
                 sessions = {kind: qcompile.session(path, threads=THREADS, config=TIMING)
                             for kind, (path, _, _) in built.items()}
                 for m in (1, 128):
-                    a = rng.standard_normal((m, k)).astype(np.float32)
-                    a[:, rng.choice(k, size=max(k // 500, 1), replace=False)] *= 20  # LLM.int8()'s outlier features
+                    a = _features(rng, m, k)
                     feeds = {kind: {"A": a[None] if kind == "outlier-decomposed" else a} for kind in kinds}
                     seconds = time_interleaved(sessions, feeds, args.rounds)
                     row = {"shape": shape, "k": k, "n": n, "block": block, "m": m}
@@ -205,6 +304,8 @@ def main() -> int:
 
 
 def markdown(doc: dict) -> str:
+    if "instructions" in doc:
+        return instructions_markdown(doc)
     machine = doc["machine"]
     lines = [f"# Kernel benchmark, {doc['date']}", "",
              f"{machine['cpu']}, {machine['cores']} cores, VNNI {', '.join(machine['vnni']) or 'none'}, onnxruntime "
@@ -250,7 +351,31 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def instructions_markdown(doc: dict) -> str:
+    machine = doc["machine"]
+    names = {"custom": "BlockQuantMatMul INT4", "nbits-acc4": "MatMulNBits acc 4", "int8": "int8 DynamicQuantizeMatMul",
+             "fp32": "fp32 MatMul", "custom-nf4": "BlockQuantMatMul NF4", "bnb4": "MatMulBnb4",
+             "outlier-split": "OutlierSplitMatMul"}
+    lines = [f"# Kernel instruction counts, {doc['date']}", "",
+             f"Counted by valgrind's callgrind on {machine['cpu']} (onnxruntime {machine['onnxruntime']}, qcompile "
+             f"commit {machine['commit']}), one thread, blocks of 32, one call after a warm-up; the Python call's own "
+             f"count subtracted. Valgrind shows no AVX-512, so every kernel ran its AVX2 path: these are an AVX2 "
+             f"machine's counts. Millions of instructions per call; ratios to BlockQuantMatMul INT4.", "",
+             "| shape | M | " + " | ".join(names.values()) + " |", "| --- | ---: |" + " ---: |" * len(names)]
+    for shape in dict.fromkeys(row["shape"] for row in doc["instructions"]):
+        for m in (1, 128):
+            counts = {row["kind"]: row["instructions"] for row in doc["instructions"]
+                      if row["shape"] == shape and row["m"] == m}
+            ours = counts["custom"]
+            cells = [f"{counts[kind] / 1e6:.2f}" + ("" if kind == "custom" else f" ({counts[kind] / ours:.2f}x)")
+                     for kind in names]
+            lines.append(f"| {shape} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--count-child":
+        raise SystemExit(count_child(Path(sys.argv[2]), Path(sys.argv[3])))
     if len(sys.argv) == 3 and sys.argv[1] == "--markdown":  # rewrite a results file's .md from its .json
         source = Path(sys.argv[2])
         source.with_suffix(".md").write_text(markdown(json.loads(source.read_text())))
