@@ -100,7 +100,8 @@ class LowerMatMulBnb4Pass(ir.passes.InPlacePass):
             add_note(model, f"{len(lowered)} NF4 weight(s) in MatMulBnb4: block scales {stored / 1e6:.2f} MB as "
                      f"stored, {as_float / 1e6:.2f} MB as floats. ONNX Runtime's CPU kernel for it is slower than "
                      f"fp32 (SmolLM2, AMD EPYC with VNNI: 1.0-1.2x at 128 tokens, 1.5-2.4x at one token; its own "
-                     f"NF4 quantizer's output the same): w4a16-rtn runs 0.7-0.9x and 0.3x")
+                     f"NF4 quantizer's output the same): w4a16-rtn runs 0.7-0.9x and 0.3x, and NF4 on qcompile's "
+                     f"kernel (--option kernel=custom, int8 activations: +1.6-1.9% perplexity) 1.1-1.2x and 0.45x")
         if undecoded:
             add_note(model, f"{undecoded} NF4 weight(s) with float block scales, not 8-bit: the model's opset is below "
                      f"{BLOCK_DEQUANTIZE_OPSET}, whose DequantizeLinear decodes them")
