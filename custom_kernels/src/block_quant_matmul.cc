@@ -183,9 +183,10 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   thread_local QuantizedRows rows;
   prepare_rows(m, weight, rows);
   Job job{&kernel, &weight, eight_bit_scales ? &scale_levels : nullptr, io.a(), &rows, io.y()};
-  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, quantize, static_cast<size_t>(m), 0, &job));
+  const int64_t work = m * kernel.n * kernel.k;
+  QCOMPILE_RETURN_IF_ERROR(parallel_for(context, quantize, static_cast<size_t>(m), work, &job));
   const size_t tasks = static_cast<size_t>((kernel.n + kColumnsPerTask - 1) / kColumnsPerTask);
-  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, run_columns, tasks, 0, &job));
+  QCOMPILE_RETURN_IF_ERROR(parallel_for(context, run_columns, tasks, work, &job));
   io.finish();
   return nullptr;
 }

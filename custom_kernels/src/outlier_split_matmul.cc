@@ -177,9 +177,10 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   rows.sum.assign(static_cast<size_t>(job.m), 0);
   rows.outliers.resize(static_cast<size_t>(job.m) * outliers.size());
   job.rows = &rows;
-  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, quantize, static_cast<size_t>(job.m), 0, &job));
+  const int64_t work = job.m * kernel.n * kernel.k;
+  QCOMPILE_RETURN_IF_ERROR(parallel_for(context, quantize, static_cast<size_t>(job.m), work, &job));
   const size_t tasks = static_cast<size_t>((kernel.n + kColumnsPerTask - 1) / kColumnsPerTask);
-  QCOMPILE_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, run_columns, tasks, 0, &job));
+  QCOMPILE_RETURN_IF_ERROR(parallel_for(context, run_columns, tasks, work, &job));
   io.finish();
   return nullptr;
 }
