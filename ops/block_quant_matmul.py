@@ -91,6 +91,8 @@ def unpack_weight(b: np.ndarray, zero_points: np.ndarray | None, n: int, k_block
         levels = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(n, k_blocks, block_size)
     else:
         levels = data
+    if code_book is not None and (bits != 4 or zero_points is not None):
+        raise ValueError("a code book takes 4-bit values and no zero points")
     if code_book is not None:
         unsigned = code_book.astype(np.int32) + CODE_BOOK_ZERO_POINT
         return unsigned[levels], np.full((n, k_blocks), CODE_BOOK_ZERO_POINT, np.int32)
@@ -176,7 +178,7 @@ def decomposed_model(b: np.ndarray, scales: np.ndarray | EightBitScales, zero_po
 def random_weight(rng: np.random.Generator, *, K: int, N: int, bits: int, block_size: int, symmetric: bool,
                   code_book: bool = False, scale_block: int | None = None):
     """Random stored levels (never all zeros), scales (8-bit ones in blocks of ``scale_block`` columns where that
-    is given) and, asymmetric, zero points, and a code book (sorted, distinct) where asked: the op's inputs
+    is given) and, asymmetric, zero points, or a code book (sorted, distinct) where asked: the op's inputs
     ``B, scales, zero_points, code_book``."""
     k_blocks = -(-K // block_size)
     b = rng.integers(0, 256, (N, k_blocks, block_size * bits // 8), dtype=np.uint8)
@@ -186,6 +188,7 @@ def random_weight(rng: np.random.Generator, *, K: int, N: int, bits: int, block_
         scales = EightBitScales(rng.integers(0, 256, N * k_blocks, dtype=np.uint8),
                                 rng.uniform(2e-5, 2e-4, groups).astype(np.float32),
                                 rng.integers(0, 16, groups, dtype=np.uint8), scale_block)
-    zero_points = None if symmetric else rng.integers(0, 256, N * -(-k_blocks * bits // 8), dtype=np.uint8)
+    zero_points = None if symmetric or code_book else rng.integers(0, 256, N * -(-k_blocks * bits // 8),
+                                                                    dtype=np.uint8)
     book = np.sort(rng.choice(np.arange(-127, 128), CODE_BOOK_SIZE, replace=False)).astype(np.int8)
     return b, scales, zero_points, book if code_book else None

@@ -119,7 +119,7 @@ using FloatsToHalves = void (*)(const float* floats, uint16_t* halves, int64_t c
 void halves_to_floats_portable(const uint16_t*, float*, int64_t);
 void floats_to_halves_portable(const float*, uint16_t*, int64_t);
 #ifdef QCOMPILE_X86
-void halves_to_floats_f16c(const uint16_t*, float*, int64_t);  // every CPU with AVX2 has F16C
+void halves_to_floats_f16c(const uint16_t*, float*, int64_t);  // chosen with the AVX2 kernels, F16C checked too
 void floats_to_halves_f16c(const float*, uint16_t*, int64_t);
 #endif
 

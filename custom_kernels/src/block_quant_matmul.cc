@@ -112,7 +112,8 @@ OrtStatus* read_scales(const Kernel& kernel, const OrtValue* const* values, int6
                        ScaleLevels& scale_levels, bool& eight_bit) {
   TensorInfo info;
   eight_bit = values[5] != nullptr;
-  if ((values[2] != nullptr) == eight_bit) {
+  const bool parts_of_eight_bit = values[6] != nullptr || values[7] != nullptr;
+  if ((values[2] != nullptr) == eight_bit || (!eight_bit && parts_of_eight_bit)) {
     return fail(std::string(kOp) + ": give either scales or scale_levels, scale_scales and scale_zero_points");
   }
   if (!eight_bit) {

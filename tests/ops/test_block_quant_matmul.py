@@ -182,6 +182,10 @@ def test_bad_code_books_and_scales_are_clean_errors(kernels_library):
     both.graph.initializer.append(onnx.numpy_helper.from_array(floats, "floats"))
     both.graph.node[0].input[2] = "floats"  # float scales as well as 8-bit ones
     cases.append((both, "either scales or scale_levels"))
+    stray = op.make_model(b, floats, None, book, **attributes)
+    stray.graph.initializer.append(onnx.numpy_helper.from_array(scales.scales, "stray"))
+    stray.graph.node[0].input.extend(["", "stray"])  # scale_scales without scale_levels
+    cases.append((stray, "either scales or scale_levels"))
     no_block = op.make_model(b, scales, None, book, **attributes)
     del no_block.graph.node[0].attribute[-1]
     assert no_block.graph.node[0].attribute[-1].name != "scale_block"
