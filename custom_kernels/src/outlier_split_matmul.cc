@@ -5,6 +5,7 @@
 // outlier_columns (int64, optional).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,7 @@ namespace {
 constexpr const char* kOp = "OutlierSplitMatMul";
 constexpr int64_t kChunk = 32;  // bytes `ByteDots` takes at a time
 constexpr int64_t kColumnsPerTask = 16;
+constexpr int64_t kMaxK = INT32_MAX / (255 * 127);
 
 struct Kernel {
   int64_t k = 0, n = 0;
@@ -35,6 +37,10 @@ OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, 
     g_api->ReleaseStatus(status);  // not given: the default
   }
   if (kernel.k < 1 || kernel.n < 1) return fail(std::string(kOp) + ": K and N must be positive");
+  if (kernel.k > kMaxK) {  // a row's integer sum, up to 255 x 127 x K, must fit 32 bits
+    return fail(std::string(kOp) + ": K must be at most " + std::to_string(kMaxK) + ", got " +
+                std::to_string(kernel.k));
+  }
   if (!(kernel.threshold > 0.0f)) return fail(std::string(kOp) + ": threshold must be positive");
   kernel.kernels = best_kernels();
   *out = new Kernel(kernel);

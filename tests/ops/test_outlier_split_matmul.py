@@ -114,3 +114,5 @@ def test_non_finite_rows_and_bad_input(kernels_library):
         _session(op.make_model(b, scales, K=64, N=4, threshold=0.0), kernels_library)
     with pytest.raises(Exception, match="scales has 3 elements, expected 4"):
         _session(op.make_model(b, scales[:3], K=64, N=4), kernels_library).run(None, {"A": a})
+    with pytest.raises(Exception, match="K must be at most 66311, got 70000"):  # its int32 sums would overflow
+        _session(op.make_model(b, scales, K=70000, N=4), kernels_library)
