@@ -319,8 +319,7 @@ def markdown(doc: dict) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in doc["rows"]:
         ours = row["custom"]["ms"]
-        cells = [f"{row[kind]['ms']:.3f} ({row[kind]['ms'] / ours:.2f}x)"
-                 for kind in ("nbits-acc4", "nbits-acc0", "int8", "fp32")]
+        cells = _ratio_cells(row, ours, ("nbits-acc4", "nbits-acc0", "int8", "fp32"))
         lines.append(f"| {row['shape']} | {row['block']} | {row['m']} | {ours:.3f} | "
                      f"{row['custom']['floor_ms']:.3f} | " + " | ".join(cells) + " |")
     nf4 = [row for row in doc["rows"] if "custom-nf4" in row]
@@ -333,7 +332,7 @@ def markdown(doc: dict) -> str:
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in nf4:
             ours = row["custom-nf4"]["ms"]
-            cells = [f"{row[kind]['ms']:.3f} ({row[kind]['ms'] / ours:.2f}x)" for kind in ("bnb4", "fp32")]
+            cells = _ratio_cells(row, ours, ("bnb4", "fp32"))
             lines.append(f"| {row['shape']} | {row['block']} | {row['m']} | {ours:.3f} | "
                          f"{row['custom-nf4']['floor_ms']:.3f} | " + " | ".join(cells) + " |")
     outliers = [row for row in doc["rows"] if "outlier-split" in row]
@@ -345,10 +344,14 @@ def markdown(doc: dict) -> str:
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for row in outliers:
             ours = row["outlier-split"]["ms"]
-            cells = [f"{row[kind]['ms']:.3f} ({row[kind]['ms'] / ours:.2f}x)"
-                     for kind in ("int8", "outlier-decomposed", "fp32")]
+            cells = _ratio_cells(row, ours, ("int8", "outlier-decomposed", "fp32"))
             lines.append(f"| {row['shape']} | {row['m']} | {ours:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio_cells(row: dict, ours: float, kinds: tuple[str, ...]) -> list[str]:
+    """Each kind's milliseconds in ``row`` and its time as a ratio to ``ours``."""
+    return [f"{row[kind]['ms']:.3f} ({row[kind]['ms'] / ours:.2f}x)" for kind in kinds]
 
 
 def instructions_markdown(doc: dict) -> str:

@@ -48,8 +48,6 @@ OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, 
   return nullptr;
 }
 
-constexpr int64_t kColumnsPerTask = 16;
-
 // Block scales stored in 8 bits: scale[n, b] = (levels[n, b] - zero_points[g, b]) * scales[g, b], g = n / block.
 struct ScaleLevels {
   const uint8_t* levels = nullptr;
@@ -184,10 +182,7 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   thread_local QuantizedRows rows;
   prepare_rows(m, weight, rows);
   Job job{&kernel, &weight, eight_bit_scales ? &scale_levels : nullptr, io.a(), &rows, io.y()};
-  const int64_t work = m * kernel.n * kernel.k;
-  QCOMPILE_RETURN_IF_ERROR(parallel_for(context, quantize, static_cast<size_t>(m), work, &job));
-  const size_t tasks = static_cast<size_t>((kernel.n + kColumnsPerTask - 1) / kColumnsPerTask);
-  QCOMPILE_RETURN_IF_ERROR(parallel_for(context, run_columns, tasks, work, &job));
+  QCOMPILE_RETURN_IF_ERROR(rows_then_columns(context, m, kernel.n, kernel.k, quantize, run_columns, &job));
   io.finish();
   return nullptr;
 }

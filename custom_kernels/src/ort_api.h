@@ -115,6 +115,18 @@ inline OrtStatus* parallel_for(OrtKernelContext* context, void (*fn)(void*, size
   return nullptr;
 }
 
+// Output columns per task of an op's column phase.
+constexpr int64_t kColumnsPerTask = 16;
+
+// The two phases of both ops' matmul, each on the threads (`parallel_for`): A's m rows quantized
+// (`rows(job, row)`), then the n output columns, kColumnsPerTask per task (`columns(job, task)`).
+inline OrtStatus* rows_then_columns(OrtKernelContext* context, int64_t m, int64_t n, int64_t k,
+                                    void (*rows)(void*, size_t), void (*columns)(void*, size_t), void* job) {
+  const int64_t work = m * n * k;
+  QCOMPILE_RETURN_IF_ERROR(parallel_for(context, rows, static_cast<size_t>(m), work, job));
+  return parallel_for(context, columns, static_cast<size_t>((n + kColumnsPerTask - 1) / kColumnsPerTask), work, job);
+}
+
 // The output Y: A's shape with its last dimension N (and A's element type).
 inline OrtStatus* output_like(OrtKernelContext* context, const TensorInfo& a, int64_t n, void** y) {
   std::vector<int64_t> shape = a.shape;

@@ -20,7 +20,6 @@ namespace {
 
 constexpr const char* kOp = "OutlierSplitMatMul";
 constexpr int64_t kChunk = 32;  // bytes `ByteDots` takes at a time
-constexpr int64_t kColumnsPerTask = 16;
 constexpr int64_t kMaxK = INT32_MAX / (255 * 127);
 
 struct Kernel {
@@ -183,10 +182,7 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   rows.sum.assign(static_cast<size_t>(job.m), 0);
   rows.outliers.resize(static_cast<size_t>(job.m) * outliers.size());
   job.rows = &rows;
-  const int64_t work = job.m * kernel.n * kernel.k;
-  QCOMPILE_RETURN_IF_ERROR(parallel_for(context, quantize, static_cast<size_t>(job.m), work, &job));
-  const size_t tasks = static_cast<size_t>((kernel.n + kColumnsPerTask - 1) / kColumnsPerTask);
-  QCOMPILE_RETURN_IF_ERROR(parallel_for(context, run_columns, tasks, work, &job));
+  QCOMPILE_RETURN_IF_ERROR(rows_then_columns(context, job.m, kernel.n, kernel.k, quantize, run_columns, &job));
   io.finish();
   return nullptr;
 }
